@@ -1,0 +1,344 @@
+//! A synthetic catalogue and listening history with real latent structure: the embedded default
+//! when no database is configured.
+//!
+//! What makes learning measurable, and not trivial:
+//! - **Genres.** Each track belongs to one of `genres` clusters. Eight features are *informative*:
+//!   their values are drawn around the genre's centre with a spread wide enough that genres overlap.
+//!   Three are *noise*: `key`, `mode` and `liveness` ignore the genre. Cosine over standardised raw
+//!   features weighs the noise like the signal, so a model that learns which features matter beats it.
+//! - **Personal taste inside a genre.** For each genre a user likes, the user has a taste point near
+//!   the genre's centre; a track of that genre is chosen by popularity *and* by closeness of its
+//!   informative features to the taste point (a Gaussian kernel, sampled by rejection). So tracks one
+//!   user plays together are similar in a user-specific way, finer than the genre.
+//! - **Taste neighbourhoods.** Genres sit on a ring; a user likes a primary genre and often its ring
+//!   neighbour. Centres are drawn independently of ring position, so "people who play genre 3 also
+//!   play genre 4" is visible only in co-listening, never in the features.
+//! - **Popularity.** Genre sizes and the choice of track within a genre follow Zipf-like laws, and
+//!   heavy users listen far more than light ones (log-normal activity).
+//! - **Negative signal.** Users sometimes stray outside their taste; those plays are mostly skips and
+//!   dislikes, which pair mining must ignore.
+//!
+//! The generator is a pure function of its [`SyntheticSpec`]: same spec, same dataset, bit for bit.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, LogNormal, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::{Catalogue, DataSource, Dataset, Interactions};
+use crate::features::{FeatureRow, NUM_FEATURES, idx};
+
+/// Sizes and seed of a synthetic dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyntheticSpec {
+    pub tracks: usize,
+    pub users: usize,
+    pub interactions: usize,
+    pub genres: usize,
+    pub seed: u64,
+}
+
+impl Default for SyntheticSpec {
+    fn default() -> Self {
+        Self { tracks: 5_000, users: 1_000, interactions: 50_000, genres: 16, seed: 42 }
+    }
+}
+
+/// Fixed end of the synthetic history, so that the watermark (and everything else) does not depend
+/// on the wall clock: 2026-01-01T00:00:00Z.
+const HISTORY_END_MS: i64 = 1_767_225_600_000;
+const HISTORY_SPAN_MS: i64 = 90 * 24 * 3600 * 1000;
+
+/// Interaction kinds a user emits for tracks of a genre they like, with their probabilities.
+const IN_TASTE_KINDS: [(&str, f64); 7] = [
+    ("play", 0.55),
+    ("listen", 0.15),
+    ("like", 0.10),
+    ("addToPlaylist", 0.05),
+    ("add_to_playlist", 0.03),
+    ("skip", 0.10),
+    ("dislike", 0.02),
+];
+/// Kinds for tracks outside the user's taste: mostly rejections.
+const OUT_OF_TASTE_KINDS: [(&str, f64); 3] = [("play", 0.3), ("skip", 0.5), ("dislike", 0.2)];
+/// Probability that an interaction strays outside the user's taste.
+const STRAY_PROBABILITY: f64 = 0.15;
+
+/// The features that carry genre and taste, with their within-genre spread (one standard
+/// deviation of the noise around a genre centre).
+const INFORMATIVE: [(usize, f32); 8] = [
+    (idx::ACOUSTICNESS, 0.13),
+    (idx::DANCEABILITY, 0.13),
+    (idx::ENERGY, 0.13),
+    (idx::INSTRUMENTALNESS, 0.13),
+    (idx::SPEECHINESS, 0.13),
+    (idx::VALENCE, 0.13),
+    (idx::LOUDNESS, 3.5),
+    (idx::TEMPO, 14.0),
+];
+/// Width of the taste kernel, in within-genre spreads: a track at scaled squared distance d² from
+/// the taste point is accepted with probability exp(−d² / (2·width²)).
+const TASTE_KERNEL_WIDTH: f32 = 2.0;
+/// Rejection-sampling attempts before the last popularity draw is taken as is.
+const MAX_TASTE_ATTEMPTS: usize = 64;
+
+struct Genre {
+    centre: FeatureRow,
+    /// Track indices of this genre, most popular first.
+    tracks: Vec<u32>,
+    /// Cumulative Zipf weights over `tracks`.
+    cumulative: Vec<f64>,
+}
+
+/// Generates the dataset described by `spec`. Track and user ids are UUID strings drawn from the
+/// seeded generator; tracks are ordered by id, as the Postgres loader orders them.
+pub fn generate(spec: &SyntheticSpec) -> Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5EED_DA7A_5EED_DA7A);
+    let genres = spec.genres.max(1);
+    let centres: Vec<FeatureRow> = (0..genres).map(|_| genre_centre(&mut rng)).collect();
+    let (catalogue, mut genre_tracks) = generate_catalogue(spec.tracks, &centres, &mut rng);
+    let genre_weights = zipf_weights(genres, 0.6);
+    let genres: Vec<Genre> = genre_tracks
+        .iter_mut()
+        .zip(centres)
+        .map(|(tracks, centre)| {
+            // A random popularity order inside the genre, then Zipf (s = 1) over it.
+            shuffle(tracks, &mut rng);
+            Genre { centre, cumulative: cumulative(&zipf_weights(tracks.len(), 1.0)), tracks: std::mem::take(tracks) }
+        })
+        .collect();
+    let interactions = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
+    Dataset { catalogue, interactions, source: DataSource::Synthetic(spec.clone()) }
+}
+
+fn generate_catalogue(n: usize, centres: &[FeatureRow], rng: &mut ChaCha8Rng) -> (Catalogue, Vec<Vec<u32>>) {
+    let genres = centres.len();
+    let size_cum = cumulative(&zipf_weights(genres, 0.6));
+    let mut rows: Vec<(String, FeatureRow, usize)> = (0..n)
+        .map(|_| {
+            let g = sample_cumulative(&size_cum, rng);
+            (uuid_from(rng), track_features(&centres[g], rng), g)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut genre_tracks = vec![Vec::new(); genres];
+    let mut catalogue = Catalogue::default();
+    for (i, (id, features, g)) in rows.into_iter().enumerate() {
+        catalogue.track_ids.push(id);
+        catalogue.features.push(features);
+        genre_tracks[g].push(i as u32);
+    }
+    (catalogue, genre_tracks)
+}
+
+/// A genre's centre in the informative features; noise features stay 0 (unused).
+fn genre_centre(rng: &mut ChaCha8Rng) -> FeatureRow {
+    let mut c = [0f32; NUM_FEATURES];
+    c[idx::ACOUSTICNESS] = rng.random_range(0.02..0.95);
+    c[idx::DANCEABILITY] = rng.random_range(0.3..0.9);
+    c[idx::ENERGY] = rng.random_range(0.1..0.95);
+    // Most genres are vocal; a few are instrumental.
+    c[idx::INSTRUMENTALNESS] =
+        if rng.random_bool(0.7) { rng.random_range(0.0..0.1) } else { rng.random_range(0.5..0.9) };
+    c[idx::LOUDNESS] = rng.random_range(-20.0..-3.0);
+    c[idx::SPEECHINESS] = rng.random_range(0.03..0.4);
+    c[idx::TEMPO] = rng.random_range(70.0..180.0);
+    c[idx::VALENCE] = rng.random_range(0.1..0.9);
+    c
+}
+
+fn track_features(centre: &FeatureRow, rng: &mut ChaCha8Rng) -> FeatureRow {
+    let mut r = jitter(centre, 1.0, rng);
+    // Noise features: independent of the genre.
+    r[idx::KEY] = rng.random_range(0..12) as f32;
+    r[idx::MODE] = if rng.random_bool(0.65) { 1.0 } else { 0.0 };
+    r[idx::LIVENESS] = 0.03 + 0.9 * rng.random::<f32>().powi(3);
+    r
+}
+
+/// `centre` plus Gaussian noise of `scale` within-genre spreads on the informative features, clamped
+/// to their physical ranges; other features are copied.
+fn jitter(centre: &FeatureRow, scale: f32, rng: &mut ChaCha8Rng) -> FeatureRow {
+    let mut r = *centre;
+    for (f, spread) in INFORMATIVE {
+        let (lo, hi) = crate::features::FEATURE_RANGES[f];
+        r[f] = (centre[f] + scale * spread * rng.sample::<f32, _>(StandardNormal)).clamp(lo, hi);
+    }
+    r
+}
+
+/// Acceptance probability of a track for a taste point (see [`TASTE_KERNEL_WIDTH`]).
+fn taste_affinity(track: &FeatureRow, taste: &FeatureRow) -> f32 {
+    let d2: f32 = INFORMATIVE.iter().map(|&(f, spread)| ((track[f] - taste[f]) / spread).powi(2)).sum();
+    (-d2 / (2.0 * TASTE_KERNEL_WIDTH * TASTE_KERNEL_WIDTH)).exp()
+}
+
+fn generate_history(
+    spec: &SyntheticSpec,
+    genres: &[Genre],
+    genre_weights: &[f64],
+    features: &[FeatureRow],
+    rng: &mut ChaCha8Rng,
+) -> Interactions {
+    let k = genres.len();
+    let genre_cum = cumulative(genre_weights);
+    let mut out = Interactions::default();
+    let kind_codes: Vec<u8> =
+        IN_TASTE_KINDS.iter().map(|(name, _)| out.kinds.intern(name).expect("few kinds")).collect();
+    let in_taste_cum = cumulative(&IN_TASTE_KINDS.map(|(_, p)| p));
+    let out_taste: Vec<(u8, f64)> =
+        OUT_OF_TASTE_KINDS.iter().map(|(name, p)| (out.kinds.code(name).expect("interned above"), *p)).collect();
+    let out_taste_cum = cumulative(&out_taste.iter().map(|(_, p)| *p).collect::<Vec<_>>());
+
+    // Each user's taste: a primary genre, often its ring neighbour, sometimes one more genre, each
+    // with a personal taste point one within-genre spread around the genre's centre.
+    let tastes: Vec<Vec<(usize, FeatureRow)>> = (0..spec.users)
+        .map(|_| {
+            let primary = sample_cumulative(&genre_cum, rng);
+            let mut liked = vec![primary];
+            if k > 1 && rng.random_bool(0.6) {
+                let neighbour = if rng.random_bool(0.5) { (primary + 1) % k } else { (primary + k - 1) % k };
+                liked.push(neighbour);
+            }
+            if k > 2 && rng.random_bool(0.25) {
+                liked.push(rng.random_range(0..k));
+            }
+            liked.dedup();
+            liked.into_iter().map(|g| (g, jitter(&genres[g].centre, 1.0, rng))).collect()
+        })
+        .collect();
+    let activity = LogNormal::new(0.0, 1.0).expect("valid log-normal");
+    let user_cum = cumulative(&(0..spec.users).map(|_| activity.sample(rng)).collect::<Vec<f64>>());
+    out.user_ids = (0..spec.users).map(|_| uuid_from(rng)).collect();
+    if spec.users == 0 || genres.iter().all(|g| g.tracks.is_empty()) {
+        return out;
+    }
+    for _ in 0..spec.interactions {
+        let u = sample_cumulative(&user_cum, rng);
+        let taste = &tastes[u];
+        let stray = rng.random_bool(STRAY_PROBABILITY);
+        let (g, taste_point) = if stray {
+            (rng.random_range(0..k), None)
+        } else if taste.len() == 1 || rng.random_bool(0.6) {
+            (taste[0].0, Some(&taste[0].1))
+        } else {
+            let (g, point) = &taste[rng.random_range(1..taste.len())];
+            (*g, Some(point))
+        };
+        let genre = &genres[g];
+        if genre.tracks.is_empty() {
+            continue;
+        }
+        let mut track = genre.tracks[sample_cumulative(&genre.cumulative, rng)];
+        if let Some(point) = taste_point {
+            // Popularity proposes, taste accepts.
+            for _ in 1..MAX_TASTE_ATTEMPTS {
+                if rng.random::<f32>() < taste_affinity(&features[track as usize], point) {
+                    break;
+                }
+                track = genre.tracks[sample_cumulative(&genre.cumulative, rng)];
+            }
+        }
+        let in_taste = taste.iter().any(|(liked, _)| *liked == g);
+        let kind = if in_taste {
+            kind_codes[sample_cumulative(&in_taste_cum, rng)]
+        } else {
+            out_taste[sample_cumulative(&out_taste_cum, rng)].0
+        };
+        let ts = HISTORY_END_MS - rng.random_range(0..HISTORY_SPAN_MS);
+        out.push(u as u32, track, kind, ts);
+    }
+    out
+}
+
+fn zipf_weights(n: usize, s: f64) -> Vec<f64> {
+    (0..n).map(|r| 1.0 / ((r + 1) as f64).powf(s)).collect()
+}
+
+fn cumulative(weights: &[f64]) -> Vec<f64> {
+    let mut acc = 0.0;
+    weights
+        .iter()
+        .map(|w| {
+            acc += w;
+            acc
+        })
+        .collect()
+}
+
+/// Index drawn with probability proportional to the weights behind `cum` (a running sum).
+fn sample_cumulative(cum: &[f64], rng: &mut ChaCha8Rng) -> usize {
+    let total = *cum.last().expect("non-empty weights");
+    let x = rng.random::<f64>() * total;
+    cum.partition_point(|&c| c <= x).min(cum.len() - 1)
+}
+
+fn shuffle(v: &mut [u32], rng: &mut ChaCha8Rng) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.random_range(0..=i));
+    }
+}
+
+fn uuid_from(rng: &mut ChaCha8Rng) -> String {
+    uuid::Builder::from_random_bytes(rng.random()).into_uuid().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::FEATURE_RANGES;
+
+    fn small() -> SyntheticSpec {
+        SyntheticSpec { tracks: 600, users: 50, interactions: 4_000, genres: 8, seed: 7 }
+    }
+
+    #[test]
+    fn same_spec_same_dataset() {
+        let a = generate(&small());
+        let b = generate(&small());
+        assert_eq!(a.catalogue.track_ids, b.catalogue.track_ids);
+        assert_eq!(a.catalogue.features, b.catalogue.features);
+        assert_eq!(a.interactions.track, b.interactions.track);
+        assert_eq!(a.interactions.timestamp_ms, b.interactions.timestamp_ms);
+        let c = generate(&SyntheticSpec { seed: 8, ..small() });
+        assert_ne!(a.interactions.track, c.interactions.track);
+    }
+
+    #[test]
+    fn features_respect_physical_ranges_and_types() {
+        let d = generate(&small());
+        for row in &d.catalogue.features {
+            for (f, &(lo, hi)) in FEATURE_RANGES.iter().enumerate() {
+                assert!(row[f] >= lo && row[f] <= hi, "feature {f} = {} outside [{lo}, {hi}]", row[f]);
+            }
+            assert_eq!(row[idx::KEY].fract(), 0.0);
+            assert!(row[idx::MODE] == 0.0 || row[idx::MODE] == 1.0);
+        }
+    }
+
+    #[test]
+    fn sizes_ids_and_kinds() {
+        let d = generate(&small());
+        assert_eq!(d.catalogue.len(), 600);
+        assert_eq!(d.interactions.len(), 4_000);
+        assert_eq!(d.interactions.user_ids.len(), 50);
+        assert!(d.catalogue.track_ids.windows(2).all(|w| w[0] < w[1]), "tracks sorted by id, unique");
+        for kind in ["play", "skip", "dislike", "like", "listen", "addToPlaylist", "add_to_playlist"] {
+            let code = d.interactions.kinds.code(kind).unwrap();
+            assert!(d.interactions.kind.contains(&code), "no {kind} generated");
+        }
+        assert!(d.interactions.newest_timestamp_ms().unwrap() <= HISTORY_END_MS);
+    }
+
+    #[test]
+    fn popularity_is_skewed() {
+        let d = generate(&SyntheticSpec { interactions: 20_000, ..small() });
+        let mut counts = vec![0usize; d.catalogue.len()];
+        for &t in &d.interactions.track {
+            counts[t as usize] += 1;
+        }
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let top_decile: usize = counts[..60].iter().sum();
+        assert!(top_decile as f64 > 0.3 * 20_000.0, "top 10% of tracks get {top_decile} of 20000 plays");
+    }
+}
