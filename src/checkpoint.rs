@@ -1,0 +1,170 @@
+//! Epoch checkpoints as safetensors: everything a killed run needs to continue bit for bit.
+//!
+//! Tensors:
+//! - `model.<name>`: every encoder tensor ([`crate::model::PARAM_NAMES`], BatchNorm moving
+//!   statistics included);
+//! - `adam.m.<name>`, `adam.v.<name>`: Adam's first and second moments of each trainable tensor.
+//!
+//! Header metadata (safetensors `__metadata__`, all strings): `format` (`audotics-checkpoint/1`),
+//! `epoch` (epochs completed), `adam_step`, `rng_seed` (hex), `rng_stream`, `rng_word_pos` (the
+//! ChaCha8 generator's full state), `history` (JSON of the curves so far) and `config_sha256` (the
+//! run's [`TrainConfig`] digest: a checkpoint never resumes a run with other settings).
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use crate::model::TRAINABLE_NAMES;
+use crate::optim::AdamState;
+use crate::train::{History, TrainConfig, TrainingState};
+
+const FORMAT: &str = "audotics-checkpoint/1";
+
+/// SHA-256 of the config's JSON: the identity of a run's settings.
+pub fn config_digest(config: &TrainConfig) -> String {
+    hex::encode(Sha256::digest(serde_json::to_vec(config).expect("config serialises")))
+}
+
+/// Serialises the state after `state.epoch` completed epochs.
+pub fn to_bytes(state: &TrainingState, config: &TrainConfig) -> anyhow::Result<Vec<u8>> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in state.encoder.named_tensors() {
+        tensors.push((format!("model.{name}"), t));
+    }
+    let adam = state.optimizer.state();
+    for (i, name) in TRAINABLE_NAMES.iter().enumerate() {
+        tensors.push((format!("adam.m.{name}"), adam.first_moment[i].clone()));
+        tensors.push((format!("adam.v.{name}"), adam.second_moment[i].clone()));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("epoch".to_string(), state.epoch.to_string()),
+        ("adam_step".to_string(), adam.step.to_string()),
+        ("rng_seed".to_string(), hex::encode(state.rng.get_seed())),
+        ("rng_stream".to_string(), state.rng.get_stream().to_string()),
+        ("rng_word_pos".to_string(), state.rng.get_word_pos().to_string()),
+        ("history".to_string(), serde_json::to_string(&state.history)?),
+        ("config_sha256".to_string(), config_digest(config)),
+    ]);
+    // Tensors may live on a GPU; safetensors wants host bytes.
+    let host: Vec<(String, Tensor)> =
+        tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<candle_core::Result<_>>()?;
+    Ok(safetensors::tensor::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
+}
+
+/// Restores `state` (freshly built from the same config) from checkpoint bytes.
+pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) -> anyhow::Result<()> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).context("not a safetensors file")?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let get = |key: &str| meta.get(key).with_context(|| format!("checkpoint metadata lacks {key}"));
+    if get("format")? != FORMAT {
+        bail!("unsupported checkpoint format {}", get("format")?);
+    }
+    if get("config_sha256")? != &config_digest(config) {
+        bail!("checkpoint was written with different training settings");
+    }
+    let device = state.encoder.device().clone();
+    let tensors = candle_core::safetensors::load_buffer(bytes, &device)?;
+    let take = |name: String| tensors.get(&name).cloned().with_context(|| format!("checkpoint lacks tensor {name}"));
+    let model: HashMap<String, Tensor> = state
+        .encoder
+        .named_tensors()
+        .iter()
+        .map(|(name, _)| Ok((name.to_string(), take(format!("model.{name}"))?)))
+        .collect::<anyhow::Result<_>>()?;
+    state.encoder.load(&model)?;
+    let first_moment = TRAINABLE_NAMES.iter().map(|n| take(format!("adam.m.{n}"))).collect::<anyhow::Result<_>>()?;
+    let second_moment = TRAINABLE_NAMES.iter().map(|n| take(format!("adam.v.{n}"))).collect::<anyhow::Result<_>>()?;
+    state.optimizer.restore(AdamState { first_moment, second_moment, step: get("adam_step")?.parse()? })?;
+
+    let seed: [u8; 32] =
+        hex::decode(get("rng_seed")?)?.try_into().map_err(|_| anyhow::anyhow!("rng_seed is not 32 bytes"))?;
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_stream(get("rng_stream")?.parse()?);
+    rng.set_word_pos(get("rng_word_pos")?.parse()?);
+    state.rng = rng;
+    state.epoch = get("epoch")?.parse()?;
+    state.history = serde_json::from_str::<History>(get("history")?)?;
+    Ok(())
+}
+
+/// The object name of epoch `epoch`'s checkpoint: `epoch-NNNN.safetensors`.
+pub fn file_name(epoch: usize) -> String {
+    format!("epoch-{epoch:04}.safetensors")
+}
+
+/// Parses [`file_name`] back into the epoch number.
+pub fn epoch_of(file_name: &str) -> Option<usize> {
+    file_name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::{LossConfig, LossKind};
+    use crate::model::EncoderConfig;
+    use crate::pairs::SamplingConfig;
+    use rand::Rng;
+
+    fn config() -> TrainConfig {
+        TrainConfig {
+            epochs: 3,
+            batch_size: 8,
+            validation_split: 0.2,
+            learning_rate: 1e-3,
+            encoder: EncoderConfig { embedding_size: 4, dropout: 0.2 },
+            loss: LossConfig { kind: LossKind::Contrastive, temperature: 0.1, logq_correction: false },
+            sampling: SamplingConfig::default(),
+            positive_kinds: vec!["play".into()],
+            seed: 1,
+            eval_users: 10,
+            max_validation_pairs: 10,
+        }
+    }
+
+    #[test]
+    fn round_trip_restores_weights_rng_epoch_and_history() {
+        let cfg = config();
+        let mut a = TrainingState::new(&cfg, &Device::Cpu).unwrap();
+        a.epoch = 2;
+        a.history.loss = vec![1.0, 0.5];
+        let _: u64 = a.rng.random();
+        let bytes = to_bytes(&a, &cfg).unwrap();
+        let mut b = TrainingState::new(&TrainConfig { seed: 2, ..cfg.clone() }, &Device::Cpu).unwrap();
+        // A state built from another seed still restores to the checkpointed one.
+        restore(&bytes, &mut b, &cfg).unwrap();
+        assert_eq!(b.epoch, 2);
+        assert_eq!(b.history, a.history);
+        assert_eq!(a.rng.random::<u64>(), b.rng.random::<u64>());
+        for ((n, ta), (_, tb)) in a.encoder.named_tensors().iter().zip(b.encoder.named_tensors()) {
+            let (va, vb) = (
+                ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                tb.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(va, vb, "{n}");
+        }
+    }
+
+    #[test]
+    fn refuses_other_settings_and_garbage() {
+        let cfg = config();
+        let a = TrainingState::new(&cfg, &Device::Cpu).unwrap();
+        let bytes = to_bytes(&a, &cfg).unwrap();
+        let other = TrainConfig { learning_rate: 0.01, ..cfg.clone() };
+        let mut b = TrainingState::new(&other, &Device::Cpu).unwrap();
+        let err = restore(&bytes, &mut b, &other).unwrap_err();
+        assert!(err.to_string().contains("different training settings"), "{err}");
+        assert!(restore(b"not a checkpoint", &mut b, &cfg).is_err());
+    }
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(file_name(7), "epoch-0007.safetensors");
+        assert_eq!(epoch_of("epoch-0007.safetensors"), Some(7));
+        assert_eq!(epoch_of("epoch-0007.safetensors.tmp"), None);
+    }
+}

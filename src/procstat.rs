@@ -1,0 +1,55 @@
+//! Process resource readings from Linux `/proc` (benchmarks and run metrics). On other systems, or
+//! when `/proc` is unreadable, the readings are `None`.
+
+/// Peak resident set size (VmHWM) in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+/// Current resident set size (VmRSS) in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Resets the peak RSS to the current RSS (Linux ≥ 4.0, `echo 5 > /proc/self/clear_refs`), so a
+/// benchmark can measure the peak of one phase. Returns whether it worked.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// User + system CPU time of the whole process (all threads), in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 (1-based).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every mainstream Linux ABI.
+    Some((utime + stime) / 100.0)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn readings_are_plausible() {
+        let rss = rss_bytes().unwrap();
+        assert!(rss > 1 << 20, "rss {rss}");
+        assert!(peak_rss_bytes().unwrap() >= rss);
+        let before = cpu_seconds().unwrap();
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(std::hint::black_box(i));
+        }
+        std::hint::black_box(x);
+        assert!(cpu_seconds().unwrap() >= before);
+    }
+}

@@ -1,0 +1,404 @@
+//! The training loop: synchronous and CPU/GPU bound, so callers run it off the async runtime
+//! (`spawn_blocking`). Per epoch: sample pairs, train on shuffled batches, evaluate on held-out
+//! interactions, then hand the state to the observer (which checkpoints it and may stop the run).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::eval::{EvalSet, RankingMetrics};
+use crate::features::{NUM_FEATURES, Standardizer};
+use crate::loss::{self, LossConfig, LossKind, PairBatch};
+use crate::model::{BatchStats, DropoutMasks, Encoder, EncoderConfig, l2_normalize};
+use crate::optim::Adam;
+use crate::pairs::{self, CoListenIndex, MiningStats, PairSampler, SamplingConfig, UserTracks};
+
+/// Everything that determines a run's result, given the data. Stored with the run so that a resumed
+/// run continues with exactly the same settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub validation_split: f64,
+    pub learning_rate: f64,
+    pub encoder: EncoderConfig,
+    pub loss: LossConfig,
+    pub sampling: SamplingConfig,
+    pub positive_kinds: Vec<String>,
+    pub seed: u64,
+    /// Evaluate at most this many users per epoch (a fixed seeded sample).
+    pub eval_users: usize,
+    /// Validation loss over at most this many held-out pairs.
+    pub max_validation_pairs: usize,
+}
+
+/// The data in the form training needs, derived deterministically from a [`Dataset`].
+pub struct PreparedData {
+    pub standardizer: Standardizer,
+    /// `[num_tracks, 11]` standardised features, resident on the training device.
+    pub features: Tensor,
+    pub mining: MiningStats,
+    pub train: UserTracks,
+    pub heldout: UserTracks,
+    /// Training users per track (popularity).
+    pub track_counts: Vec<u32>,
+    pub validation_pairs: Vec<[u32; 2]>,
+}
+
+impl PreparedData {
+    pub fn new(dataset: &Dataset, config: &TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        let standardizer = Standardizer::fit(&dataset.catalogue.features);
+        let n = dataset.catalogue.len();
+        let features =
+            Tensor::from_vec(standardizer.apply_all(&dataset.catalogue.features), (n, NUM_FEATURES), device)?;
+        let index = CoListenIndex::build(&dataset.interactions, &config.positive_kinds);
+        let (train, heldout) = index.split(config.validation_split, config.seed);
+        let track_counts = pairs::track_counts(&train, n);
+        let validation_pairs = pairs::validation_pairs(&train, &heldout, config.max_validation_pairs, config.seed);
+        Ok(Self { standardizer, features, mining: index.stats, train, heldout, track_counts, validation_pairs })
+    }
+
+    pub fn num_tracks(&self) -> usize {
+        self.track_counts.len()
+    }
+}
+
+/// Metrics of one finished epoch (1-based `epoch`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub loss: f64,
+    pub val_loss: f64,
+    pub ranking: RankingMetrics,
+    /// Mean cosine between two random tracks' embeddings (‖mean embedding‖²): near 1 means the
+    /// embeddings have collapsed onto one direction.
+    pub mean_pairwise_cosine: f64,
+    pub pairs: usize,
+    pub pairs_per_second: f64,
+    pub train_seconds: f64,
+    /// Process CPU time (all threads) spent in the training phase, where `/proc` can tell.
+    pub train_cpu_seconds: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Per-epoch curves, as the metadata's `training_history` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub loss: Vec<f64>,
+    pub val_loss: Vec<f64>,
+    pub recall_at_10: Vec<f64>,
+    pub ndcg_at_10: Vec<f64>,
+    pub mean_pairwise_cosine: Vec<f64>,
+    pub pairs_per_second: Vec<f64>,
+    pub seconds: Vec<f64>,
+}
+
+impl History {
+    fn push(&mut self, m: &EpochMetrics) {
+        self.loss.push(m.loss);
+        self.val_loss.push(m.val_loss);
+        self.recall_at_10.push(m.ranking.recall_at_10);
+        self.ndcg_at_10.push(m.ranking.ndcg_at_10);
+        self.mean_pairwise_cosine.push(m.mean_pairwise_cosine);
+        self.pairs_per_second.push(m.pairs_per_second);
+        self.seconds.push(m.seconds);
+    }
+}
+
+/// Everything that changes during training; a checkpoint is exactly this.
+pub struct TrainingState {
+    pub encoder: Encoder,
+    pub optimizer: Adam,
+    /// Drives pair sampling and dropout; initialisation consumed its first draws.
+    pub rng: ChaCha8Rng,
+    /// Epochs completed so far.
+    pub epoch: usize,
+    pub history: History,
+}
+
+impl TrainingState {
+    /// A fresh state: the encoder initialised from the seed.
+    pub fn new(config: &TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let encoder = Encoder::new(config.encoder, &mut rng, device, DType::F32)?;
+        let optimizer = Adam::new(encoder.trainable().to_vec(), config.learning_rate)?;
+        Ok(Self { encoder, optimizer, rng, epoch: 0, history: History::default() })
+    }
+}
+
+/// What the observer tells the loop after each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Stop after this epoch (shutdown, or a bounded invocation); the state is already saved.
+    Stop,
+}
+
+/// Receives progress; `epoch_finished` typically checkpoints the state.
+pub trait TrainObserver {
+    fn epoch_started(&mut self, _epoch: usize, _pairs: usize) {}
+    fn batch_finished(&mut self, _pairs: usize) {}
+    fn epoch_finished(&mut self, state: &TrainingState, metrics: &EpochMetrics) -> anyhow::Result<Control>;
+}
+
+/// Reference metrics of the untrained baselines, computed once per run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Baselines {
+    pub raw_features: RankingMetrics,
+    pub popularity: RankingMetrics,
+}
+
+/// The trainer for one run: data, settings and the fixed evaluation set.
+pub struct Trainer<'a> {
+    config: &'a TrainConfig,
+    data: &'a PreparedData,
+    sampler: PairSampler,
+    eval: EvalSet<'a>,
+    logq: Option<Tensor>,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(config: &'a TrainConfig, data: &'a PreparedData) -> anyhow::Result<Self> {
+        let sampler = PairSampler::new(config.sampling.clone(), &data.train, data.num_tracks());
+        let eval = EvalSet::new(&data.train, &data.heldout, config.eval_users, config.seed);
+        let logq = if config.loss.logq_correction && config.loss.kind == LossKind::Contrastive {
+            let lq = loss::log_sampling_probability(&data.track_counts);
+            Some(Tensor::from_vec(lq, data.num_tracks(), data.features.device())?)
+        } else {
+            None
+        };
+        Ok(Self { config, data, sampler, eval, logq })
+    }
+
+    /// Pairs one epoch yields at most (for progress reporting and the insufficient-data check).
+    pub fn pairs_per_epoch(&self) -> usize {
+        self.sampler.max_pairs(&self.data.train)
+    }
+
+    pub fn baselines(&self) -> anyhow::Result<Baselines> {
+        let raw = l2_normalize(&self.data.features)?;
+        let popularity: Vec<f32> = self.data.track_counts.iter().map(|&c| c as f32).collect();
+        Ok(Baselines {
+            raw_features: self.eval.evaluate_embeddings(&raw)?,
+            popularity: self.eval.evaluate_global_scores(&popularity),
+        })
+    }
+
+    /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]`.
+    pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
+        self.eval.evaluate_embeddings(embeddings)
+    }
+
+    /// Trains from `state` (fresh or restored) until `config.epochs` or until the observer stops.
+    /// Returns whether all epochs are done.
+    pub fn run(&self, state: &mut TrainingState, observer: &mut dyn TrainObserver) -> anyhow::Result<bool> {
+        while state.epoch < self.config.epochs {
+            let metrics = self.run_epoch(state, observer).with_context(|| format!("epoch {}", state.epoch + 1))?;
+            state.epoch += 1;
+            state.history.push(&metrics);
+            if observer.epoch_finished(state, &metrics)? == Control::Stop {
+                break;
+            }
+        }
+        Ok(state.epoch >= self.config.epochs)
+    }
+
+    fn run_epoch(&self, state: &mut TrainingState, observer: &mut dyn TrainObserver) -> anyhow::Result<EpochMetrics> {
+        let started = Instant::now();
+        let cpu_started = crate::procstat::cpu_seconds();
+        let pairs = self.sampler.sample_epoch(&self.data.train, &mut state.rng);
+        anyhow::ensure!(!pairs.is_empty(), "no training pairs: every user has fewer than two positive training tracks");
+        observer.epoch_started(state.epoch + 1, pairs.len());
+        let device = self.data.features.device();
+        let (anchors, partners) = split_pairs(&pairs, device)?;
+        let mut loss_sum = 0.0;
+        let mut batches = 0usize;
+        let mut trained = 0usize;
+        for start in (0..pairs.len()).step_by(self.config.batch_size) {
+            let len = self.config.batch_size.min(pairs.len() - start);
+            if len < 2 && self.config.loss.kind == LossKind::Contrastive {
+                continue; // a single pair has no in-batch negatives
+            }
+            let ta = anchors.narrow(0, start, len)?;
+            let tb = partners.narrow(0, start, len)?;
+            let masks = DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
+            let (loss, stats) = training_loss(
+                &state.encoder,
+                &self.data.features,
+                &ta,
+                &tb,
+                &masks,
+                &self.config.loss,
+                self.logq.as_ref(),
+            )?;
+            state.optimizer.step(&loss.backward()?)?;
+            state.encoder.update_moving_stats(&stats)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            batches += 1;
+            trained += len;
+            observer.batch_finished(len);
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        let train_cpu_seconds = cpu_started.zip(crate::procstat::cpu_seconds()).map(|(a, b)| b - a);
+        let val_loss = self.validation_loss(&state.encoder)?;
+        let embeddings = state.encoder.embed(&self.data.features)?;
+        let ranking = self.evaluate(&embeddings)?;
+        let mean_pairwise_cosine = embeddings.mean(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        Ok(EpochMetrics {
+            epoch: state.epoch + 1,
+            loss: loss_sum / batches.max(1) as f64,
+            val_loss,
+            ranking,
+            mean_pairwise_cosine,
+            pairs: trained,
+            pairs_per_second: trained as f64 / train_seconds.max(1e-9),
+            train_seconds,
+            train_cpu_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The loss on the fixed validation pairs, in inference mode, batched like training.
+    fn validation_loss(&self, encoder: &Encoder) -> anyhow::Result<f64> {
+        let pairs = &self.data.validation_pairs;
+        if pairs.len() < 2 {
+            return Ok(f64::NAN);
+        }
+        let (anchors, partners) = split_pairs(pairs, self.data.features.device())?;
+        let (mut sum, mut batches) = (0.0, 0usize);
+        for start in (0..pairs.len()).step_by(self.config.batch_size) {
+            let len = self.config.batch_size.min(pairs.len() - start);
+            if len < 2 {
+                continue;
+            }
+            let ta = anchors.narrow(0, start, len)?;
+            let tb = partners.narrow(0, start, len)?;
+            let x = self.data.features.index_select(&Tensor::cat(&[&ta, &tb], 0)?, 0)?;
+            let z = l2_normalize(&encoder.forward_eval(&x)?)?;
+            sum += pair_loss(&z, &ta, &tb, &self.config.loss, self.logq.as_ref())?.to_scalar::<f32>()? as f64;
+            batches += 1;
+        }
+        Ok(sum / batches as f64)
+    }
+}
+
+/// The training-mode loss of one batch of pairs (track indices `ta[i]`, `tb[i]`), with the BatchNorm
+/// statistics to apply after the optimiser step. Anchors and partners go through the encoder as one
+/// `[2B, 11]` batch, so BatchNorm's batch statistics cover both sides of every pair.
+pub fn training_loss(
+    encoder: &Encoder,
+    features: &Tensor,
+    ta: &Tensor,
+    tb: &Tensor,
+    masks: &DropoutMasks,
+    config: &LossConfig,
+    logq: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, BatchStats)> {
+    let x = features.index_select(&Tensor::cat(&[ta, tb], 0)?, 0)?;
+    let (h, stats) = encoder.forward_train(&x, masks)?;
+    Ok((pair_loss(&l2_normalize(&h)?, ta, tb, config, logq)?, stats))
+}
+
+/// The loss given normalised embeddings `z`: anchors in its first half, partners in its second.
+fn pair_loss(
+    z: &Tensor,
+    ta: &Tensor,
+    tb: &Tensor,
+    config: &LossConfig,
+    logq: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let b = ta.dim(0)?;
+    let za = z.narrow(0, 0, b)?;
+    let zb = z.narrow(0, b, b)?;
+    let logq_a = logq.map(|lq| lq.index_select(ta, 0)).transpose()?;
+    let logq_b = logq.map(|lq| lq.index_select(tb, 0)).transpose()?;
+    let batch = PairBatch { za: &za, zb: &zb, ta, tb, logq_a: logq_a.as_ref(), logq_b: logq_b.as_ref() };
+    loss::batch_loss(config, &batch)
+}
+
+/// The two columns of a pair list as `[P]` u32 tensors on `device`.
+fn split_pairs(pairs: &[[u32; 2]], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let a: Vec<u32> = pairs.iter().map(|p| p[0]).collect();
+    let b: Vec<u32> = pairs.iter().map(|p| p[1]).collect();
+    Ok((Tensor::from_vec(a, pairs.len(), device)?, Tensor::from_vec(b, pairs.len(), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Autograd gradients of the full training loss (BatchNorm in training mode, fixed dropout
+    /// masks, L2 normalisation, masked in-batch softmax, logQ) against central finite differences,
+    /// in f64 on a tiny model.
+    fn check_gradients(kind: LossKind, logq: bool) {
+        let device = Device::Cpu;
+        let config = EncoderConfig { embedding_size: 3, dropout: 0.2 };
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let encoder = Encoder::new(config, &mut rng, &device, DType::F64).unwrap();
+        // Random values everywhere (biases, gamma and beta included) keep the check away from
+        // degenerate points such as an all-zero output row, where L2 normalisation has no gradient.
+        let mut uniform = |shape: &[usize]| {
+            let values: Vec<f64> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+            Tensor::from_vec(values, shape, &device).unwrap()
+        };
+        for var in encoder.trainable() {
+            var.set(&uniform(var.dims())).unwrap();
+        }
+        let n_tracks = 9;
+        let features = uniform(&[n_tracks, NUM_FEATURES]);
+        // Track 4 appears twice as a partner: an accidental hit the mask must handle.
+        let ta = Tensor::new(&[0u32, 1, 2, 3, 5], &device).unwrap();
+        let tb = Tensor::new(&[4u32, 4, 6, 7, 8], &device).unwrap();
+        let masks = DropoutMasks::sample(&config, 10, &mut rng, &device, DType::F64).unwrap();
+        let lq = Tensor::new(&[-1.0f64, -2.0, -2.5, -1.5, -0.5, -3.0, -2.0, -1.0, -2.2], &device).unwrap();
+        let loss_config = LossConfig { kind, temperature: 0.3, logq_correction: logq };
+        let lq = logq.then_some(&lq);
+        let loss_at = |enc: &Encoder| training_loss(enc, &features, &ta, &tb, &masks, &loss_config, lq).unwrap().0;
+        let grads = loss_at(&encoder).backward().unwrap();
+        let h = 1e-6;
+        for (name, var) in crate::model::TRAINABLE_NAMES.iter().zip(encoder.trainable()) {
+            let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var.as_detached_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            // Up to 12 coordinates per tensor keep the test fast.
+            let step = (base.len() / 12).max(1);
+            for i in (0..base.len()).step_by(step) {
+                let eval = |delta: f64| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &device).unwrap()).unwrap();
+                    let l = loss_at(&encoder).to_scalar::<f64>().unwrap();
+                    var.set(&Tensor::from_vec(base.clone(), var.shape(), &device).unwrap()).unwrap();
+                    l
+                };
+                let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                let tol = 1e-6 + 1e-4 * numeric.abs().max(analytic[i].abs());
+                assert!(
+                    (numeric - analytic[i]).abs() < tol,
+                    "{kind:?} logq={logq} {name}[{i}]: autograd {} vs finite differences {numeric}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn contrastive_gradients_match_finite_differences() {
+        check_gradients(LossKind::Contrastive, false);
+    }
+
+    #[test]
+    fn logq_contrastive_gradients_match_finite_differences() {
+        check_gradients(LossKind::Contrastive, true);
+    }
+
+    #[test]
+    fn cosine_gradients_match_finite_differences() {
+        check_gradients(LossKind::Cosine, false);
+    }
+}
