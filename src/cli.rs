@@ -1,0 +1,376 @@
+//! Command-line interface. Every flag also reads an environment variable (shown in `--help`).
+//! Invalid values exit with status 2 and one line naming the flag.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::synthetic::SyntheticSpec;
+use crate::device::DeviceChoice;
+use crate::job::{self, DataSpec, RunOutcome, StopFlag, TrainJob};
+use crate::loss::{LossConfig, LossKind};
+use crate::model::EncoderConfig;
+use crate::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
+use crate::storage::ModelStore;
+use crate::telemetry::LogFormat;
+use crate::train::TrainConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "audotics-trainer", version, about = "Trains the Audotics content-based track embedding model")]
+pub struct Cli {
+    /// Log format on stderr: text on a terminal and JSON otherwise (auto), or forced.
+    #[arg(long, global = true, env = "AUDOTICS_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+    /// CPU threads for tensor maths (0 = auto: 1 when training with batches of at most 512 pairs,
+    /// where threading costs more than it gains on candle's CPU backend; all cores otherwise).
+    /// An explicit RAYON_NUM_THREADS wins.
+    #[arg(long, global = true, env = "AUDOTICS_CPU_THREADS", default_value_t = 0)]
+    pub cpu_threads: usize,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model and write a new version (synthetic data unless a database is configured).
+    Train(Box<TrainArgs>),
+    /// Measure training throughput (pairs/s) and peak memory on synthetic data.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training epochs.
+    #[arg(long, env = "AUDOTICS_EPOCHS", default_value_t = 50, value_parser = at_least_one)]
+    pub epochs: usize,
+    /// Pairs per optimiser step (also the number of in-batch negatives + 1).
+    #[arg(long, env = "AUDOTICS_BATCH_SIZE", default_value_t = 64, value_parser = at_least_one)]
+    pub batch_size: usize,
+    /// Share of each user's distinct positive tracks held out for evaluation, in (0, 1).
+    #[arg(long, env = "AUDOTICS_VALIDATION_SPLIT", default_value_t = 0.2, value_parser = open_unit_interval, allow_negative_numbers = true)]
+    pub validation_split: f64,
+    /// Adam learning rate (> 0).
+    #[arg(long, env = "AUDOTICS_LEARNING_RATE", default_value_t = 0.001, value_parser = positive_finite, allow_negative_numbers = true)]
+    pub learning_rate: f64,
+    /// Embedding size E (the first hidden layer has 2E units).
+    #[arg(long, env = "AUDOTICS_EMBEDDING_SIZE", default_value_t = 64, value_parser = at_least_one)]
+    pub embedding_size: usize,
+    /// Seed for data generation, the split, initialisation, pair sampling and dropout.
+    #[arg(long, env = "AUDOTICS_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Where to train: auto uses a GPU when the binary has CUDA and one is present.
+    #[arg(long, env = "AUDOTICS_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Model store: a directory path or file:// URL.
+    #[arg(long, env = "MODEL_STORE_URL", default_value = "./models")]
+    pub output: String,
+    /// Model key: the top-level folder of the store.
+    #[arg(long, env = "AUDOTICS_MODEL", default_value = "content-based", value_parser = model_key)]
+    pub model: String,
+    /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
+    #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
+    pub loss: LossKind,
+    /// Softmax temperature of the contrastive loss (> 0).
+    #[arg(long, env = "AUDOTICS_TEMPERATURE", default_value_t = 0.05, value_parser = positive_finite, allow_negative_numbers = true)]
+    pub temperature: f64,
+    /// Subtract log(popularity) from in-batch logits (logQ correction): true or false.
+    #[arg(long, env = "AUDOTICS_LOGQ_CORRECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub logq_correction: bool,
+    /// Dropout rate after each hidden layer, in [0, 1).
+    #[arg(long, env = "AUDOTICS_DROPOUT", default_value_t = 0.2, value_parser = dropout_rate, allow_negative_numbers = true)]
+    pub dropout: f32,
+    /// Partners drawn per anchor track per epoch.
+    #[arg(long, env = "AUDOTICS_PAIRS_PER_TRACK", default_value_t = 5, value_parser = at_least_one)]
+    pub pairs_per_track: usize,
+    /// Cap on the pairs one user contributes per epoch.
+    #[arg(long, env = "AUDOTICS_MAX_PAIRS_PER_USER", default_value_t = 500, value_parser = at_least_one)]
+    pub max_pairs_per_user: usize,
+    /// word2vec subsampling threshold for very popular tracks (0 = off; 1e-3 is a common value).
+    #[arg(long, env = "AUDOTICS_SUBSAMPLE_THRESHOLD", default_value_t = 0.0, value_parser = non_negative_finite, allow_negative_numbers = true)]
+    pub subsample_threshold: f64,
+    /// Interaction types that count as co-listening evidence (comma-separated).
+    #[arg(long, env = "AUDOTICS_POSITIVE_TYPES", value_delimiter = ',', default_values_t = DEFAULT_POSITIVE_KINDS.map(String::from), value_parser = non_empty)]
+    pub positive_types: Vec<String>,
+    /// Evaluate at most this many users per epoch (a fixed seeded sample).
+    #[arg(long, env = "AUDOTICS_EVAL_USERS", default_value_t = 5000, value_parser = at_least_one)]
+    pub eval_users: usize,
+    /// Validation loss over at most this many held-out pairs.
+    #[arg(long, env = "AUDOTICS_MAX_VALIDATION_PAIRS", default_value_t = 20_000, value_parser = at_least_one)]
+    pub max_validation_pairs: usize,
+    /// Continue this run (by run id) from its newest checkpoint, with its stored settings.
+    #[arg(long, env = "AUDOTICS_RESUME")]
+    pub resume: Option<String>,
+    /// Never draw a progress bar (one is drawn only when stderr is a terminal).
+    #[arg(long, env = "AUDOTICS_NO_PROGRESS", default_value_t = false)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub synthetic: SyntheticArgs,
+}
+
+/// Sizes of the synthetic dataset (the embedded default when no database is configured).
+#[derive(Debug, Args)]
+pub struct SyntheticArgs {
+    #[arg(long, env = "AUDOTICS_SYNTHETIC_TRACKS", default_value_t = SyntheticSpec::default().tracks, value_parser = at_least_one)]
+    pub synthetic_tracks: usize,
+    #[arg(long, env = "AUDOTICS_SYNTHETIC_USERS", default_value_t = SyntheticSpec::default().users, value_parser = at_least_one)]
+    pub synthetic_users: usize,
+    #[arg(long, env = "AUDOTICS_SYNTHETIC_INTERACTIONS", default_value_t = SyntheticSpec::default().interactions, value_parser = at_least_one)]
+    pub synthetic_interactions: usize,
+    /// Genre-like clusters the synthetic tracks are drawn around.
+    #[arg(long, env = "AUDOTICS_SYNTHETIC_GENRES", default_value_t = SyntheticSpec::default().genres, value_parser = at_least_one)]
+    pub synthetic_genres: usize,
+}
+
+impl SyntheticArgs {
+    pub fn spec(&self, seed: u64) -> SyntheticSpec {
+        SyntheticSpec {
+            tracks: self.synthetic_tracks,
+            users: self.synthetic_users,
+            interactions: self.synthetic_interactions,
+            genres: self.synthetic_genres,
+            seed,
+        }
+    }
+}
+
+impl TrainArgs {
+    /// The run settings these flags describe.
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            validation_split: self.validation_split,
+            learning_rate: self.learning_rate,
+            encoder: EncoderConfig { embedding_size: self.embedding_size, dropout: self.dropout },
+            loss: LossConfig { kind: self.loss, temperature: self.temperature, logq_correction: self.logq_correction },
+            sampling: SamplingConfig {
+                pairs_per_track: self.pairs_per_track,
+                max_pairs_per_user: self.max_pairs_per_user,
+                subsample_threshold: self.subsample_threshold,
+            },
+            positive_kinds: self.positive_types.clone(),
+            seed: self.seed,
+            eval_users: self.eval_users,
+            max_validation_pairs: self.max_validation_pairs,
+        }
+    }
+}
+
+/// Parses the command line; on failure prints one line (or help/version) and returns the exit code.
+pub fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+            }
+            _ => {
+                let rendered = e.to_string();
+                eprintln!("{}", rendered.lines().next().unwrap_or("error: invalid arguments"));
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+impl Cli {
+    /// The CPU thread count to use, or `None` to leave candle's default (all cores).
+    pub fn cpu_threads(&self) -> Option<usize> {
+        match (&self.command, self.cpu_threads) {
+            (_, n) if n > 0 => Some(n),
+            (Command::Train(t), _) if t.batch_size <= 512 => Some(1),
+            _ => None,
+        }
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Train(args) => train(*args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
+    }
+}
+
+async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let store = ModelStore::open(&args.output)?;
+    let stop = StopFlag::default();
+    spawn_signal_handler(stop.clone());
+    let job = TrainJob {
+        model: args.model.clone(),
+        config: args.train_config(),
+        data: DataSpec::Synthetic(args.synthetic.spec(args.seed)),
+        device: args.device,
+        resume: args.resume.clone(),
+        show_progress: !args.no_progress,
+        stop,
+    };
+    match job::run(&store, job).await? {
+        RunOutcome::Published(p) => {
+            let m = &p.metadata;
+            println!("model {} version {} (run {})", m.model_name, p.version, p.run_id);
+            println!(
+                "Recall@10 {:.4}  NDCG@10 {:.4}  | raw-feature baseline {:.4} / {:.4} | popularity {:.4} / {:.4}",
+                m.final_metrics.recall_at_10,
+                m.final_metrics.ndcg_at_10,
+                m.baselines.raw_features.recall_at_10,
+                m.baselines.raw_features.ndcg_at_10,
+                m.baselines.popularity.recall_at_10,
+                m.baselines.popularity.ndcg_at_10,
+            );
+            for (name, url) in &p.artifacts {
+                println!("  {name}: {url}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::Stopped { run_id, epochs_completed } => {
+            println!("stopped after epoch {epochs_completed}; continue with: audotics-trainer train --resume {run_id}");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+/// First Ctrl-C/SIGTERM: stop after the current epoch (its checkpoint is written). Second: exit now.
+fn spawn_signal_handler(stop: StopFlag) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        for _ in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if stop.is_requested() {
+                tracing::warn!("second stop signal: exiting without waiting for the epoch");
+                std::process::exit(130);
+            }
+            tracing::warn!("stop requested: finishing the current epoch and its checkpoint");
+            stop.request();
+        }
+    });
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("not a whole number ({e})")),
+    }
+}
+
+fn parse_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("not a number ({e})"))?;
+    if v.is_finite() { Ok(v) } else { Err("must be finite".into()) }
+}
+
+fn positive_finite(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if v > 0.0 { Ok(v) } else { Err("must be greater than 0".into()) }
+}
+
+fn non_negative_finite(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if v >= 0.0 { Ok(v) } else { Err("must be 0 or more".into()) }
+}
+
+fn open_unit_interval(s: &str) -> Result<f64, String> {
+    let v = parse_f64(s)?;
+    if v > 0.0 && v < 1.0 { Ok(v) } else { Err("must be strictly between 0 and 1".into()) }
+}
+
+fn dropout_rate(s: &str) -> Result<f32, String> {
+    let v = parse_f64(s)?;
+    if (0.0..1.0).contains(&v) { Ok(v as f32) } else { Err("must be at least 0 and below 1".into()) }
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() { Err("must not be empty".into()) } else { Ok(s.to_string()) }
+}
+
+/// Model keys become object-store folders and routing-key segments: keep them simple.
+fn model_key(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok { Ok(s.to_string()) } else { Err("must be 1-64 characters of a-z, 0-9, '-' or '_'".into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_train(args: &[&str]) -> Result<TrainArgs, String> {
+        let mut argv = vec!["audotics-trainer", "train"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli { command: Command::Train(t), .. }) => Ok(*t),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e.to_string().lines().next().unwrap().to_string()),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_old_trainers() {
+        let t = parse_train(&[]).unwrap();
+        assert_eq!((t.epochs, t.batch_size, t.embedding_size), (50, 64, 64));
+        assert_eq!((t.validation_split, t.learning_rate), (0.2, 0.001));
+        assert_eq!(t.device, DeviceChoice::Auto);
+        assert_eq!(t.loss, LossKind::Contrastive);
+        assert!(t.logq_correction);
+        assert_eq!(t.output, "./models");
+        assert_eq!(t.positive_types, DEFAULT_POSITIVE_KINDS.map(String::from).to_vec());
+    }
+
+    #[test]
+    fn invalid_values_name_the_flag() {
+        let cases: [(&[&str], &str); 12] = [
+            (&["--epochs", "0"], "--epochs"),
+            (&["--batch-size", "0"], "--batch-size"),
+            (&["--validation-split", "0"], "--validation-split"),
+            (&["--validation-split", "1"], "--validation-split"),
+            (&["--validation-split", "1.5"], "--validation-split"),
+            (&["--learning-rate", "0"], "--learning-rate"),
+            (&["--learning-rate", "-0.1"], "--learning-rate"),
+            (&["--learning-rate", "NaN"], "--learning-rate"),
+            (&["--learning-rate", "inf"], "--learning-rate"),
+            (&["--embedding-size", "0"], "--embedding-size"),
+            (&["--device", "tpu"], "--device"),
+            (&["--temperature", "0"], "--temperature"),
+        ];
+        for (args, flag) in cases {
+            let err = parse_train(args).expect_err(&format!("{args:?} must be refused"));
+            assert!(err.contains(flag), "{args:?}: {err}");
+        }
+        assert!(parse_train(&["--model", "Bad Key"]).unwrap_err().contains("--model"));
+        assert!(parse_train(&["--dropout", "1"]).unwrap_err().contains("--dropout"));
+    }
+
+    #[test]
+    fn settings_map_into_the_training_config() {
+        let t = parse_train(&[
+            "--loss",
+            "cosine",
+            "--epochs",
+            "3",
+            "--positive-types",
+            "play,like",
+            "--logq-correction",
+            "false",
+        ])
+        .unwrap();
+        let c = t.train_config();
+        assert_eq!(c.loss.kind, LossKind::Cosine);
+        assert!(!c.loss.logq_correction);
+        assert_eq!(c.epochs, 3);
+        assert_eq!(c.positive_kinds, vec!["play", "like"]);
+    }
+}

@@ -1,0 +1,33 @@
+//! audotics-trainer: keeps the Audotics content-based track embedding model fresh.
+//!
+//! # Layout
+//! - [`cli`]: flags and environment variables → a [`job::TrainJob`]; `main.rs` only calls it.
+//! - [`job`]: one training run end to end (new or resumed), training kept off the async runtime.
+//! - [`features`]: the 11 audio features, their order and ranges, and z-score standardisation.
+//! - [`data`]: the catalogue and listening history in compact interned form; [`data::synthetic`]
+//!   generates the embedded default dataset.
+//! - [`pairs`]: co-listening pair mining (user → tracks index, held-out split, per-epoch sampling).
+//! - [`model`], [`loss`], [`optim`]: the encoder, its objectives and Adam, on candle.
+//! - [`train`]: the synchronous training loop; [`eval`]: Recall@10 / NDCG@10 and baselines.
+//! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume.
+//! - [`artifacts`]: weights, embeddings and metadata of a version; [`storage`]: the model store.
+//! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
+//!   and the throughput benchmark.
+
+pub mod artifacts;
+pub mod bench;
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod eval;
+pub mod features;
+pub mod job;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod pairs;
+pub mod procstat;
+pub mod storage;
+pub mod telemetry;
+pub mod train;

@@ -1,0 +1,108 @@
+//! Logging: one subscriber for the whole process, JSON for machines or text for people, on stderr.
+//! A progress bar (when stderr is a terminal) is hidden while a log line is written, so the two
+//! never tear each other.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+/// The progress bar currently shown, if any. A global because the log writer, which the
+/// subscriber owns, must reach it.
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(ProgressAwareStderr);
+    // try_init: tests and embedders may have installed one already.
+    let _ = if json {
+        builder.json().with_current_span(true).with_span_list(false).try_init()
+    } else {
+        builder.compact().try_init()
+    };
+}
+
+#[derive(Clone, Copy)]
+struct ProgressAwareStderr;
+
+impl<'a> MakeWriter<'a> for ProgressAwareStderr {
+    type Writer = ProgressAwareStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}
+
+impl Write for ProgressAwareStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)).map(|_| buf.len()),
+            None => std::io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// A per-epoch progress bar over pairs, shown only when stderr is a terminal.
+pub struct EpochProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl EpochProgress {
+    pub fn new(enabled: bool) -> Self {
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pairs ({per_sec}, eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            *ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
+            bar
+        });
+        Self { bar }
+    }
+
+    pub fn start_epoch(&self, epoch: usize, epochs: usize, pairs: usize) {
+        if let Some(bar) = &self.bar {
+            bar.reset();
+            bar.set_length(pairs as u64);
+            bar.set_message(format!("epoch {epoch}/{epochs}"));
+        }
+    }
+
+    pub fn advance(&self, pairs: usize) {
+        if let Some(bar) = &self.bar {
+            bar.inc(pairs as u64);
+        }
+    }
+}
+
+impl Drop for EpochProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+            *ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
