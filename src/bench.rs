@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Epochs per configuration (at least 2: the first is not counted).
     #[arg(long, env = "AUDOTICS_BENCH_EPOCHS", default_value_t = 3)]
     pub epochs: usize,
+    /// Pairs per epoch at most (a uniform sample), so large datasets measure in minutes (0 = all).
+    #[arg(long, env = "AUDOTICS_BENCH_MAX_PAIRS_PER_EPOCH", default_value_t = 200_000)]
+    pub max_pairs_per_epoch: usize,
     #[arg(long, env = "AUDOTICS_BENCH_EMBEDDING_SIZE", default_value_t = 64)]
     pub embedding_size: usize,
     #[arg(long, env = "AUDOTICS_DEVICE", value_enum, default_value = "auto")]
@@ -41,7 +44,7 @@ pub struct BenchArgs {
 }
 
 /// One measured configuration.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct BenchResult {
     pub tracks: usize,
     pub users: usize,
@@ -58,12 +61,51 @@ pub struct BenchResult {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.epochs >= 2, "--epochs must be at least 2 (the first epoch is warm-up)");
-    let results = tokio::task::spawn_blocking(move || measure_all(&args)).await??;
+    // Peak memory is per process (and the allocator keeps freed pages), so each configuration runs
+    // in a fresh child process of this binary; a single configuration runs here.
+    let results = if args.batch_sizes.len() * args.losses.len() == 1 {
+        tokio::task::spawn_blocking(move || measure(&args)).await??
+    } else {
+        let mut results = Vec::new();
+        for &loss in &args.losses {
+            for &batch in &args.batch_sizes {
+                results.push(measure_in_child(&args, loss, batch).await?);
+            }
+        }
+        results
+    };
+    print_table(results.iter());
+    for r in &results {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> anyhow::Result<BenchResult> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("bench")
+        .args(["--tracks", &args.tracks.to_string(), "--users", &args.users.to_string()])
+        .args(["--interactions", &args.interactions.to_string(), "--epochs", &args.epochs.to_string()])
+        .args(["--batch-sizes", &batch.to_string(), "--losses", &loss.to_string()])
+        .args(["--max-pairs-per-epoch", &args.max_pairs_per_epoch.to_string()])
+        .args(["--embedding-size", &args.embedding_size.to_string(), "--seed", &args.seed.to_string()])
+        .args(["--device", &format!("{:?}", args.device).to_lowercase()])
+        .stderr(std::process::Stdio::inherit());
+    let out = cmd.output().await?;
+    anyhow::ensure!(out.status.success(), "benchmark of batch {batch} / {loss} failed");
+    let stdout = String::from_utf8(out.stdout)?;
+    let line =
+        stdout.lines().find(|l| l.starts_with('{')).ok_or_else(|| anyhow::anyhow!("no result from the child"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn print_table<'a>(results: impl Iterator<Item = &'a BenchResult>) {
     println!(
         "| tracks | users | interactions | loss | batch | device | threads | pairs/epoch | pairs/s (median) | CPU-s per 1M pairs | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &results {
+    for r in results {
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
             r.tracks,
@@ -79,13 +121,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             r.peak_rss_mib.map_or("n/a".into(), |v| format!("{v:.0}")),
         );
     }
-    for r in &results {
-        println!("{}", serde_json::to_string(r)?);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn measure_all(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
+/// Measures every configuration of `args` in this process.
+fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
     let device = device::select(args.device)?;
     let spec = SyntheticSpec {
         tracks: args.tracks,
@@ -105,13 +144,12 @@ fn measure_all(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
                 learning_rate: 1e-3,
                 encoder: EncoderConfig { embedding_size: args.embedding_size, dropout: 0.2 },
                 loss: LossConfig { kind: loss, temperature: 0.05, logq_correction: true },
-                sampling: SamplingConfig::default(),
+                sampling: SamplingConfig { max_pairs_per_epoch: args.max_pairs_per_epoch, ..SamplingConfig::default() },
                 positive_kinds: DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
                 seed: args.seed,
                 eval_users: 2_000,
                 max_validation_pairs: 20_000,
             };
-            let peak_reset = procstat::reset_peak_rss();
             let data = PreparedData::new(&dataset, &config, &device)?;
             let trainer = Trainer::new(&config, &data)?;
             let mut state = TrainingState::new(&config, &device)?;
@@ -133,11 +171,7 @@ fn measure_all(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
                 pairs_per_epoch: trainer.pairs_per_epoch(),
                 median_pairs_per_second: rates[rates.len() / 2],
                 cpu_seconds_per_million_pairs: cpu.map(|c| c / pairs as f64 * 1e6),
-                peak_rss_mib: if peak_reset {
-                    procstat::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64)
-                } else {
-                    None
-                },
+                peak_rss_mib: procstat::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
             };
             tracing::info!(?result, "configuration measured");
             results.push(result);

@@ -88,6 +88,9 @@ pub struct TrainArgs {
     /// word2vec subsampling threshold for very popular tracks (0 = off; 1e-3 is a common value).
     #[arg(long, env = "AUDOTICS_SUBSAMPLE_THRESHOLD", default_value_t = 0.0, value_parser = non_negative_finite, allow_negative_numbers = true)]
     pub subsample_threshold: f64,
+    /// Train on at most this many pairs per epoch, a uniform sample (0 = all).
+    #[arg(long, env = "AUDOTICS_MAX_PAIRS_PER_EPOCH", default_value_t = 0)]
+    pub max_pairs_per_epoch: usize,
     /// Interaction types that count as co-listening evidence (comma-separated).
     #[arg(long, env = "AUDOTICS_POSITIVE_TYPES", value_delimiter = ',', default_values_t = DEFAULT_POSITIVE_KINDS.map(String::from), value_parser = non_empty)]
     pub positive_types: Vec<String>,
@@ -147,6 +150,7 @@ impl TrainArgs {
                 pairs_per_track: self.pairs_per_track,
                 max_pairs_per_user: self.max_pairs_per_user,
                 subsample_threshold: self.subsample_threshold,
+                max_pairs_per_epoch: self.max_pairs_per_epoch,
             },
             positive_kinds: self.positive_types.clone(),
             seed: self.seed,

@@ -128,6 +128,11 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         info!(resumed = job.resume.is_some(), store = %store.root_url(), "run started");
         let resume_from = latest_checkpoint(store, &manifest).await?;
         let dataset = load_dataset(&manifest.data).await?;
+        info!(
+            rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
+            peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+            "data loaded"
+        );
         let context = BlockingRun {
             store: store.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -229,6 +234,7 @@ impl BlockingRun {
             heldout_user_tracks = data.heldout.len(),
             pairs_per_epoch = trainer.pairs_per_epoch(),
             skipped_non_positive = data.mining.non_positive_interactions,
+            rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
             "data prepared"
         );
         anyhow::ensure!(
@@ -239,6 +245,7 @@ impl BlockingRun {
         info!(
             raw_recall_at_10 = baselines.raw_features.recall_at_10,
             popularity_recall_at_10 = baselines.popularity.recall_at_10,
+            peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "baselines"
         );
 
@@ -348,6 +355,7 @@ impl TrainObserver for Checkpointer<'_> {
             mean_pairwise_cosine = m.mean_pairwise_cosine,
             pairs_per_second = m.pairs_per_second.round(),
             seconds = m.seconds,
+            peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "epoch finished"
         );
         Ok(if run.stop.is_requested() { Control::Stop } else { Control::Continue })

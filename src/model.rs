@@ -174,40 +174,37 @@ impl Encoder {
         &self.vars[..TRAINABLE_NAMES.len()]
     }
 
-    fn var(&self, i: usize) -> &Tensor {
-        self.vars[i].as_tensor()
+    /// The model's tensors as tracked variables (training: gradients flow to them).
+    fn tracked(&self) -> Vec<Tensor> {
+        self.vars.iter().map(|v| v.as_tensor().clone()).collect()
+    }
+
+    /// The model's tensors detached from autograd (inference: outputs keep no graph alive; with
+    /// tracked weights, every chunk of a catalogue-wide embedding pass held all its intermediates).
+    fn detached(&self) -> Vec<Tensor> {
+        self.vars.iter().map(|v| v.as_detached_tensor()).collect()
     }
 
     /// Training-mode forward pass: BatchNorm on batch statistics, dropout with `masks`. Returns the
     /// tanh outputs `[rows, E]` and the batch statistics for [`Self::update_moving_stats`].
     pub fn forward_train(&self, x: &Tensor, masks: &DropoutMasks) -> candle_core::Result<(Tensor, BatchStats)> {
+        let w = self.tracked();
         let mean = x.mean_keepdim(0)?;
         let centred = x.broadcast_sub(&mean)?;
         let variance = centred.sqr()?.mean_keepdim(0)?;
         let inv_std = (variance.clone() + BN_EPSILON)?.sqrt()?.recip()?;
-        let normalised = centred.broadcast_mul(&inv_std)?.broadcast_mul(self.var(0))?.broadcast_add(self.var(1))?;
-        let out = self.dense_stack(&normalised, masks)?;
+        let normalised = centred.broadcast_mul(&inv_std)?.broadcast_mul(&w[0])?.broadcast_add(&w[1])?;
+        let out = dense_stack(&w, &normalised, masks)?;
         Ok((out, BatchStats { mean: mean.squeeze(0)?.detach(), variance: variance.squeeze(0)?.detach() }))
     }
 
     /// Inference-mode forward pass (moving statistics, no dropout): what Keras' `predict` computes.
     pub fn forward_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let scale = (self.var(9) + BN_EPSILON)?.sqrt()?.recip()?.mul(self.var(0))?;
-        let shift = (self.var(1) - self.var(8).mul(&scale)?)?;
+        let w = self.detached();
+        let scale = (&w[9] + BN_EPSILON)?.sqrt()?.recip()?.mul(&w[0])?;
+        let shift = (&w[1] - w[8].mul(&scale)?)?;
         let normalised = x.broadcast_mul(&scale)?.broadcast_add(&shift)?;
-        self.dense_stack(&normalised, &DropoutMasks::none())
-    }
-
-    fn dense_stack(&self, x: &Tensor, masks: &DropoutMasks) -> candle_core::Result<Tensor> {
-        let mut h = x.matmul(self.var(2))?.broadcast_add(self.var(3))?.relu()?;
-        if let Some(m) = &masks.hidden1 {
-            h = h.mul(m)?;
-        }
-        let mut h = h.matmul(self.var(4))?.broadcast_add(self.var(5))?.relu()?;
-        if let Some(m) = &masks.hidden2 {
-            h = h.mul(m)?;
-        }
-        h.matmul(self.var(6))?.broadcast_add(self.var(7))?.tanh()
+        dense_stack(&w, &normalised, &DropoutMasks::none())
     }
 
     /// Keras' moving-average update of BatchNorm's statistics.
@@ -256,6 +253,20 @@ impl Encoder {
         }
         Ok(())
     }
+}
+
+/// The three Dense layers (with dropout after the hidden ones) given the tensors in
+/// [`PARAM_NAMES`] order.
+fn dense_stack(w: &[Tensor], x: &Tensor, masks: &DropoutMasks) -> candle_core::Result<Tensor> {
+    let mut h = x.matmul(&w[2])?.broadcast_add(&w[3])?.relu()?;
+    if let Some(m) = &masks.hidden1 {
+        h = h.mul(m)?;
+    }
+    let mut h = h.matmul(&w[4])?.broadcast_add(&w[5])?.relu()?;
+    if let Some(m) = &masks.hidden2 {
+        h = h.mul(m)?;
+    }
+    h.matmul(&w[6])?.broadcast_add(&w[7])?.tanh()
 }
 
 /// Row-wise L2 normalisation, `x / sqrt(max(Σx², 1e-24))`: Keras' UnitNormalization
@@ -376,6 +387,15 @@ mod tests {
         let g = z.sum_all().unwrap().backward().unwrap();
         let g = g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         assert!(g.iter().flatten().all(|v| v.is_finite()), "{g:?}");
+    }
+
+    #[test]
+    fn inference_keeps_no_autograd_graph() {
+        let enc = Encoder::new(tiny(), &mut ChaCha8Rng::seed_from_u64(1), &Device::Cpu, DType::F32).unwrap();
+        let x = Tensor::zeros((4, NUM_FEATURES), DType::F32, &Device::Cpu).unwrap();
+        assert!(!enc.forward_eval(&x).unwrap().track_op(), "inference output must not hold the graph");
+        assert!(!enc.embed(&x).unwrap().track_op());
+        assert!(enc.forward_train(&x, &DropoutMasks::none()).unwrap().0.track_op(), "training output must");
     }
 
     #[test]

@@ -122,8 +122,10 @@ mod tests {
                 assert!((got[i] - xs[i]).abs() < 1e-12, "step {t}: {got:?} vs {xs:?}");
             }
         }
-        // After one step each coordinate moved by ~lr toward 0.
+        // After three steps each coordinate moved by about 3·lr toward 0.
         assert!(xs[0] < 1.0 - 0.25 && xs[1] > -2.0 + 0.25);
+        // The moments must not keep the steps' graphs alive (that leak slowed every epoch).
+        assert!(opt.first_moment.iter().chain(&opt.second_moment).all(|m| !m.track_op()));
     }
 
     #[test]

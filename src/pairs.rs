@@ -208,11 +208,14 @@ pub struct SamplingConfig {
     /// word2vec subsampling threshold `t`: a track with frequency `f` (its share of all training
     /// user-tracks) is kept with probability `min(1, sqrt(t/f) + t/f)` each epoch. 0 disables it.
     pub subsample_threshold: f64,
+    /// Train on at most this many pairs per epoch (a uniform sample of the epoch's pairs; 0 = all),
+    /// so that epoch time stays bounded on very large histories.
+    pub max_pairs_per_epoch: usize,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { pairs_per_track: 5, max_pairs_per_user: 500, subsample_threshold: 0.0 }
+        Self { pairs_per_track: 5, max_pairs_per_user: 500, subsample_threshold: 0.0, max_pairs_per_epoch: 0 }
     }
 }
 
@@ -242,7 +245,11 @@ impl PairSampler {
 
     /// An upper bound on the pairs one epoch yields (for progress bars and buffer sizes).
     pub fn max_pairs(&self, train: &UserTracks) -> usize {
-        train.iter().map(|t| self.user_pair_count(t.len())).sum()
+        let all: usize = train.iter().map(|t| self.user_pair_count(t.len())).sum();
+        match self.config.max_pairs_per_epoch {
+            0 => all,
+            cap => all.min(cap),
+        }
     }
 
     fn user_pair_count(&self, n: usize) -> usize {
@@ -255,7 +262,7 @@ impl PairSampler {
     /// One epoch's pairs `[anchor, partner]` (track indices), shuffled across users. Consumes
     /// randomness from `rng` only, so the sequence of epochs is reproducible from its state.
     pub fn sample_epoch(&self, train: &UserTracks, rng: &mut ChaCha8Rng) -> Vec<[u32; 2]> {
-        let mut pairs = Vec::with_capacity(self.max_pairs(train));
+        let mut pairs = Vec::with_capacity(train.iter().map(|t| self.user_pair_count(t.len())).sum());
         let mut kept: Vec<u32> = Vec::new();
         for tracks in train.iter() {
             kept.clear();
@@ -285,6 +292,10 @@ impl PairSampler {
         }
         for i in (1..pairs.len()).rev() {
             pairs.swap(i, rng.random_range(0..=i));
+        }
+        // The list is shuffled, so its head is a uniform sample.
+        if self.config.max_pairs_per_epoch > 0 {
+            pairs.truncate(self.config.max_pairs_per_epoch);
         }
         pairs
     }
@@ -410,8 +421,8 @@ mod tests {
     fn epoch_pairs_are_within_user_capped_and_reproducible() {
         let idx = many_users();
         let (train, _) = idx.split(0.2, 3);
-        let config = SamplingConfig { pairs_per_track: 4, max_pairs_per_user: 50, subsample_threshold: 0.0 };
-        let sampler = PairSampler::new(config, &train, 300);
+        let config = SamplingConfig { pairs_per_track: 4, max_pairs_per_user: 50, ..SamplingConfig::default() };
+        let sampler = PairSampler::new(config.clone(), &train, 300);
         let a = sampler.sample_epoch(&train, &mut ChaCha8Rng::seed_from_u64(5));
         let b = sampler.sample_epoch(&train, &mut ChaCha8Rng::seed_from_u64(5));
         assert_eq!(a, b);
@@ -423,6 +434,9 @@ mod tests {
         assert!(a.iter().all(|p| p[0] != p[1] && owner(p)));
         // The cap holds for the heaviest user (119 tracks × 4 partners ≫ 50).
         assert!(sampler.max_pairs(&train) < train.len() * 4);
+        let capped = PairSampler::new(SamplingConfig { max_pairs_per_epoch: 100, ..config }, &train, 300);
+        assert_eq!(capped.sample_epoch(&train, &mut ChaCha8Rng::seed_from_u64(5)).len(), 100);
+        assert_eq!(capped.max_pairs(&train), 100);
     }
 
     #[test]

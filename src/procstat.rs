@@ -11,12 +11,6 @@ pub fn rss_bytes() -> Option<u64> {
     status_kib("VmRSS:").map(|kib| kib * 1024)
 }
 
-/// Resets the peak RSS to the current RSS (Linux ≥ 4.0, `echo 5 > /proc/self/clear_refs`), so a
-/// benchmark can measure the peak of one phase. Returns whether it worked.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 /// User + system CPU time of the whole process (all threads), in seconds.
 pub fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;

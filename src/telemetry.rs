@@ -63,32 +63,36 @@ impl Write for ProgressAwareStderr {
     }
 }
 
-/// A per-epoch progress bar over pairs, shown only when stderr is a terminal.
+/// A per-epoch progress bar over pairs, shown only when stderr is a terminal. The bar is created at
+/// the first epoch, so nothing is drawn before there is something to count.
 pub struct EpochProgress {
+    enabled: bool,
     bar: Option<ProgressBar>,
 }
 
 impl EpochProgress {
     pub fn new(enabled: bool) -> Self {
-        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pairs ({per_sec}, eta {eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
+        Self { enabled: enabled && std::io::stderr().is_terminal(), bar: None }
+    }
+
+    pub fn start_epoch(&mut self, epoch: usize, epochs: usize, pairs: usize) {
+        if !self.enabled {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let style = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pairs ({rate}, eta {eta})")
+                .expect("valid template")
+                .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.0} pairs/s", state.per_sec());
+                })
+                .progress_chars("=> ");
+            let bar = ProgressBar::new(pairs as u64).with_style(style).with_message(format!("epoch {epoch}/{epochs}"));
             *ACTIVE_BAR.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
             bar
         });
-        Self { bar }
-    }
-
-    pub fn start_epoch(&self, epoch: usize, epochs: usize, pairs: usize) {
-        if let Some(bar) = &self.bar {
-            bar.reset();
-            bar.set_length(pairs as u64);
-            bar.set_message(format!("epoch {epoch}/{epochs}"));
-        }
+        bar.reset();
+        bar.set_length(pairs as u64);
+        bar.set_message(format!("epoch {epoch}/{epochs}"));
     }
 
     pub fn advance(&self, pairs: usize) {
