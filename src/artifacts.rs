@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::data::DataSource;
+use crate::data::{DataSource, Watermark};
 use crate::eval::RankingMetrics;
 use crate::features::{FEATURE_NAMES, Standardizer};
 use crate::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig};
@@ -39,14 +39,6 @@ pub struct DataSummary {
     pub training_user_tracks: usize,
     pub heldout_user_tracks: usize,
     pub watermark: Watermark,
-}
-
-/// The newest interaction a model has seen, and how many it trained on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Watermark {
-    /// RFC 3339, UTC; absent when there were no interactions.
-    pub newest_interaction_at: Option<String>,
-    pub interactions: usize,
 }
 
 /// `content-based-model-metadata.json`.

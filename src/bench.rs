@@ -143,7 +143,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
                 validation_split: 0.2,
                 learning_rate: 1e-3,
                 encoder: EncoderConfig { embedding_size: args.embedding_size, dropout: 0.2 },
-                loss: LossConfig { kind: loss, temperature: 0.05, logq_correction: true },
+                loss: LossConfig { kind: loss, temperature: 0.05, logq_correction: true, centering_weight: 1.0 },
                 sampling: SamplingConfig { max_pairs_per_epoch: args.max_pairs_per_epoch, ..SamplingConfig::default() },
                 positive_kinds: DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
                 seed: args.seed,

@@ -117,7 +117,12 @@ mod tests {
             validation_split: 0.2,
             learning_rate: 1e-3,
             encoder: EncoderConfig { embedding_size: 4, dropout: 0.2 },
-            loss: LossConfig { kind: LossKind::Contrastive, temperature: 0.1, logq_correction: false },
+            loss: LossConfig {
+                kind: LossKind::Contrastive,
+                temperature: 0.1,
+                logq_correction: false,
+                centering_weight: 0.0,
+            },
             sampling: SamplingConfig::default(),
             positive_kinds: vec!["play".into()],
             seed: 1,

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::data::synthetic::SyntheticSpec;
 use crate::device::DeviceChoice;
-use crate::job::{self, DataSpec, RunOutcome, StopFlag, TrainJob};
+use crate::job::{self, DataSpec, MinimumSizes, PostgresSpec, RunOutcome, StopFlag, TrainJob};
 use crate::loss::{LossConfig, LossKind};
 use crate::model::EncoderConfig;
 use crate::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
@@ -36,6 +36,44 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Measure training throughput (pairs/s) and peak memory on synthetic data.
     Bench(crate::bench::BenchArgs),
+    /// Create the trainer's own schema and tables (also done by every command that uses the database).
+    Migrate(MigrateArgs),
+    /// Create the platform's tables if absent and load demo data (synthetic, or the Spotify CSV).
+    Seed(SeedArgs),
+    /// Reference baselines on a database seeded with --spotify-csv: raw features, popularity,
+    /// same-subgenre and same-artist, on exactly the held-out split `train` uses with the same flags.
+    SpotifyBaselines(Box<SpotifyBaselinesArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct SpotifyBaselinesArgs {
+    /// The CSV the database was seeded from (spotify_songs.csv, unzipped).
+    #[arg(long, env = "AUDOTICS_SPOTIFY_CSV")]
+    pub spotify_csv: std::path::PathBuf,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL URL of the platform's database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// PostgreSQL URL of the platform's database.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Load the Spotify songs CSV (spotify_songs.csv, unzipped) instead of synthetic data.
+    #[arg(long, env = "AUDOTICS_SPOTIFY_CSV")]
+    pub spotify_csv: Option<std::path::PathBuf>,
+    /// Seed of the synthetic generator.
+    #[arg(long, env = "AUDOTICS_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub synthetic: SyntheticArgs,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +114,10 @@ pub struct TrainArgs {
     /// Subtract log(popularity) from in-batch logits (logQ correction): true or false.
     #[arg(long, env = "AUDOTICS_LOGQ_CORRECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub logq_correction: bool,
+    /// Weight of the penalty on the squared norm of each batch's mean embedding (0 = off): keeps
+    /// embeddings from sharing one dominant direction.
+    #[arg(long, env = "AUDOTICS_CENTERING_WEIGHT", default_value_t = 1.0, value_parser = non_negative_finite, allow_negative_numbers = true)]
+    pub centering_weight: f64,
     /// Dropout rate after each hidden layer, in [0, 1).
     #[arg(long, env = "AUDOTICS_DROPOUT", default_value_t = 0.2, value_parser = dropout_rate, allow_negative_numbers = true)]
     pub dropout: f32,
@@ -100,6 +142,21 @@ pub struct TrainArgs {
     /// Validation loss over at most this many held-out pairs.
     #[arg(long, env = "AUDOTICS_MAX_VALIDATION_PAIRS", default_value_t = 20_000, value_parser = at_least_one)]
     pub max_validation_pairs: usize,
+    /// PostgreSQL URL of the platform's database; without it, training uses synthetic data.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Also use playlist co-membership ("Playlist" / "_PlaylistToTrack") as co-occurrence: true or false.
+    #[arg(long, env = "AUDOTICS_PLAYLISTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub playlists: bool,
+    /// Minimum tracks with usable features; below it the run ends as "insufficient data".
+    #[arg(long, env = "AUDOTICS_MIN_TRACKS", default_value_t = MinimumSizes::default().tracks)]
+    pub min_tracks: usize,
+    /// Minimum users with two or more positive tracks.
+    #[arg(long, env = "AUDOTICS_MIN_USERS", default_value_t = MinimumSizes::default().users)]
+    pub min_users: usize,
+    /// Minimum usable interactions.
+    #[arg(long, env = "AUDOTICS_MIN_INTERACTIONS", default_value_t = MinimumSizes::default().interactions)]
+    pub min_interactions: usize,
     /// Continue this run (by run id) from its newest checkpoint, with its stored settings.
     #[arg(long, env = "AUDOTICS_RESUME")]
     pub resume: Option<String>,
@@ -145,7 +202,12 @@ impl TrainArgs {
             validation_split: self.validation_split,
             learning_rate: self.learning_rate,
             encoder: EncoderConfig { embedding_size: self.embedding_size, dropout: self.dropout },
-            loss: LossConfig { kind: self.loss, temperature: self.temperature, logq_correction: self.logq_correction },
+            loss: LossConfig {
+                kind: self.loss,
+                temperature: self.temperature,
+                logq_correction: self.logq_correction,
+                centering_weight: self.centering_weight,
+            },
             sampling: SamplingConfig {
                 pairs_per_track: self.pairs_per_track,
                 max_pairs_per_user: self.max_pairs_per_user,
@@ -196,17 +258,89 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => train(*args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Migrate(args) => {
+            let pool = crate::db::connect(&args.database_url).await?;
+            crate::db::migrate(&pool).await?;
+            println!("schema {} is up to date", crate::db::SCHEMA);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Seed(args) => seed(args).await,
+        Command::SpotifyBaselines(args) => spotify_baselines(*args).await,
     }
+}
+
+async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCode> {
+    let url = args.train.database_url.clone().ok_or_else(|| anyhow::anyhow!("--database-url is required"))?;
+    let pool = crate::db::connect(&url).await?;
+    let config = args.train.train_config();
+    let options = crate::db::load::LoadOptions {
+        playlists: args.train.playlists,
+        positive_kinds: config.positive_kinds.clone(),
+        interactions_until_ms: None,
+    };
+    let dataset = crate::db::load::load(&pool, &options, &crate::db::redact_url(&url)).await?;
+    let csv = args.spotify_csv.clone();
+    let rows =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(&'static str, crate::eval::RankingMetrics)>> {
+            let labels = crate::spotify::TrackLabels::from_csv(&csv, &dataset.catalogue.track_ids)?;
+            let data = crate::train::PreparedData::new(&dataset, &config, &candle_core::Device::Cpu)?;
+            let trainer = crate::train::Trainer::new(&config, &data)?;
+            let b = trainer.baselines()?;
+            Ok(vec![
+                ("raw standardised features", b.raw_features),
+                ("popularity", b.popularity),
+                ("same subgenre", crate::spotify::label_baseline(trainer.eval_set(), &labels.subgenres)),
+                ("same artist", crate::spotify::label_baseline(trainer.eval_set(), &labels.artists)),
+            ])
+        })
+        .await??;
+    println!("| baseline | Recall@10 | NDCG@10 | held-out (user, track) | users |");
+    println!("|---|---|---|---|---|");
+    for (name, m) in rows {
+        println!("| {name} | {:.4} | {:.4} | {} | {} |", m.recall_at_10, m.ndcg_at_10, m.heldout, m.users);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn seed(args: SeedArgs) -> anyhow::Result<ExitCode> {
+    let pool = crate::db::connect(&args.database_url).await?;
+    let rows = match &args.spotify_csv {
+        Some(path) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::seed::SeedRows::from_spotify_csv(&path)).await??
+        }
+        None => {
+            let spec = args.synthetic.spec(args.seed);
+            tokio::task::spawn_blocking(move || {
+                crate::seed::SeedRows::from_synthetic(&crate::data::synthetic::generate(&spec))
+            })
+            .await?
+        }
+    };
+    let report = crate::seed::seed(&pool, &rows).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let store = ModelStore::open(&args.output)?;
     let stop = StopFlag::default();
     spawn_signal_handler(stop.clone());
+    let data = match &args.database_url {
+        Some(url) => DataSpec::Postgres(PostgresSpec {
+            database: crate::db::redact_url(url),
+            playlists: args.playlists,
+            interactions_until_ms: None,
+        }),
+        None => DataSpec::Synthetic(args.synthetic.spec(args.seed)),
+    };
     let job = TrainJob {
         model: args.model.clone(),
         config: args.train_config(),
-        data: DataSpec::Synthetic(args.synthetic.spec(args.seed)),
+        data,
+        database_url: args.database_url.clone(),
+        minimums: MinimumSizes { tracks: args.min_tracks, users: args.min_users, interactions: args.min_interactions },
+        trigger: "cli",
         device: args.device,
         resume: args.resume.clone(),
         show_progress: !args.no_progress,
@@ -229,6 +363,10 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 println!("  {name}: {url}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        RunOutcome::InsufficientData { run_id, reason } => {
+            println!("insufficient data (run {run_id}): {reason}; nothing was trained");
+            Ok(ExitCode::from(3))
         }
         RunOutcome::Stopped { run_id, epochs_completed } => {
             println!("stopped after epoch {epochs_completed}; continue with: audotics-trainer train --resume {run_id}");

@@ -82,6 +82,18 @@ impl<'a> EvalSet<'a> {
         Ok(acc.finish())
     }
 
+    /// Metrics for per-user scores: `fill(training tracks, scores)` writes one score per track.
+    pub fn evaluate_user_scores(&self, num_tracks: usize, mut fill: impl FnMut(&[u32], &mut [f32])) -> RankingMetrics {
+        let mut acc = Accumulator::new(num_tracks);
+        let mut scores = vec![0f32; num_tracks];
+        for &u in &self.users {
+            scores.iter_mut().for_each(|s| *s = 0.0);
+            fill(self.train.user(u), &mut scores);
+            acc.add_user(&scores, self.train.user(u), self.heldout.user(u));
+        }
+        acc.finish()
+    }
+
     /// Metrics for ranking every user's candidates by one global score (popularity).
     pub fn evaluate_global_scores(&self, scores: &[f32]) -> RankingMetrics {
         let mut acc = Accumulator::new(scores.len());

@@ -11,6 +11,8 @@
 //! - [`train`]: the synchronous training loop; [`eval`]: Recall@10 / NDCG@10 and baselines.
 //! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume.
 //! - [`artifacts`]: weights, embeddings and metadata of a version; [`storage`]: the model store.
+//! - [`db`]: Postgres — the platform's data (binary COPY), the trainer's schema and run ledger;
+//!   [`seed`] loads demo data into the platform's tables.
 //! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
 //!   and the throughput benchmark.
 
@@ -19,6 +21,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod db;
 pub mod device;
 pub mod eval;
 pub mod features;
@@ -28,6 +31,8 @@ pub mod model;
 pub mod optim;
 pub mod pairs;
 pub mod procstat;
+pub mod seed;
+pub mod spotify;
 pub mod storage;
 pub mod telemetry;
 pub mod train;

@@ -11,6 +11,14 @@
 //! - [`LossKind::Cosine`]: the old trainer's objective, the mean negative cosine of positive pairs.
 //!   It has no negatives, so it has a trivial optimum: every track mapped to the same vector. It is
 //!   kept to show that collapse, not to train production models.
+//!
+//! Centering penalty (`centering_weight`, contrastive objective only): the in-batch softmax is blind to a
+//! direction that every embedding shares (it shifts each row's logits almost uniformly), and a
+//! random initialisation starts with a large one (mean pairwise cosine ≈ 0.98). Queries built as the
+//! mean of a user's tracks are dominated by that shared direction, which turns per-user ranking into
+//! one global ranking. Adding `w·‖mean(z)‖²` over the batch removes it: on the Spotify playlists
+//! Recall@10 went from 0.0059 to 0.0104 after 15 epochs, on the synthetic default from 0.110 to 0.128
+//! after 10 (README).
 
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -40,6 +48,9 @@ pub struct LossConfig {
     pub temperature: f64,
     /// Subtract `log q(track)` from each candidate's logit.
     pub logq_correction: bool,
+    /// Weight of the centering penalty `‖mean of the batch's embeddings‖²` (0 = off).
+    #[serde(default)]
+    pub centering_weight: f64,
 }
 
 /// Additive logit bias for masked entries: exp(−1e9) is exactly 0 in f32 and f64.
@@ -125,7 +136,7 @@ mod tests {
     }
 
     fn config(kind: LossKind) -> LossConfig {
-        LossConfig { kind, temperature: 0.5, logq_correction: false }
+        LossConfig { kind, temperature: 0.5, logq_correction: false, centering_weight: 0.0 }
     }
 
     fn scalar(t: Tensor) -> f64 {

@@ -106,7 +106,9 @@ impl CoListenIndex {
     /// present in the data are simply never matched.
     pub fn build(interactions: &Interactions, positive_kinds: &[String]) -> Self {
         let mut positive = [false; 256];
-        for name in positive_kinds {
+        // Playlist co-membership rows exist only when that source was loaded; they are positive.
+        let playlist = crate::data::PLAYLIST_KIND.to_string();
+        for name in positive_kinds.iter().chain(std::iter::once(&playlist)) {
             if let Some(code) = interactions.kinds.code(name) {
                 positive[code as usize] = true;
             }

@@ -189,6 +189,11 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// The fixed evaluation set (users and their held-out tracks), for extra baselines.
+    pub fn eval_set(&self) -> &EvalSet<'a> {
+        &self.eval
+    }
+
     /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]`.
     pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
         self.eval.evaluate_embeddings(embeddings)
@@ -318,7 +323,13 @@ fn pair_loss(
     let logq_a = logq.map(|lq| lq.index_select(ta, 0)).transpose()?;
     let logq_b = logq.map(|lq| lq.index_select(tb, 0)).transpose()?;
     let batch = PairBatch { za: &za, zb: &zb, ta, tb, logq_a: logq_a.as_ref(), logq_b: logq_b.as_ref() };
-    loss::batch_loss(config, &batch)
+    let objective = loss::batch_loss(config, &batch)?;
+    // The cosine objective stays exactly the old trainer's.
+    if config.centering_weight > 0.0 && config.kind == LossKind::Contrastive {
+        objective + (z.mean(0)?.sqr()?.sum_all()? * config.centering_weight)?
+    } else {
+        Ok(objective)
+    }
 }
 
 /// The two columns of a pair list as `[P]` u32 tensors on `device`.
@@ -357,7 +368,7 @@ mod tests {
         let tb = Tensor::new(&[4u32, 4, 6, 7, 8], &device).unwrap();
         let masks = DropoutMasks::sample(&config, 10, &mut rng, &device, DType::F64).unwrap();
         let lq = Tensor::new(&[-1.0f64, -2.0, -2.5, -1.5, -0.5, -3.0, -2.0, -1.0, -2.2], &device).unwrap();
-        let loss_config = LossConfig { kind, temperature: 0.3, logq_correction: logq };
+        let loss_config = LossConfig { kind, temperature: 0.3, logq_correction: logq, centering_weight: 0.7 };
         let lq = logq.then_some(&lq);
         let loss_at = |enc: &Encoder| training_loss(enc, &features, &ta, &tb, &masks, &loss_config, lq).unwrap().0;
         let grads = loss_at(&encoder).backward().unwrap();

@@ -96,23 +96,83 @@ impl Interactions {
         self.timestamp_ms.push(timestamp_ms);
     }
 
-    /// The newest interaction timestamp: the data watermark a model trained on this history covers.
-    pub fn newest_timestamp_ms(&self) -> Option<i64> {
-        self.timestamp_ms.iter().copied().max()
+    /// Renumbers users in the byte order of their ids, so that user indices (and everything derived
+    /// from them: the held-out split, pair order) do not depend on the order rows arrived in. Both
+    /// the in-memory and the database path call it, so the same rows give the same model.
+    pub fn canonicalize_users(&mut self) {
+        let mut order: Vec<u32> = (0..self.user_ids.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| self.user_ids[a as usize].cmp(&self.user_ids[b as usize]));
+        let mut new_index = vec![0u32; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old as usize] = new as u32;
+        }
+        for u in &mut self.user {
+            *u = new_index[*u as usize];
+        }
+        let mut ids = std::mem::take(&mut self.user_ids);
+        self.user_ids = order.iter().map(|&old| std::mem::take(&mut ids[old as usize])).collect();
     }
+}
+
+/// The reserved interaction kind of playlist co-membership rows (never a platform `type`).
+pub const PLAYLIST_KIND: &str = "_playlist";
+
+/// The newest interaction a model has seen, and how many interactions it read. Playlist
+/// memberships carry no time and do not count.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Watermark {
+    /// RFC 3339, UTC, millisecond precision; absent when there were no interactions.
+    pub newest_interaction_at: Option<String>,
+    /// The same instant in milliseconds since the Unix epoch.
+    pub newest_interaction_ms: Option<i64>,
+    pub interactions: usize,
+}
+
+impl Watermark {
+    /// The watermark of every interaction in `interactions`.
+    pub fn of(interactions: &Interactions) -> Self {
+        let newest = interactions.timestamp_ms.iter().copied().max();
+        Self {
+            newest_interaction_at: newest.and_then(format_ms),
+            newest_interaction_ms: newest,
+            interactions: interactions.len(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC.
+pub fn format_ms(ms: i64) -> Option<String> {
+    use chrono::TimeZone;
+    chrono::Utc.timestamp_millis_opt(ms).single().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 /// Where a dataset came from; recorded in logs and in the model metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)] // one per run
 pub enum DataSource {
     /// Generated in-process (the embedded default when no database is configured).
     Synthetic(synthetic::SyntheticSpec),
+    /// Read from the platform's Postgres.
+    Postgres {
+        /// The database URL with any password redacted.
+        database: String,
+        options: crate::db::load::LoadOptions,
+        quality: crate::db::load::DataQuality,
+    },
 }
 
 impl DataSource {
     pub fn is_synthetic(&self) -> bool {
         matches!(self, DataSource::Synthetic(_))
+    }
+
+    /// Dirty-data counts, for data read from the platform.
+    pub fn quality(&self) -> Option<&crate::db::load::DataQuality> {
+        match self {
+            DataSource::Postgres { quality, .. } => Some(quality),
+            DataSource::Synthetic(_) => None,
+        }
     }
 }
 
@@ -121,5 +181,36 @@ impl DataSource {
 pub struct Dataset {
     pub catalogue: Catalogue,
     pub interactions: Interactions,
+    pub watermark: Watermark,
     pub source: DataSource,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_user_order_is_by_id_and_keeps_every_row() {
+        let mut it = Interactions { user_ids: vec!["c".into(), "a".into(), "b".into()], ..Interactions::default() };
+        let play = it.kinds.intern("play").unwrap();
+        for (u, t) in [(0, 10), (1, 11), (2, 12), (0, 13)] {
+            it.push(u, t, play, 0);
+        }
+        it.canonicalize_users();
+        assert_eq!(it.user_ids, ["a", "b", "c"]);
+        let rows: Vec<(&str, u32)> =
+            it.user.iter().zip(&it.track).map(|(&u, &t)| (it.user_ids[u as usize].as_str(), t)).collect();
+        assert_eq!(rows, [("c", 10), ("a", 11), ("b", 12), ("c", 13)]);
+    }
+
+    #[test]
+    fn watermark_is_the_newest_interaction() {
+        let mut it = Interactions::default();
+        assert_eq!(Watermark::of(&it), Watermark::default());
+        it.push(0, 0, 0, 1_767_225_600_123);
+        it.push(0, 1, 0, 5);
+        let w = Watermark::of(&it);
+        assert_eq!(w.newest_interaction_at.as_deref(), Some("2026-01-01T00:00:00.123Z"));
+        assert_eq!((w.newest_interaction_ms, w.interactions), (Some(1_767_225_600_123), 2));
+    }
 }

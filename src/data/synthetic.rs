@@ -107,8 +107,10 @@ pub fn generate(spec: &SyntheticSpec) -> Dataset {
             Genre { centre, cumulative: cumulative(&zipf_weights(tracks.len(), 1.0)), tracks: std::mem::take(tracks) }
         })
         .collect();
-    let interactions = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
-    Dataset { catalogue, interactions, source: DataSource::Synthetic(spec.clone()) }
+    let mut interactions = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
+    interactions.canonicalize_users();
+    let watermark = super::Watermark::of(&interactions);
+    Dataset { catalogue, interactions, watermark, source: DataSource::Synthetic(spec.clone()) }
 }
 
 fn generate_catalogue(n: usize, centres: &[FeatureRow], rng: &mut ChaCha8Rng) -> (Catalogue, Vec<Vec<u32>>) {
@@ -327,7 +329,8 @@ mod tests {
             let code = d.interactions.kinds.code(kind).unwrap();
             assert!(d.interactions.kind.contains(&code), "no {kind} generated");
         }
-        assert!(d.interactions.newest_timestamp_ms().unwrap() <= HISTORY_END_MS);
+        assert!(d.watermark.newest_interaction_ms.unwrap() <= HISTORY_END_MS);
+        assert!(d.interactions.user_ids.windows(2).all(|w| w[0] < w[1]), "users sorted by id");
     }
 
     #[test]

@@ -1,0 +1,87 @@
+//! The `training_runs` ledger: one row per run, written when it starts and when it ends, by CLI runs
+//! and worker runs alike (whenever a database is configured).
+
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// How a run ended, as the ledger's `status` column spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    InsufficientData,
+    Stopped,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::InsufficientData => "insufficient_data",
+            RunStatus::Stopped => "stopped",
+        }
+    }
+}
+
+/// A run starting (or starting again, when resumed): inserts the row, or marks it running again and
+/// counts the attempt.
+pub async fn record_start(
+    pool: &PgPool,
+    run_id: Uuid,
+    model: &str,
+    version: &str,
+    trigger: &str,
+    config: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO audotics_trainer.training_runs (id, model, version, status, trigger, config)
+         VALUES ($1, $2, $3, 'running', $4, $5)
+         ON CONFLICT (id) DO UPDATE
+         SET status = 'running', attempts = training_runs.attempts + 1, finished_at = NULL, error = NULL",
+    )
+    .bind(run_id)
+    .bind(model)
+    .bind(version)
+    .bind(trigger)
+    .bind(config)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// What a finished run records.
+#[derive(Debug, Default)]
+pub struct RunEnd {
+    pub data_watermark_ms: Option<i64>,
+    pub interaction_count: Option<i64>,
+    pub counts: Option<Value>,
+    pub metrics: Option<Value>,
+    pub artifact_location: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A run ending with `status`.
+pub async fn record_end(pool: &PgPool, run_id: Uuid, status: RunStatus, end: &RunEnd) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE audotics_trainer.training_runs
+         SET status = $2, finished_at = now(),
+             data_watermark = to_timestamp($3::float8 / 1000),
+             interaction_count = $4, counts = $5, metrics = $6, artifact_location = $7, error = $8
+         WHERE id = $1",
+    )
+    .bind(run_id)
+    .bind(status.as_str())
+    .bind(end.data_watermark_ms.map(|ms| ms as f64))
+    .bind(end.interaction_count)
+    .bind(&end.counts)
+    .bind(&end.metrics)
+    .bind(&end.artifact_location)
+    .bind(&end.error)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}

@@ -1,0 +1,259 @@
+//! One training run, end to end: resolve the run (new or resumed), load the data, train off the async
+//! runtime with a checkpoint after every epoch, then write the version's artifacts — recording the
+//! run in the Postgres ledger whenever a database is configured.
+
+mod blocking;
+pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use serde_json::json;
+use sqlx::PgPool;
+use tracing::{Instrument, error, info, info_span, warn};
+
+pub use manifest::{DataSpec, MinimumSizes, PostgresSpec, RunManifest};
+
+use crate::artifacts::ModelMetadata;
+use crate::checkpoint;
+use crate::data::{Dataset, synthetic};
+use crate::db::{self, ledger, load::LoadOptions};
+use crate::device::DeviceChoice;
+use crate::storage::{ModelStore, layout};
+use crate::train::TrainConfig;
+use blocking::{BlockingRun, Trained};
+
+/// A cooperative stop request (Ctrl-C, SIGTERM): the run stops after the epoch in progress, whose
+/// checkpoint is written first.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    /// The model key: the top-level folder of the store (`content-based`).
+    pub model: String,
+    pub config: TrainConfig,
+    pub data: DataSpec,
+    /// The real database URL (never stored); required when `data` is Postgres.
+    pub database_url: Option<String>,
+    pub minimums: MinimumSizes,
+    pub device: DeviceChoice,
+    /// Continue this run instead of starting a new one (its stored settings win).
+    pub resume: Option<String>,
+    /// Who asked: `cli` or `worker`, recorded in the ledger.
+    pub trigger: &'static str,
+    pub show_progress: bool,
+    pub stop: StopFlag,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// All epochs done and the version's artifacts written.
+    Published(Box<Published>),
+    /// Stopped on request after `epochs_completed` epochs; `--resume <run_id>` continues it.
+    Stopped { run_id: String, epochs_completed: usize },
+    /// The data is below the minimum sizes; nothing was trained.
+    InsufficientData { run_id: String, reason: String },
+}
+
+/// A published version.
+#[derive(Debug)]
+pub struct Published {
+    pub run_id: String,
+    pub version: String,
+    pub metadata: ModelMetadata,
+    /// Artifact name → full URL.
+    pub artifacts: BTreeMap<String, String>,
+    /// URL of the version's folder.
+    pub location: String,
+}
+
+/// Runs `job` against `store`.
+pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome> {
+    let pool = match &job.database_url {
+        Some(url) => {
+            let pool = db::connect(url).await?;
+            db::migrate(&pool).await?;
+            Some(pool)
+        }
+        None => None,
+    };
+    let mut manifest = match &job.resume {
+        Some(run_id) => load_manifest(store, &job.model, run_id).await?,
+        None => {
+            let m = RunManifest::new(&job.model, job.config.clone(), job.data.clone(), job.minimums, job.device);
+            save_manifest(store, &m).await?;
+            m
+        }
+    };
+    anyhow::ensure!(
+        !matches!(manifest.data, DataSpec::Postgres(_)) || pool.is_some(),
+        "run {} reads the platform's database: give --database-url (or DATABASE_URL)",
+        manifest.run_id
+    );
+    let span =
+        info_span!("training_run", run_id = %manifest.run_id, model = %manifest.model, version = %manifest.version);
+    async {
+        info!(resumed = job.resume.is_some(), store = %store.root_url(), "run started");
+        let run_id = manifest.run_uuid()?;
+        if let Some(pool) = &pool {
+            let config = serde_json::to_value(&manifest.config)?;
+            ledger::record_start(pool, run_id, &manifest.model, &manifest.version, job.trigger, &config)
+                .await
+                .context("cannot record the run in the training_runs ledger")?;
+        }
+        let result = execute(store, &job, &mut manifest, pool.as_ref()).await;
+        if let Some(pool) = &pool {
+            record_end(pool, run_id, &result).await?;
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Loads the data, trains and publishes.
+async fn execute(
+    store: &ModelStore,
+    job: &TrainJob,
+    manifest: &mut RunManifest,
+    pool: Option<&PgPool>,
+) -> anyhow::Result<RunOutcome> {
+    let resume_from = latest_checkpoint(store, manifest).await?;
+    let dataset = load_dataset(manifest, pool).await?;
+    if let DataSpec::Postgres(spec) = &mut manifest.data
+        && spec.interactions_until_ms.is_none()
+    {
+        // Pin the history this run trains on, so a resume reads the same rows.
+        spec.interactions_until_ms = Some(dataset.watermark.newest_interaction_ms.unwrap_or(i64::MIN));
+        save_manifest(store, manifest).await?;
+    }
+    info!(
+        rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
+        peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+        "data loaded"
+    );
+    let context = BlockingRun {
+        store: store.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        manifest: manifest.clone(),
+        resume_from,
+        show_progress: job.show_progress,
+        stop: job.stop.clone(),
+    };
+    let span = tracing::Span::current();
+    let trained = tokio::task::spawn_blocking(move || span.in_scope(|| context.train(dataset)))
+        .await
+        .context("training task panicked")??;
+    match trained {
+        Trained::Stopped { epochs_completed } => {
+            info!(epochs_completed, "run stopped on request; resume with --resume {}", manifest.run_id);
+            Ok(RunOutcome::Stopped { run_id: manifest.run_id.clone(), epochs_completed })
+        }
+        Trained::InsufficientData { reason } => {
+            warn!(%reason, "insufficient data: nothing trained");
+            Ok(RunOutcome::InsufficientData { run_id: manifest.run_id.clone(), reason })
+        }
+        Trained::Done(files) => blocking::publish(store, manifest, *files).await,
+    }
+}
+
+async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<RunOutcome>) -> anyhow::Result<()> {
+    let (status, end) = match result {
+        Ok(RunOutcome::Published(p)) => {
+            let m = &p.metadata;
+            let end = ledger::RunEnd {
+                data_watermark_ms: m.data.watermark.newest_interaction_ms,
+                interaction_count: Some(m.data.watermark.interactions as i64),
+                counts: Some(serde_json::to_value(&m.data)?),
+                metrics: Some(json!({"final": m.final_metrics, "baselines": m.baselines})),
+                artifact_location: Some(p.location.clone()),
+                error: None,
+            };
+            (ledger::RunStatus::Succeeded, end)
+        }
+        Ok(RunOutcome::Stopped { .. }) => (ledger::RunStatus::Stopped, ledger::RunEnd::default()),
+        Ok(RunOutcome::InsufficientData { reason, .. }) => {
+            (ledger::RunStatus::InsufficientData, ledger::RunEnd { error: Some(reason.clone()), ..Default::default() })
+        }
+        Err(e) => (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(format!("{e:#}")), ..Default::default() }),
+    };
+    if let Err(e) = ledger::record_end(pool, run_id, status, &end).await {
+        error!(error.message = %e, "cannot record the end of the run in the training_runs ledger");
+        return Err(e).context("cannot record the end of the run in the training_runs ledger");
+    }
+    Ok(())
+}
+
+async fn save_manifest(store: &ModelStore, manifest: &RunManifest) -> anyhow::Result<()> {
+    let key = layout::run_manifest(&manifest.model, &manifest.run_id);
+    store.put(&key, serde_json::to_vec_pretty(manifest)?).await.with_context(|| format!("writing {key}"))
+}
+
+async fn load_manifest(store: &ModelStore, model: &str, run_id: &str) -> anyhow::Result<RunManifest> {
+    let key = layout::run_manifest(model, run_id);
+    let bytes = store
+        .get(&key)
+        .await
+        .with_context(|| format!("cannot resume run {run_id}: no {key} in {}", store.root_url()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run manifest"))
+}
+
+/// The newest checkpoint of the run, if any: `(epoch, bytes)`.
+async fn latest_checkpoint(
+    store: &ModelStore,
+    manifest: &RunManifest,
+) -> anyhow::Result<Option<(usize, bytes::Bytes)>> {
+    let keys = store.list(&layout::checkpoints_dir(&manifest.model, &manifest.run_id)).await?;
+    let newest = keys
+        .iter()
+        .filter_map(|k| Some((checkpoint::epoch_of(k.rsplit('/').next()?)?, k)))
+        .max_by_key(|(epoch, _)| *epoch);
+    match newest {
+        Some((epoch, key)) => Ok(Some((epoch, store.get(key).await?))),
+        None => Ok(None),
+    }
+}
+
+async fn load_dataset(manifest: &RunManifest, pool: Option<&PgPool>) -> anyhow::Result<Dataset> {
+    let span = info_span!("load_data");
+    async {
+        match &manifest.data {
+            DataSpec::Synthetic(spec) => {
+                let spec = spec.clone();
+                warn!(
+                    tracks = spec.tracks,
+                    users = spec.users,
+                    interactions = spec.interactions,
+                    "no database configured: training on SYNTHETIC data"
+                );
+                Ok(tokio::task::spawn_blocking(move || synthetic::generate(&spec)).await?)
+            }
+            DataSpec::Postgres(spec) => {
+                let pool = pool.context("no database connection")?;
+                let options = LoadOptions {
+                    playlists: spec.playlists,
+                    positive_kinds: manifest.config.positive_kinds.clone(),
+                    interactions_until_ms: spec.interactions_until_ms,
+                };
+                db::load::load(pool, &options, &spec.database).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
