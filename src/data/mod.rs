@@ -89,6 +89,14 @@ impl Interactions {
         self.user.is_empty()
     }
 
+    /// Room for `additional` more interactions in every array.
+    pub fn reserve(&mut self, additional: usize) {
+        self.user.reserve_exact(additional);
+        self.track.reserve_exact(additional);
+        self.kind.reserve_exact(additional);
+        self.timestamp_ms.reserve_exact(additional);
+    }
+
     pub fn push(&mut self, user: u32, track: u32, kind: u8, timestamp_ms: i64) {
         self.user.push(user);
         self.track.push(track);
