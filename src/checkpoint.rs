@@ -7,8 +7,9 @@
 //!
 //! Header metadata (safetensors `__metadata__`, all strings): `format` (`audotics-checkpoint/1`),
 //! `epoch` (epochs completed), `adam_step`, `rng_seed` (hex), `rng_stream`, `rng_word_pos` (the
-//! ChaCha8 generator's full state), `history` (JSON of the curves so far) and `config_sha256` (the
-//! run's [`TrainConfig`] digest: a checkpoint never resumes a run with other settings).
+//! ChaCha8 generator's full state), `history` (JSON of the curves so far), `saved_at` (UTC) and
+//! `config_sha256` (the run's [`TrainConfig`] digest: a checkpoint never resumes a run with other
+//! settings).
 
 use std::collections::HashMap;
 
@@ -30,7 +31,7 @@ pub fn config_digest(config: &TrainConfig) -> String {
 }
 
 /// Serialises the state after `state.epoch` completed epochs.
-pub fn to_bytes(state: &TrainingState, config: &TrainConfig) -> anyhow::Result<Vec<u8>> {
+pub fn to_bytes(state: &TrainingState, config: &TrainConfig, saved_at: &str) -> anyhow::Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in state.encoder.named_tensors() {
         tensors.push((format!("model.{name}"), t));
@@ -49,6 +50,7 @@ pub fn to_bytes(state: &TrainingState, config: &TrainConfig) -> anyhow::Result<V
         ("rng_word_pos".to_string(), state.rng.get_word_pos().to_string()),
         ("history".to_string(), serde_json::to_string(&state.history)?),
         ("config_sha256".to_string(), config_digest(config)),
+        ("saved_at".to_string(), saved_at.to_string()),
     ]);
     // Tensors may live on a GPU; safetensors wants host bytes.
     let host: Vec<(String, Tensor)> =
@@ -56,8 +58,9 @@ pub fn to_bytes(state: &TrainingState, config: &TrainConfig) -> anyhow::Result<V
     Ok(safetensors::tensor::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
 }
 
-/// Restores `state` (freshly built from the same config) from checkpoint bytes.
-pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) -> anyhow::Result<()> {
+/// Restores `state` (freshly built from the same config) from checkpoint bytes; returns when the
+/// checkpoint was saved.
+pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) -> anyhow::Result<String> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).context("not a safetensors file")?;
     let meta = header.metadata().clone().unwrap_or_default();
     let get = |key: &str| meta.get(key).with_context(|| format!("checkpoint metadata lacks {key}"));
@@ -89,7 +92,7 @@ pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) ->
     state.rng = rng;
     state.epoch = get("epoch")?.parse()?;
     state.history = serde_json::from_str::<History>(get("history")?)?;
-    Ok(())
+    Ok(get("saved_at")?.clone())
 }
 
 /// The object name of epoch `epoch`'s checkpoint: `epoch-NNNN.safetensors`.
@@ -138,10 +141,10 @@ mod tests {
         a.epoch = 2;
         a.history.loss = vec![1.0, 0.5];
         let _: u64 = a.rng.random();
-        let bytes = to_bytes(&a, &cfg).unwrap();
+        let bytes = to_bytes(&a, &cfg, "2026-01-01T00:00:00").unwrap();
         let mut b = TrainingState::new(&TrainConfig { seed: 2, ..cfg.clone() }, &Device::Cpu).unwrap();
         // A state built from another seed still restores to the checkpointed one.
-        restore(&bytes, &mut b, &cfg).unwrap();
+        assert_eq!(restore(&bytes, &mut b, &cfg).unwrap(), "2026-01-01T00:00:00");
         assert_eq!(b.epoch, 2);
         assert_eq!(b.history, a.history);
         assert_eq!(a.rng.random::<u64>(), b.rng.random::<u64>());
@@ -158,7 +161,7 @@ mod tests {
     fn refuses_other_settings_and_garbage() {
         let cfg = config();
         let a = TrainingState::new(&cfg, &Device::Cpu).unwrap();
-        let bytes = to_bytes(&a, &cfg).unwrap();
+        let bytes = to_bytes(&a, &cfg, "2026-01-01T00:00:00").unwrap();
         let other = TrainConfig { learning_rate: 0.01, ..cfg.clone() };
         let mut b = TrainingState::new(&other, &Device::Cpu).unwrap();
         let err = restore(&bytes, &mut b, &other).unwrap_err();

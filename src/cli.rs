@@ -36,6 +36,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Measure training throughput (pairs/s) and peak memory on synthetic data.
     Bench(crate::bench::BenchArgs),
+    /// Measure loading the platform's data: rows/s and peak memory (`bench/load.sh` runs it).
+    BenchLoad(crate::bench_load::LoadBenchArgs),
     /// Create the trainer's own schema and tables (also done by every command that uses the database).
     Migrate(MigrateArgs),
     /// Create the platform's tables if absent and load demo data (synthetic, or the Spotify CSV).
@@ -99,7 +101,7 @@ pub struct TrainArgs {
     /// Where to train: auto uses a GPU when the binary has CUDA and one is present.
     #[arg(long, env = "AUDOTICS_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
-    /// Model store: a directory path or file:// URL.
+    /// Model store: a directory path, a file:// URL, or s3://bucket/prefix (S3 settings from AWS_*).
     #[arg(long, env = "MODEL_STORE_URL", default_value = "./models")]
     pub output: String,
     /// Model key: the top-level folder of the store.
@@ -157,6 +159,10 @@ pub struct TrainArgs {
     /// Minimum usable interactions.
     #[arg(long, env = "AUDOTICS_MIN_INTERACTIONS", default_value_t = MinimumSizes::default().interactions)]
     pub min_interactions: usize,
+    /// Versions to keep after a publish; older ones (never the one latest.json names) are deleted,
+    /// with the checkpoints of finished runs except the newest run's.
+    #[arg(long, env = "AUDOTICS_KEEP_VERSIONS", default_value_t = 10, value_parser = at_least_one)]
+    pub keep_versions: usize,
     /// Continue this run (by run id) from its newest checkpoint, with its stored settings.
     #[arg(long, env = "AUDOTICS_RESUME")]
     pub resume: Option<String>,
@@ -258,6 +264,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Train(args) => train(*args).await,
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::BenchLoad(args) => crate::bench_load::run(args).await,
         Command::Migrate(args) => {
             let pool = crate::db::connect(&args.database_url).await?;
             crate::db::migrate(&pool).await?;
@@ -304,20 +311,18 @@ async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCod
 
 async fn seed(args: SeedArgs) -> anyhow::Result<ExitCode> {
     let pool = crate::db::connect(&args.database_url).await?;
-    let rows = match &args.spotify_csv {
+    let report = match &args.spotify_csv {
         Some(path) => {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || crate::seed::SeedRows::from_spotify_csv(&path)).await??
+            let rows = tokio::task::spawn_blocking(move || crate::seed::SeedRows::from_spotify_csv(&path)).await??;
+            crate::seed::seed(&pool, rows).await?
         }
         None => {
             let spec = args.synthetic.spec(args.seed);
-            tokio::task::spawn_blocking(move || {
-                crate::seed::SeedRows::from_synthetic(&crate::data::synthetic::generate(&spec))
-            })
-            .await?
+            let dataset = tokio::task::spawn_blocking(move || crate::data::synthetic::generate(&spec)).await?;
+            crate::seed::seed(&pool, crate::seed::SeedRows::from_synthetic(&dataset)).await?
         }
     };
-    let report = crate::seed::seed(&pool, &rows).await?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }
@@ -341,6 +346,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         database_url: args.database_url.clone(),
         minimums: MinimumSizes { tracks: args.min_tracks, users: args.min_users, interactions: args.min_interactions },
         trigger: "cli",
+        keep_versions: args.keep_versions,
         device: args.device,
         resume: args.resume.clone(),
         show_progress: !args.no_progress,

@@ -10,7 +10,8 @@
 //! - [`model`], [`loss`], [`optim`]: the encoder, its objectives and Adam, on candle.
 //! - [`train`]: the synchronous training loop; [`eval`]: Recall@10 / NDCG@10 and baselines.
 //! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume.
-//! - [`artifacts`]: weights, embeddings and metadata of a version; [`storage`]: the model store.
+//! - [`artifacts`]: weights, embeddings and metadata of a version; [`export`]: Keras 3, TF.js and the
+//!   model card; [`storage`]: the model store (local or S3) and atomic publication.
 //! - [`db`]: Postgres — the platform's data (binary COPY), the trainer's schema and run ledger;
 //!   [`seed`] loads demo data into the platform's tables.
 //! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
@@ -18,12 +19,14 @@
 
 pub mod artifacts;
 pub mod bench;
+pub mod bench_load;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod db;
 pub mod device;
 pub mod eval;
+pub mod export;
 pub mod features;
 pub mod job;
 pub mod loss;

@@ -20,15 +20,18 @@ use crate::features::{FEATURE_NAMES, FeatureRow, idx};
 /// UUID v5 namespace of every id `seed` derives.
 const NAMESPACE: Uuid = Uuid::from_u128(0x6a0d_0a8e_4f5e_4f8b_9c1d_a0d1_c5ee_d000);
 
+/// COPY text lines of one table, produced lazily so that seeding 10 M interactions never holds
+/// 10 M strings.
+pub type Lines<'a> = Box<dyn Iterator<Item = String> + Send + 'a>;
+
 /// Rows of the platform's tables, as COPY text lines per table.
-#[derive(Default)]
-pub struct SeedRows {
-    users: Vec<String>,
-    tracks: Vec<String>,
-    features: Vec<String>,
-    interactions: Vec<String>,
-    playlists: Vec<String>,
-    playlist_tracks: Vec<String>,
+pub struct SeedRows<'a> {
+    users: Lines<'a>,
+    tracks: Lines<'a>,
+    features: Lines<'a>,
+    interactions: Lines<'a>,
+    playlists: Lines<'a>,
+    playlist_tracks: Lines<'a>,
 }
 
 /// Rows inserted per table (0 everywhere when seeding again).
@@ -43,35 +46,35 @@ pub struct SeedReport {
 }
 
 /// Creates the platform's tables where absent (Prisma's DDL), then inserts `rows`.
-pub async fn seed(pool: &PgPool, rows: &SeedRows) -> anyhow::Result<SeedReport> {
+pub async fn seed(pool: &PgPool, rows: SeedRows<'_>) -> anyhow::Result<SeedReport> {
     let mut conn = pool.acquire().await.context("cannot get a database connection")?;
     sqlx::raw_sql(DDL).execute(&mut *conn).await.context("creating the platform's tables")?;
     let mut tx = conn.begin().await?;
     let report = SeedReport {
-        users: insert(&mut tx, "User", r#""id","email","name","createdAt","updatedAt""#, &rows.users).await?,
+        users: insert(&mut tx, "User", r#""id","email","name","createdAt","updatedAt""#, rows.users).await?,
         tracks: insert(
             &mut tx,
             "Track",
             r#""id","spotifyId","name","artists","album","popularity","createdAt","updatedAt""#,
-            &rows.tracks,
+            rows.tracks,
         )
         .await?,
-        track_features: insert(&mut tx, "TrackFeatures", &features_columns(), &rows.features).await?,
+        track_features: insert(&mut tx, "TrackFeatures", &features_columns(), rows.features).await?,
         interactions: insert(
             &mut tx,
             "TrackInteraction",
             r#""id","userId","trackId","type","timestamp""#,
-            &rows.interactions,
+            rows.interactions,
         )
         .await?,
         playlists: insert(
             &mut tx,
             "Playlist",
             r#""id","spotifyId","name","description","createdAt","updatedAt","creatorId""#,
-            &rows.playlists,
+            rows.playlists,
         )
         .await?,
-        playlist_tracks: insert(&mut tx, "_PlaylistToTrack", r#""A","B""#, &rows.playlist_tracks).await?,
+        playlist_tracks: insert(&mut tx, "_PlaylistToTrack", r#""A","B""#, rows.playlist_tracks).await?,
     };
     tx.commit().await?;
     info!(?report, "seeded");
@@ -86,8 +89,9 @@ fn features_columns() -> String {
 }
 
 /// COPY `lines` into a staging copy of `table`, then insert what is not there yet.
-async fn insert(conn: &mut PgConnection, table: &str, columns: &str, lines: &[String]) -> anyhow::Result<u64> {
-    if lines.is_empty() {
+async fn insert(conn: &mut PgConnection, table: &str, columns: &str, lines: Lines<'_>) -> anyhow::Result<u64> {
+    let mut lines = lines.peekable();
+    if lines.peek().is_none() {
         return Ok(0);
     }
     let stage = format!("stage_{}", table.trim_start_matches('_').to_lowercase());
@@ -160,35 +164,38 @@ fn interaction_line(user: &str, track: &str, kind: &str, at: &str) -> String {
     [id("interaction", &key), esc(user), esc(track), esc(kind), at.to_string()].join("\t")
 }
 
-impl SeedRows {
+impl<'a> SeedRows<'a> {
     /// Rows for a synthetic dataset: its users, tracks, features and interactions, with its own ids.
-    pub fn from_synthetic(dataset: &Dataset) -> Self {
+    pub fn from_synthetic(dataset: &'a Dataset) -> Self {
         let created = ts(Utc.with_ymd_and_hms(2025, 10, 1, 0, 0, 0).single().expect("valid date"));
-        let mut rows = SeedRows::default();
-        for (i, uid) in dataset.interactions.user_ids.iter().enumerate() {
-            rows.users
-                .push(format!("{uid}\t{uid}@synthetic.audotics.invalid\tSynthetic user {i}\t{created}\t{created}"));
-        }
-        for (i, (tid, f)) in dataset.catalogue.track_ids.iter().zip(&dataset.catalogue.features).enumerate() {
-            rows.tracks.push(format!(
-                "{tid}\tsynthetic-{tid}\tSynthetic track {i}\t{}\tSynthetic album\t0\t{created}\t{created}",
-                text_array("Synthetic artist")
-            ));
-            rows.features.push(features_line(tid, f, &created));
-        }
+        let (c1, c2, c3) = (created.clone(), created.clone(), created);
+        let catalogue = &dataset.catalogue;
         let it = &dataset.interactions;
-        for r in 0..it.len() {
-            let at = ts(Utc.timestamp_millis_opt(it.timestamp_ms[r]).single().expect("valid timestamp"));
-            let (user, track) = (&it.user_ids[it.user[r] as usize], &dataset.catalogue.track_ids[it.track[r] as usize]);
-            rows.interactions.push(interaction_line(user, track, it.kinds.name(it.kind[r]), &at));
+        SeedRows {
+            users: Box::new(it.user_ids.iter().enumerate().map(move |(i, uid)| {
+                format!("{uid}\t{uid}@synthetic.audotics.invalid\tSynthetic user {i}\t{c1}\t{c1}")
+            })),
+            tracks: Box::new(catalogue.track_ids.iter().enumerate().map(move |(i, tid)| {
+                let artists = text_array("Synthetic artist");
+                format!("{tid}\tsynthetic-{tid}\tSynthetic track {i}\t{artists}\tSynthetic album\t0\t{c2}\t{c2}")
+            })),
+            features: Box::new(
+                catalogue.track_ids.iter().zip(&catalogue.features).map(move |(tid, f)| features_line(tid, f, &c3)),
+            ),
+            interactions: Box::new((0..it.len()).map(move |r| {
+                let at = ts(Utc.timestamp_millis_opt(it.timestamp_ms[r]).single().expect("valid timestamp"));
+                let (user, track) = (&it.user_ids[it.user[r] as usize], &catalogue.track_ids[it.track[r] as usize]);
+                interaction_line(user, track, it.kinds.name(it.kind[r]), &at)
+            })),
+            playlists: Box::new(std::iter::empty()),
+            playlist_tracks: Box::new(std::iter::empty()),
         }
-        rows
     }
 
     /// Rows for the Spotify songs CSV (`spotify_songs.csv` of `../shared/data/spotify_songs.zip`):
     /// each distinct track with its features, each playlist as a `"Playlist"` with its tracks in
     /// `"_PlaylistToTrack"`, and each playlist as a user who `play`ed its tracks.
-    pub fn from_spotify_csv(path: &Path) -> anyhow::Result<Self> {
+    pub fn from_spotify_csv(path: &Path) -> anyhow::Result<SeedRows<'static>> {
         let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
         let headers = reader.headers()?.clone();
         let col = |name: &str| {
@@ -208,7 +215,7 @@ impl SeedRows {
         // The dataset's date (TidyTuesday 2020-01-21) anchors every timestamp, so ids stay stable.
         let base = Utc.with_ymd_and_hms(2020, 1, 21, 0, 0, 0).single().expect("valid date");
         let created = ts(base);
-        let mut rows = SeedRows::default();
+        let mut rows = Collected::default();
         let mut tracks_seen = HashSet::new();
         let mut playlists_seen: HashMap<String, String> = HashMap::new();
         let mut memberships = HashSet::new();
@@ -257,8 +264,26 @@ impl SeedRows {
                 rows.interactions.push(interaction_line(&user_id, &track_id, "play", &at));
             }
         }
-        Ok(rows)
+        Ok(SeedRows {
+            users: Box::new(rows.users.into_iter()),
+            tracks: Box::new(rows.tracks.into_iter()),
+            features: Box::new(rows.features.into_iter()),
+            interactions: Box::new(rows.interactions.into_iter()),
+            playlists: Box::new(rows.playlists.into_iter()),
+            playlist_tracks: Box::new(rows.playlist_tracks.into_iter()),
+        })
     }
+}
+
+/// Lines gathered in memory (the Spotify CSV is 33 k rows).
+#[derive(Default)]
+struct Collected {
+    users: Vec<String>,
+    tracks: Vec<String>,
+    features: Vec<String>,
+    interactions: Vec<String>,
+    playlists: Vec<String>,
+    playlist_tracks: Vec<String>,
 }
 
 #[cfg(test)]
@@ -281,11 +306,11 @@ mod tests {
     fn synthetic_rows_cover_every_entity() {
         let spec =
             crate::data::synthetic::SyntheticSpec { tracks: 50, users: 5, interactions: 200, genres: 3, seed: 1 };
-        let rows = SeedRows::from_synthetic(&crate::data::synthetic::generate(&spec));
-        assert_eq!(
-            (rows.users.len(), rows.tracks.len(), rows.features.len(), rows.interactions.len()),
-            (5, 50, 50, 200)
-        );
-        assert_eq!(rows.features[0].split('\t').count(), 2 + 11 + 1);
+        let dataset = crate::data::synthetic::generate(&spec);
+        let mut rows = SeedRows::from_synthetic(&dataset);
+        let first_features = rows.features.next().unwrap();
+        assert_eq!(first_features.split('\t').count(), 2 + 11 + 1);
+        let counts = (rows.users.count(), rows.tracks.count(), rows.features.count() + 1, rows.interactions.count());
+        assert_eq!(counts, (5, 50, 50, 200));
     }
 }

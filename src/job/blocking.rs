@@ -1,16 +1,18 @@
 //! The blocking half of a run (everything that touches candle) and the publication of its files.
 
-use std::collections::BTreeMap;
-
 use anyhow::Context;
+use bytes::Bytes;
 use chrono::Utc;
-use tracing::{Instrument, info, info_span};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
 
 use super::{Published, RunManifest, RunOutcome, StopFlag};
 use crate::artifacts::{self, DataSummary, ModelMetadata, TRAINER_VERSION};
 use crate::checkpoint;
 use crate::data::Dataset;
 use crate::device;
+use crate::export::{HostWeights, keras, model_card, tfjs};
+use crate::storage::publish::{VersionInfo, apply_retention, publish_version};
 use crate::storage::{ModelStore, layout};
 use crate::telemetry::EpochProgress;
 use crate::train::{Control, EpochMetrics, PreparedData, TrainObserver, Trainer, TrainingState};
@@ -31,11 +33,10 @@ pub(super) enum Trained {
     InsufficientData { reason: String },
 }
 
-/// The serialised artifacts of a finished run.
+/// The serialised artifacts of a finished run, in upload order (metadata last).
 pub(super) struct VersionFiles {
     metadata: ModelMetadata,
-    weights: Vec<u8>,
-    embeddings: Vec<u8>,
+    files: Vec<(String, Bytes)>,
 }
 
 impl BlockingRun {
@@ -71,13 +72,17 @@ impl BlockingRun {
         );
 
         let mut state = TrainingState::new(config, &device)?;
+        let mut saved_at = None;
         if let Some((epoch, bytes)) = &self.resume_from {
-            checkpoint::restore(bytes, &mut state, config)
-                .with_context(|| format!("restoring checkpoint of epoch {epoch}"))?;
+            saved_at = Some(
+                checkpoint::restore(bytes, &mut state, config)
+                    .with_context(|| format!("restoring checkpoint of epoch {epoch}"))?,
+            );
             info!(epoch, "resumed from checkpoint");
         }
-        let mut observer = Checkpointer { run: &self, progress: EpochProgress::new(self.show_progress) };
+        let mut observer = Checkpointer { run: &self, progress: EpochProgress::new(self.show_progress), saved_at };
         let finished = trainer.run(&mut state, &mut observer)?;
+        let saved_at = observer.saved_at.take();
         drop(observer);
         if !finished {
             return Ok(Trained::Stopped { epochs_completed: state.epoch });
@@ -85,12 +90,13 @@ impl BlockingRun {
 
         let embeddings = state.encoder.embed(&data.features)?;
         let final_metrics = trainer.evaluate(&embeddings)?;
-        let metadata = self.metadata(&dataset, &data, &state, final_metrics, baselines, &device);
-        Ok(Trained::Done(Box::new(VersionFiles {
-            weights: artifacts::weights_bytes(&state.encoder, &self.manifest.version)?,
-            embeddings: artifacts::embeddings_bytes(&embeddings, &self.manifest.version)?,
-            metadata,
-        })))
+        // The date of the last checkpoint, not "now": a publish retried after a crash must produce
+        // byte-identical files, or the immutable version would refuse them.
+        let training_date = saved_at.context("a finished run has a checkpoint")?;
+        let scores = Scores { final_metrics, baselines };
+        let metadata = self.metadata(&dataset, &data, &state, scores, &device, &training_date);
+        let files = version_files(&state, &embeddings, &metadata)?;
+        Ok(Trained::Done(Box::new(VersionFiles { metadata, files })))
     }
 
     fn metadata(
@@ -98,10 +104,11 @@ impl BlockingRun {
         dataset: &Dataset,
         data: &PreparedData,
         state: &TrainingState,
-        final_metrics: crate::eval::RankingMetrics,
-        baselines: crate::train::Baselines,
+        scores: Scores,
         device: &candle_core::Device,
+        training_date: &str,
     ) -> ModelMetadata {
+        let Scores { final_metrics, baselines } = scores;
         let m = &self.manifest;
         let (feature_names, feature_means, feature_stds) = artifacts::feature_columns(&data.standardizer);
         ModelMetadata {
@@ -109,7 +116,7 @@ impl BlockingRun {
             model_name: m.model.clone(),
             model_version: m.version.clone(),
             run_id: m.run_id.clone(),
-            training_date: Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+            training_date: training_date.to_string(),
             feature_names,
             feature_means,
             feature_stds,
@@ -141,11 +148,44 @@ impl BlockingRun {
     }
 }
 
+/// Every artifact of a version, in upload order; the metadata comes last.
+fn version_files(
+    state: &TrainingState,
+    embeddings: &candle_core::Tensor,
+    metadata: &ModelMetadata,
+) -> anyhow::Result<Vec<(String, Bytes)>> {
+    let version = &metadata.model_version;
+    let host = HostWeights::from_encoder(&state.encoder)?;
+    let (tfjs_model, tfjs_shard) = tfjs::model(&host)?;
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (layout::WEIGHTS, artifacts::weights_bytes(&state.encoder, version)?),
+        (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
+        (layout::KERAS, keras::archive(&host, &metadata.training_date)?),
+        (TFJS_SHARD, tfjs_shard),
+        (layout::TFJS_MODEL, tfjs_model),
+        (model_card::CURVES_SVG, model_card::curves_svg(metadata).into_bytes()),
+        (layout::MODEL_CARD, model_card::markdown(metadata).into_bytes()),
+        (layout::METADATA, serde_json::to_vec_pretty(metadata)?),
+    ];
+    Ok(files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect())
+}
+
+/// The final model's held-out metrics and the baselines'.
+struct Scores {
+    final_metrics: crate::eval::RankingMetrics,
+    baselines: crate::train::Baselines,
+}
+
+/// The TF.js weight shard's name inside the version (next to `tfjs/model.json`).
+const TFJS_SHARD: &str = "tfjs/group1-shard1of1.bin";
+
 /// Writes a checkpoint after every epoch, logs the epoch, drives the progress bar, and stops the
 /// loop when a stop was requested.
 struct Checkpointer<'a> {
     run: &'a BlockingRun,
     progress: EpochProgress,
+    /// When the newest checkpoint was written (the version's `training_date`).
+    saved_at: Option<String>,
 }
 
 impl TrainObserver for Checkpointer<'_> {
@@ -159,7 +199,9 @@ impl TrainObserver for Checkpointer<'_> {
 
     fn epoch_finished(&mut self, state: &TrainingState, m: &EpochMetrics) -> anyhow::Result<Control> {
         let run = self.run;
-        let bytes = checkpoint::to_bytes(state, &run.manifest.config)?;
+        let saved_at = Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+        let bytes = checkpoint::to_bytes(state, &run.manifest.config, &saved_at)?;
+        self.saved_at = Some(saved_at);
         let key = layout::checkpoint(&run.manifest.model, &run.manifest.run_id, state.epoch);
         run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
         info!(
@@ -179,38 +221,44 @@ impl TrainObserver for Checkpointer<'_> {
     }
 }
 
-/// Writes the version's objects; the metadata goes last, so its presence means the version is whole.
+/// Uploads the version (artifacts, then manifest, then `latest.json`) and applies retention.
 pub(super) async fn publish(
     store: &ModelStore,
     manifest: &RunManifest,
     files: VersionFiles,
+    keep_versions: usize,
 ) -> anyhow::Result<RunOutcome> {
     let span = info_span!("publish_version");
     async move {
-        let (model, version) = (&manifest.model, &manifest.version);
-        let mut artifacts = BTreeMap::new();
-        for (name, bytes) in [
-            (layout::WEIGHTS, files.weights),
-            (layout::EMBEDDINGS, files.embeddings),
-            (layout::METADATA, serde_json::to_vec_pretty(&files.metadata)?),
-        ] {
-            let key = layout::version_object(model, version, name);
-            store.put(&key, bytes).await.with_context(|| format!("writing {key}"))?;
-            artifacts.insert(name.to_string(), store.url_of(&key));
-        }
+        let m = &files.metadata;
+        let info = VersionInfo {
+            model: &manifest.model,
+            version: &manifest.version,
+            run_id: &manifest.run_id,
+            created_at: &m.training_date,
+            watermark: &m.data.watermark,
+            metrics: json!({"final": m.final_metrics, "baselines": m.baselines}),
+        };
+        let published = publish_version(store, &info, files.files).await?;
         info!(
-            recall_at_10 = files.metadata.final_metrics.recall_at_10,
-            raw_features_recall_at_10 = files.metadata.baselines.raw_features.recall_at_10,
-            popularity_recall_at_10 = files.metadata.baselines.popularity.recall_at_10,
-            location = %store.url_of(&layout::version_dir(model, version)),
+            recall_at_10 = m.final_metrics.recall_at_10,
+            raw_features_recall_at_10 = m.baselines.raw_features.recall_at_10,
+            popularity_recall_at_10 = m.baselines.popularity.recall_at_10,
+            location = %store.url_of(&layout::version_dir(&manifest.model, &manifest.version)),
             "version written"
         );
+        if let Err(e) = apply_retention(store, &manifest.model, keep_versions).await {
+            // The version is published; failing to tidy older ones is not a failed run.
+            warn!(error = %format!("{e:#}"), "retention failed; older versions and checkpoints are left in place");
+        }
         Ok(RunOutcome::Published(Box::new(Published {
             run_id: manifest.run_id.clone(),
-            version: version.clone(),
+            version: manifest.version.clone(),
+            location: store.url_of(&layout::version_dir(&manifest.model, &manifest.version)),
+            artifacts: published.urls.clone(),
+            manifest_sha256: published.manifest_sha256.clone(),
+            is_latest: published.is_latest,
             metadata: files.metadata,
-            artifacts,
-            location: store.url_of(&layout::version_dir(model, version)),
         })))
     }
     .instrument(span)

@@ -53,6 +53,8 @@ pub struct TrainJob {
     pub device: DeviceChoice,
     /// Continue this run instead of starting a new one (its stored settings win).
     pub resume: Option<String>,
+    /// Versions to keep in the store after a publish (`--keep-versions`).
+    pub keep_versions: usize,
     /// Who asked: `cli` or `worker`, recorded in the ledger.
     pub trigger: &'static str,
     pub show_progress: bool,
@@ -76,10 +78,13 @@ pub struct Published {
     pub run_id: String,
     pub version: String,
     pub metadata: ModelMetadata,
-    /// Artifact name → full URL.
+    /// Artifact name → full URL (`manifest` included).
     pub artifacts: BTreeMap<String, String>,
     /// URL of the version's folder.
     pub location: String,
+    pub manifest_sha256: String,
+    /// Whether `latest.json` names this version now.
+    pub is_latest: bool,
 }
 
 /// Runs `job` against `store`.
@@ -168,7 +173,7 @@ async fn execute(
             warn!(%reason, "insufficient data: nothing trained");
             Ok(RunOutcome::InsufficientData { run_id: manifest.run_id.clone(), reason })
         }
-        Trained::Done(files) => blocking::publish(store, manifest, *files).await,
+        Trained::Done(files) => blocking::publish(store, manifest, *files, job.keep_versions).await,
     }
 }
 
