@@ -3,10 +3,12 @@
 # a service that already answers is left alone. Debian/Ubuntu machines; run as root to install.
 #
 #   PostgreSQL  127.0.0.1:5432  user postgres, trust auth (TEST_DATABASE_URL)
+#   RabbitMQ    127.0.0.1:5672  guest/guest (loopback only); the worker tests create a vhost each
+#               with rabbitmqctl, which therefore must work for this user (root)
 #   s3s-fs      the S3-compatible server the storage tests start per test, on a free loopback
 #               port: installed here (cargo install s3s-fs 0.14.1; later versions need rustc 1.96)
 #
-# Usage: scripts/services.sh [postgres|s3 ...]     (no argument: all)
+# Usage: scripts/services.sh [postgres|rabbitmq|s3 ...]     (no argument: all)
 set -euo pipefail
 
 WAIT_S=${SERVICES_WAIT_S:-60}
@@ -53,6 +55,32 @@ up_postgres() {
         || { say "PostgreSQL answers but user postgres cannot connect without a password"; return 1; }
 }
 
+up_rabbitmq() {
+    if ! port_open 127.0.0.1 5672; then
+        command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+        mkdir -p /etc/rabbitmq
+        if [ ! -s /etc/rabbitmq/rabbitmq.conf ]; then
+            printf 'listeners.tcp.1 = 127.0.0.1:5672\nloopback_users.guest = true\n' > /etc/rabbitmq/rabbitmq.conf
+        fi
+        # A node that was just stopped can take seconds to exit, and a start meanwhile fails with
+        # "node already running": try up to three times while the port stays closed.
+        local tries=0 start=$SECONDS
+        until port_open 127.0.0.1 5672; do
+            if ! pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1 && [ "$tries" -lt 3 ]; then
+                tries=$((tries + 1))
+                say "starting RabbitMQ (rabbitmq-server -detached)"
+                rabbitmq-server -detached >/dev/null 2>&1 || true
+                sleep 3
+            fi
+            if (( SECONDS - start >= 2 * WAIT_S )); then say "RabbitMQ did not answer on 127.0.0.1:5672"; return 1; fi
+            sleep 0.5
+        done
+    fi
+    wait_port 127.0.0.1 5672 RabbitMQ
+    rabbitmqctl -q await_startup >/dev/null \
+        || { say "RabbitMQ answers but rabbitmqctl cannot reach the node (the worker tests need it)"; return 1; }
+}
+
 S3S_FS_VERSION=0.14.1
 up_s3() {
     local bin=${S3S_FS_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs}
@@ -65,10 +93,11 @@ up_s3() {
 }
 
 wanted=("$@")
-[ ${#wanted[@]} -eq 0 ] && wanted=(postgres s3)
+[ ${#wanted[@]} -eq 0 ] && wanted=(postgres rabbitmq s3)
 for svc in "${wanted[@]}"; do
     case $svc in
         postgres) up_postgres ;;
+        rabbitmq) up_rabbitmq ;;
         s3) up_s3 ;;
         *) say "unknown service $svc"; exit 2 ;;
     esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, and integration tests that run the real binary against real
-# services on loopback (PostgreSQL, an S3-compatible server: scripts/services.sh) and load its
+# services on loopback (PostgreSQL, RabbitMQ, an S3-compatible server: scripts/services.sh) and load its
 # artifacts in real Keras 3 and TensorFlow.js (scripts/consumers.sh).
 # Release profile: the training tests run real epochs, and the README's first command shares the
 # same build cache.

@@ -71,6 +71,15 @@ pub struct ModelMetadata {
     pub epochs_completed: usize,
 }
 
+impl ModelMetadata {
+    /// `training_date` (naive UTC, Keras's style) as RFC 3339.
+    pub fn training_date_rfc3339(&self) -> String {
+        chrono::NaiveDateTime::parse_from_str(&self.training_date, "%Y-%m-%dT%H:%M:%S%.f")
+            .map(|t| t.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|_| self.training_date.clone())
+    }
+}
+
 /// The layer stack, Keras-style, for the metadata.
 pub fn architecture(config: &EncoderConfig) -> serde_json::Value {
     let e = config.embedding_size;

@@ -9,7 +9,9 @@
 //! `epoch` (epochs completed), `adam_step`, `rng_seed` (hex), `rng_stream`, `rng_word_pos` (the
 //! ChaCha8 generator's full state), `history` (JSON of the curves so far), `saved_at` (UTC) and
 //! `config_sha256` (the run's [`TrainConfig`] digest: a checkpoint never resumes a run with other
-//! settings).
+//! settings). A checkpoint written inside an epoch (a stop at a batch boundary) adds the epoch's
+//! cursor: `cursor_rng_seed`, `cursor_rng_stream`, `cursor_rng_word_pos` (the generator as the epoch
+//! started), `cursor_next_step`, `cursor_loss_sum` (f64 bits, hex), `cursor_batches`, `cursor_trained`.
 
 use std::collections::HashMap;
 
@@ -21,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::model::TRAINABLE_NAMES;
 use crate::optim::AdamState;
-use crate::train::{History, TrainConfig, TrainingState};
+use crate::train::{EpochCursor, History, TrainConfig, TrainingState};
 
 const FORMAT: &str = "audotics-checkpoint/1";
 
@@ -41,7 +43,7 @@ pub fn to_bytes(state: &TrainingState, config: &TrainConfig, saved_at: &str) -> 
         tensors.push((format!("adam.m.{name}"), adam.first_moment[i].clone()));
         tensors.push((format!("adam.v.{name}"), adam.second_moment[i].clone()));
     }
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("epoch".to_string(), state.epoch.to_string()),
         ("adam_step".to_string(), adam.step.to_string()),
@@ -52,6 +54,17 @@ pub fn to_bytes(state: &TrainingState, config: &TrainConfig, saved_at: &str) -> 
         ("config_sha256".to_string(), config_digest(config)),
         ("saved_at".to_string(), saved_at.to_string()),
     ]);
+    if let Some(c) = &state.cursor {
+        metadata.extend([
+            ("cursor_rng_seed".to_string(), hex::encode(c.rng_at_start.get_seed())),
+            ("cursor_rng_stream".to_string(), c.rng_at_start.get_stream().to_string()),
+            ("cursor_rng_word_pos".to_string(), c.rng_at_start.get_word_pos().to_string()),
+            ("cursor_next_step".to_string(), c.next_step.to_string()),
+            ("cursor_loss_sum".to_string(), format!("{:016x}", c.loss_sum.to_bits())),
+            ("cursor_batches".to_string(), c.batches.to_string()),
+            ("cursor_trained".to_string(), c.trained.to_string()),
+        ]);
+    }
     // Tensors may live on a GPU; safetensors wants host bytes.
     let host: Vec<(String, Tensor)> =
         tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<candle_core::Result<_>>()?;
@@ -84,12 +97,26 @@ pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) ->
     let second_moment = TRAINABLE_NAMES.iter().map(|n| take(format!("adam.v.{n}"))).collect::<anyhow::Result<_>>()?;
     state.optimizer.restore(AdamState { first_moment, second_moment, step: get("adam_step")?.parse()? })?;
 
-    let seed: [u8; 32] =
-        hex::decode(get("rng_seed")?)?.try_into().map_err(|_| anyhow::anyhow!("rng_seed is not 32 bytes"))?;
-    let mut rng = ChaCha8Rng::from_seed(seed);
-    rng.set_stream(get("rng_stream")?.parse()?);
-    rng.set_word_pos(get("rng_word_pos")?.parse()?);
-    state.rng = rng;
+    let rng = |prefix: &str| -> anyhow::Result<ChaCha8Rng> {
+        let seed: [u8; 32] = hex::decode(get(&format!("{prefix}rng_seed"))?)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{prefix}rng_seed is not 32 bytes"))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(get(&format!("{prefix}rng_stream"))?.parse()?);
+        rng.set_word_pos(get(&format!("{prefix}rng_word_pos"))?.parse()?);
+        Ok(rng)
+    };
+    state.rng = rng("")?;
+    state.cursor = match meta.contains_key("cursor_next_step") {
+        false => None,
+        true => Some(EpochCursor {
+            rng_at_start: rng("cursor_")?,
+            next_step: get("cursor_next_step")?.parse()?,
+            loss_sum: f64::from_bits(u64::from_str_radix(get("cursor_loss_sum")?, 16)?),
+            batches: get("cursor_batches")?.parse()?,
+            trained: get("cursor_trained")?.parse()?,
+        }),
+    };
     state.epoch = get("epoch")?.parse()?;
     state.history = serde_json::from_str::<History>(get("history")?)?;
     Ok(get("saved_at")?.clone())
@@ -100,9 +127,28 @@ pub fn file_name(epoch: usize) -> String {
     format!("epoch-{epoch:04}.safetensors")
 }
 
-/// Parses [`file_name`] back into the epoch number.
-pub fn epoch_of(file_name: &str) -> Option<usize> {
-    file_name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()
+/// The object name of a checkpoint taken inside an epoch: `epoch` epochs completed, then `step`
+/// batches of the next one (`epoch-NNNN-step-SSSSSSSS.safetensors`).
+pub fn partial_file_name(epoch: usize, step: usize) -> String {
+    format!("epoch-{epoch:04}-step-{step:08}.safetensors")
+}
+
+/// The name of the checkpoint of `state`, complete or partial.
+pub fn file_name_of(state: &TrainingState) -> String {
+    match &state.cursor {
+        Some(c) => partial_file_name(state.epoch, c.next_step),
+        None => file_name(state.epoch),
+    }
+}
+
+/// Parses a checkpoint name into its position `(completed epochs, steps into the next)`; the
+/// newest checkpoint has the greatest position.
+pub fn position_of(file_name: &str) -> Option<(usize, usize)> {
+    let stem = file_name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?;
+    match stem.split_once("-step-") {
+        Some((epoch, step)) => Some((epoch.parse().ok()?, step.parse().ok()?)),
+        None => Some((stem.parse().ok()?, 0)),
+    }
 }
 
 #[cfg(test)]
@@ -172,7 +218,10 @@ mod tests {
     #[test]
     fn file_names_round_trip() {
         assert_eq!(file_name(7), "epoch-0007.safetensors");
-        assert_eq!(epoch_of("epoch-0007.safetensors"), Some(7));
-        assert_eq!(epoch_of("epoch-0007.safetensors.tmp"), None);
+        assert_eq!(position_of("epoch-0007.safetensors"), Some((7, 0)));
+        assert_eq!(position_of(&partial_file_name(7, 120)), Some((7, 120)));
+        assert!(position_of(&partial_file_name(7, 1)) > position_of(&file_name(7)));
+        assert!(position_of(&partial_file_name(7, 999)) < position_of(&file_name(8)));
+        assert_eq!(position_of("epoch-0007.safetensors.tmp"), None);
     }
 }

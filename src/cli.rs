@@ -42,6 +42,10 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Create the platform's tables if absent and load demo data (synthetic, or the Spotify CSV).
     Seed(SeedArgs),
+    /// Run the retrain worker: consume `retrain` requests, train, publish, announce `model-ready`.
+    Worker(Box<crate::worker::WorkerArgs>),
+    /// Publish a `retrain` request (what a platform service does; also for operators).
+    Retrain(RetrainArgs),
     /// Reference baselines on a database seeded with --spotify-csv: raw features, popularity,
     /// same-subgenre and same-artist, on exactly the held-out split `train` uses with the same flags.
     SpotifyBaselines(Box<SpotifyBaselinesArgs>),
@@ -54,6 +58,32 @@ pub struct SpotifyBaselinesArgs {
     pub spotify_csv: std::path::PathBuf,
     #[command(flatten)]
     pub train: TrainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RetrainArgs {
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// The model to retrain.
+    #[arg(long, env = "AUDOTICS_MODEL", default_value = "content-based", value_parser = model_key)]
+    pub model: String,
+    /// Why (free text, recorded with the request).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// The request's id (default: a new UUID).
+    #[arg(long)]
+    pub event_id: Option<String>,
+    /// The newest interaction the model must include (RFC 3339); a published model that covers it
+    /// answers at once.
+    #[arg(long)]
+    pub interactions_until: Option<String>,
+    /// Training overrides as a JSON object, e.g. '{"epochs": 5}' (bounded; see docs/asyncapi.yaml).
+    #[arg(long)]
+    pub params: Option<String>,
+    /// `x-delivery-limit` of the retrain queue, should this command be the one to declare it.
+    #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = at_least_one)]
+    pub delivery_limit: usize,
 }
 
 #[derive(Debug, Args)]
@@ -273,7 +303,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Seed(args) => seed(args).await,
         Command::SpotifyBaselines(args) => spotify_baselines(*args).await,
+        Command::Worker(args) => crate::worker::run(*args).await,
+        Command::Retrain(args) => retrain(args).await,
     }
+}
+
+/// Publishes one `retrain` request with confirms; fails when no queue would receive it.
+async fn retrain(args: RetrainArgs) -> anyhow::Result<ExitCode> {
+    use crate::broker;
+    let mut body = serde_json::json!({
+        "schema_version": 1,
+        "model": args.model,
+        "event_id": args.event_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        "requested_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(reason) = &args.reason {
+        body["reason"] = reason.clone().into();
+    }
+    if let Some(until) = &args.interactions_until {
+        chrono::DateTime::parse_from_rfc3339(until)
+            .map_err(|e| anyhow::anyhow!("--interactions-until {until:?} is not RFC 3339: {e}"))?;
+        body["interactions_until"] = until.clone().into();
+    }
+    if let Some(params) = &args.params {
+        let value: serde_json::Value =
+            serde_json::from_str(params).map_err(|e| anyhow::anyhow!("--params is not JSON: {e}"))?;
+        body["params"] = value;
+    }
+    let bytes = serde_json::to_vec(&body)?;
+    // Refuse here what the worker would dead-letter.
+    crate::worker::request::parse(&bytes, None, std::slice::from_ref(&args.model))
+        .map_err(|r| anyhow::anyhow!("invalid request ({}): {}", r.reason.as_str(), r.detail))?;
+    let settings = broker::BrokerSettings {
+        url: args.amqp_url.clone(),
+        delivery_limit: args.delivery_limit as i64,
+        prefetch: 1,
+        connection_name: "audotics-trainer retrain".into(),
+    };
+    let connection = broker::connect(&settings).await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    broker::declare_topology(&channel, &settings).await?;
+    let event_id = body["event_id"].as_str().unwrap_or_default().to_string();
+    let routing_key = format!("retrain.{}", args.model);
+    let delivered =
+        broker::publish_json(&channel, broker::EVENTS_EXCHANGE, &routing_key, &bytes, &event_id, None).await?;
+    let _ = connection.close(200, "done".into()).await;
+    anyhow::ensure!(
+        delivered == broker::Delivered::Routed,
+        "no queue is bound for {routing_key}: request not delivered"
+    );
+    println!("{event_id}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCode> {
@@ -349,6 +429,8 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         keep_versions: args.keep_versions,
         device: args.device,
         resume: args.resume.clone(),
+        run_id: None,
+        quality_tolerance: None,
         show_progress: !args.no_progress,
         stop,
     };
@@ -374,14 +456,20 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             println!("insufficient data (run {run_id}): {reason}; nothing was trained");
             Ok(ExitCode::from(3))
         }
+        RunOutcome::Rejected(r) => {
+            println!("not published (run {}): {}", r.run_id, r.reason);
+            Ok(ExitCode::from(4))
+        }
         RunOutcome::Stopped { run_id, epochs_completed } => {
-            println!("stopped after epoch {epochs_completed}; continue with: audotics-trainer train --resume {run_id}");
+            println!(
+                "stopped after {epochs_completed} complete epochs (checkpointed mid-epoch); continue with: audotics-trainer train --resume {run_id}"
+            );
             Ok(ExitCode::from(130))
         }
     }
 }
 
-/// First Ctrl-C/SIGTERM: stop after the current epoch (its checkpoint is written). Second: exit now.
+/// First Ctrl-C/SIGTERM: stop at the next batch boundary (a checkpoint is written). Second: exit now.
 fn spawn_signal_handler(stop: StopFlag) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -400,13 +488,13 @@ fn spawn_signal_handler(stop: StopFlag) {
                 tracing::warn!("second stop signal: exiting without waiting for the epoch");
                 std::process::exit(130);
             }
-            tracing::warn!("stop requested: finishing the current epoch and its checkpoint");
+            tracing::warn!("stop requested: stopping at the next batch boundary and writing a checkpoint");
             stop.request();
         }
     });
 }
 
-fn at_least_one(s: &str) -> Result<usize, String> {
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(v) => Ok(v),
@@ -424,7 +512,7 @@ fn positive_finite(s: &str) -> Result<f64, String> {
     if v > 0.0 { Ok(v) } else { Err("must be greater than 0".into()) }
 }
 
-fn non_negative_finite(s: &str) -> Result<f64, String> {
+pub(crate) fn non_negative_finite(s: &str) -> Result<f64, String> {
     let v = parse_f64(s)?;
     if v >= 0.0 { Ok(v) } else { Err("must be 0 or more".into()) }
 }
@@ -445,7 +533,7 @@ fn non_empty(s: &str) -> Result<String, String> {
 }
 
 /// Model keys become object-store folders and routing-key segments: keep them simple.
-fn model_key(s: &str) -> Result<String, String> {
+pub(crate) fn model_key(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');

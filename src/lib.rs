@@ -14,12 +14,15 @@
 //!   model card; [`storage`]: the model store (local or S3) and atomic publication.
 //! - [`db`]: Postgres — the platform's data (binary COPY), the trainer's schema and run ledger;
 //!   [`seed`] loads demo data into the platform's tables.
+//! - [`worker`]: the retrain worker (RabbitMQ in, model-ready out) and [`broker`], its RabbitMQ
+//!   client and topology; [`db::coord`] holds its Postgres coordination (requests, leases, outbox).
 //! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
 //!   and the throughput benchmark.
 
 pub mod artifacts;
 pub mod bench;
 pub mod bench_load;
+pub mod broker;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -39,3 +42,4 @@ pub mod spotify;
 pub mod storage;
 pub mod telemetry;
 pub mod train;
+pub mod worker;

@@ -22,9 +22,13 @@ pub enum LogFormat {
 /// subscriber owns, must reach it.
 static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
+/// `info`, minus lapin's dump of every returned (unroutable) message — the worker logs those itself,
+/// without the body — and sqlx's notices about `IF NOT EXISTS` objects.
+const DEFAULT_FILTER: &str = "info,lapin::returned_messages=error,sqlx::postgres::notice=warn";
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,

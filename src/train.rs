@@ -119,6 +119,20 @@ pub struct TrainingState {
     /// Epochs completed so far.
     pub epoch: usize,
     pub history: History,
+    /// Set when the run stopped part-way through epoch `epoch + 1`: where to continue it.
+    pub cursor: Option<EpochCursor>,
+}
+
+/// A position inside an epoch: enough to continue it exactly as if it had never stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochCursor {
+    /// The generator as the epoch started: re-sampling the epoch's pairs from it gives the same pairs.
+    pub rng_at_start: ChaCha8Rng,
+    /// The next batch (step) to train.
+    pub next_step: usize,
+    pub loss_sum: f64,
+    pub batches: usize,
+    pub trained: usize,
 }
 
 impl TrainingState {
@@ -127,7 +141,7 @@ impl TrainingState {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let encoder = Encoder::new(config.encoder, &mut rng, device, DType::F32)?;
         let optimizer = Adam::new(encoder.trainable().to_vec(), config.learning_rate)?;
-        Ok(Self { encoder, optimizer, rng, epoch: 0, history: History::default() })
+        Ok(Self { encoder, optimizer, rng, epoch: 0, history: History::default(), cursor: None })
     }
 }
 
@@ -135,15 +149,23 @@ impl TrainingState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     Continue,
-    /// Stop after this epoch (shutdown, or a bounded invocation); the state is already saved.
+    /// Stop now: after an epoch its checkpoint is already saved; after a batch, the loop hands the
+    /// state (with its [`EpochCursor`]) to [`TrainObserver::interrupted`].
     Stop,
 }
 
 /// Receives progress; `epoch_finished` typically checkpoints the state.
 pub trait TrainObserver {
     fn epoch_started(&mut self, _epoch: usize, _pairs: usize) {}
-    fn batch_finished(&mut self, _pairs: usize) {}
+    /// After each optimiser step; `Stop` ends the run at this batch boundary.
+    fn batch_finished(&mut self, _pairs: usize) -> Control {
+        Control::Continue
+    }
     fn epoch_finished(&mut self, state: &TrainingState, metrics: &EpochMetrics) -> anyhow::Result<Control>;
+    /// The run stopped inside an epoch; `state.cursor` says where (typically checkpointed).
+    fn interrupted(&mut self, _state: &TrainingState) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reference metrics of the untrained baselines, computed once per run.
@@ -203,7 +225,11 @@ impl<'a> Trainer<'a> {
     /// Returns whether all epochs are done.
     pub fn run(&self, state: &mut TrainingState, observer: &mut dyn TrainObserver) -> anyhow::Result<bool> {
         while state.epoch < self.config.epochs {
-            let metrics = self.run_epoch(state, observer).with_context(|| format!("epoch {}", state.epoch + 1))?;
+            let epoch = self.run_epoch(state, observer).with_context(|| format!("epoch {}", state.epoch + 1))?;
+            let Some(metrics) = epoch else {
+                observer.interrupted(state)?;
+                return Ok(false);
+            };
             state.epoch += 1;
             state.history.push(&metrics);
             if observer.epoch_finished(state, &metrics)? == Control::Stop {
@@ -213,18 +239,32 @@ impl<'a> Trainer<'a> {
         Ok(state.epoch >= self.config.epochs)
     }
 
-    fn run_epoch(&self, state: &mut TrainingState, observer: &mut dyn TrainObserver) -> anyhow::Result<EpochMetrics> {
+    /// One epoch, or its remainder after a stop inside it. `None` when the observer stopped it at a
+    /// batch boundary (`state.cursor` then says where to continue).
+    fn run_epoch(
+        &self,
+        state: &mut TrainingState,
+        observer: &mut dyn TrainObserver,
+    ) -> anyhow::Result<Option<EpochMetrics>> {
         let started = Instant::now();
         let cpu_started = crate::procstat::cpu_seconds();
-        let pairs = self.sampler.sample_epoch(&self.data.train, &mut state.rng);
+        let (pairs, mut cursor) = match state.cursor.take() {
+            Some(cursor) => (self.sampler.sample_epoch(&self.data.train, &mut cursor.rng_at_start.clone()), cursor),
+            None => {
+                let rng_at_start = state.rng.clone();
+                let pairs = self.sampler.sample_epoch(&self.data.train, &mut state.rng);
+                (pairs, EpochCursor { rng_at_start, next_step: 0, loss_sum: 0.0, batches: 0, trained: 0 })
+            }
+        };
         anyhow::ensure!(!pairs.is_empty(), "no training pairs: every user has fewer than two positive training tracks");
         observer.epoch_started(state.epoch + 1, pairs.len());
         let device = self.data.features.device();
         let (anchors, partners) = split_pairs(&pairs, device)?;
-        let mut loss_sum = 0.0;
-        let mut batches = 0usize;
-        let mut trained = 0usize;
-        for start in (0..pairs.len()).step_by(self.config.batch_size) {
+        let trained_before = cursor.trained;
+        let steps = pairs.len().div_ceil(self.config.batch_size);
+        while cursor.next_step < steps {
+            let start = cursor.next_step * self.config.batch_size;
+            cursor.next_step += 1;
             let len = self.config.batch_size.min(pairs.len() - start);
             if len < 2 && self.config.loss.kind == LossKind::Contrastive {
                 continue; // a single pair has no in-batch negatives
@@ -243,29 +283,33 @@ impl<'a> Trainer<'a> {
             )?;
             state.optimizer.step(&loss.backward()?)?;
             state.encoder.update_moving_stats(&stats)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            batches += 1;
-            trained += len;
-            observer.batch_finished(len);
+            cursor.loss_sum += loss.to_scalar::<f32>()? as f64;
+            cursor.batches += 1;
+            cursor.trained += len;
+            if observer.batch_finished(len) == Control::Stop && cursor.next_step < steps {
+                state.cursor = Some(cursor);
+                return Ok(None);
+            }
         }
+        let EpochCursor { loss_sum, batches, trained, .. } = cursor;
         let train_seconds = started.elapsed().as_secs_f64();
         let train_cpu_seconds = cpu_started.zip(crate::procstat::cpu_seconds()).map(|(a, b)| b - a);
         let val_loss = self.validation_loss(&state.encoder)?;
         let embeddings = state.encoder.embed(&self.data.features)?;
         let ranking = self.evaluate(&embeddings)?;
         let mean_pairwise_cosine = embeddings.mean(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok(EpochMetrics {
+        Ok(Some(EpochMetrics {
             epoch: state.epoch + 1,
             loss: loss_sum / batches.max(1) as f64,
             val_loss,
             ranking,
             mean_pairwise_cosine,
             pairs: trained,
-            pairs_per_second: trained as f64 / train_seconds.max(1e-9),
+            pairs_per_second: (trained - trained_before) as f64 / train_seconds.max(1e-9),
             train_seconds,
             train_cpu_seconds,
             seconds: started.elapsed().as_secs_f64(),
-        })
+        }))
     }
 
     /// The loss on the fixed validation pairs, in inference mode, batched like training.
@@ -411,5 +455,81 @@ mod tests {
     #[test]
     fn cosine_gradients_match_finite_differences() {
         check_gradients(LossKind::Cosine, false);
+    }
+
+    /// Stops after `stop_after` batches (counting from the start of the run), at a batch boundary.
+    struct StopAt {
+        batches: usize,
+        stop_after: usize,
+        interrupted: Option<Vec<u8>>,
+        config: TrainConfig,
+    }
+
+    impl TrainObserver for StopAt {
+        fn batch_finished(&mut self, _pairs: usize) -> Control {
+            self.batches += 1;
+            if self.batches == self.stop_after { Control::Stop } else { Control::Continue }
+        }
+        fn epoch_finished(&mut self, _: &TrainingState, _: &EpochMetrics) -> anyhow::Result<Control> {
+            Ok(Control::Continue)
+        }
+        fn interrupted(&mut self, state: &TrainingState) -> anyhow::Result<()> {
+            self.interrupted = Some(crate::checkpoint::to_bytes(state, &self.config, "t")?);
+            Ok(())
+        }
+    }
+
+    fn weights(state: &TrainingState) -> Vec<Vec<f32>> {
+        state.encoder.named_tensors().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_run_stopped_inside_an_epoch_resumes_to_exactly_the_uninterrupted_model() {
+        let spec =
+            crate::data::synthetic::SyntheticSpec { tracks: 300, users: 40, interactions: 2_000, genres: 4, seed: 3 };
+        let dataset = crate::data::synthetic::generate(&spec);
+        let config = TrainConfig {
+            epochs: 2,
+            batch_size: 16,
+            validation_split: 0.2,
+            learning_rate: 1e-2,
+            encoder: EncoderConfig { embedding_size: 8, dropout: 0.2 },
+            loss: LossConfig {
+                kind: LossKind::Contrastive,
+                temperature: 0.1,
+                logq_correction: true,
+                centering_weight: 1.0,
+            },
+            sampling: SamplingConfig::default(),
+            positive_kinds: crate::pairs::DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
+            seed: 5,
+            eval_users: 20,
+            max_validation_pairs: 100,
+        };
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let trainer = Trainer::new(&config, &data).unwrap();
+        let steps_per_epoch = trainer.pairs_per_epoch().div_ceil(config.batch_size);
+        assert!(steps_per_epoch > 10, "{steps_per_epoch}");
+
+        let mut straight = TrainingState::new(&config, &Device::Cpu).unwrap();
+        let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+        assert!(trainer.run(&mut straight, &mut never).unwrap());
+
+        // Stop 5 batches into the second epoch, checkpoint, restore into a fresh state, finish.
+        let mut first = TrainingState::new(&config, &Device::Cpu).unwrap();
+        let stop_after = steps_per_epoch + 5;
+        let mut stopper = StopAt { batches: 0, stop_after, interrupted: None, config: config.clone() };
+        assert!(!trainer.run(&mut first, &mut stopper).unwrap());
+        assert_eq!(first.epoch, 1);
+        assert_eq!(first.cursor.as_ref().unwrap().next_step, 5);
+        let bytes = stopper.interrupted.expect("a partial checkpoint");
+        let mut resumed = TrainingState::new(&config, &Device::Cpu).unwrap();
+        crate::checkpoint::restore(&bytes, &mut resumed, &config).unwrap();
+        assert_eq!(resumed.cursor, first.cursor);
+        assert!(trainer.run(&mut resumed, &mut never).unwrap());
+
+        assert_eq!(weights(&resumed), weights(&straight), "resumed weights differ from the uninterrupted run");
+        assert_eq!(resumed.history.loss, straight.history.loss);
+        assert_eq!(resumed.history.recall_at_10, straight.history.recall_at_10);
     }
 }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 pub enum RunStatus {
     Running,
     Succeeded,
+    Rejected,
     Failed,
     InsufficientData,
     Stopped,
@@ -20,6 +21,7 @@ impl RunStatus {
         match self {
             RunStatus::Running => "running",
             RunStatus::Succeeded => "succeeded",
+            RunStatus::Rejected => "rejected",
             RunStatus::Failed => "failed",
             RunStatus::InsufficientData => "insufficient_data",
             RunStatus::Stopped => "stopped",

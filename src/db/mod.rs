@@ -7,6 +7,7 @@
 //! - [`load`] streams the platform's tables with binary COPY into the compact [`crate::data`] form.
 //! - [`ledger`] records every training run; [`platform`] holds the platform's DDL for `seed`.
 
+pub mod coord;
 pub mod copy_binary;
 pub mod ledger;
 pub mod load;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::{ConnectOptions, PgPool};
 
 /// The trainer's own schema. Nothing of the trainer's is ever created elsewhere.
 pub const SCHEMA: &str = "audotics_trainer";
@@ -39,16 +40,23 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// once: schema creation is serialised by an advisory lock (concurrent `CREATE SCHEMA IF NOT EXISTS`
 /// can still fail on the catalogue's unique index), and sqlx's migrator takes its own lock.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    let mut conn = pool.acquire().await.context("cannot get a database connection for migrations")?;
-    let mut tx = conn.begin().await?;
+    let mut tx = pool.begin().await.context("cannot get a database connection for migrations")?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('audotics_trainer.schema'))").execute(&mut *tx).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))).execute(&mut *tx).await?;
     tx.commit().await?;
     // The migrator's bookkeeping table goes where the search path points: our schema, not the
-    // platform's. RESET afterwards, since the connection returns to the pool.
-    sqlx::query(sqlx::AssertSqlSafe(format!("SET search_path TO {SCHEMA}"))).execute(&mut *conn).await?;
-    let result = MIGRATOR.run(&mut *conn).await.context("database migrations failed");
-    sqlx::query("RESET search_path").execute(&mut *conn).await?;
+    // platform's. A one-connection pool with that search path keeps the setting off the shared pool
+    // (and, unlike running on a `&mut PgConnection`, keeps callers' futures `Send` for any lifetime,
+    // which spawned tasks need: rust-lang/rust#100013).
+    let options = (*pool.connect_options()).clone().options([("search_path", SCHEMA)]);
+    let migrations_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .context("cannot open a connection for migrations")?;
+    let result = MIGRATOR.run(&migrations_pool).await.context("database migrations failed");
+    migrations_pool.close().await;
     result
 }
 

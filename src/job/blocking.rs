@@ -22,7 +22,8 @@ pub(super) struct BlockingRun {
     pub store: ModelStore,
     pub runtime: tokio::runtime::Handle,
     pub manifest: RunManifest,
-    pub resume_from: Option<(usize, bytes::Bytes)>,
+    /// The newest checkpoint: `((completed epochs, steps into the next), bytes)`.
+    pub resume_from: Option<((usize, usize), bytes::Bytes)>,
     pub show_progress: bool,
     pub stop: StopFlag,
 }
@@ -35,7 +36,7 @@ pub(super) enum Trained {
 
 /// The serialised artifacts of a finished run, in upload order (metadata last).
 pub(super) struct VersionFiles {
-    metadata: ModelMetadata,
+    pub(super) metadata: ModelMetadata,
     files: Vec<(String, Bytes)>,
 }
 
@@ -73,12 +74,13 @@ impl BlockingRun {
 
         let mut state = TrainingState::new(config, &device)?;
         let mut saved_at = None;
-        if let Some((epoch, bytes)) = &self.resume_from {
+        if let Some(((epoch, step), bytes)) = &self.resume_from {
             saved_at = Some(
                 checkpoint::restore(bytes, &mut state, config)
                     .with_context(|| format!("restoring checkpoint of epoch {epoch}"))?,
             );
-            info!(epoch, "resumed from checkpoint");
+            metrics::counter!("audotics_runs_resumed_total", "model" => self.manifest.model.clone()).increment(1);
+            info!(epoch, step, "resumed from checkpoint");
         }
         let mut observer = Checkpointer { run: &self, progress: EpochProgress::new(self.show_progress), saved_at };
         let finished = trainer.run(&mut state, &mut observer)?;
@@ -193,17 +195,26 @@ impl TrainObserver for Checkpointer<'_> {
         self.progress.start_epoch(epoch, self.run.manifest.config.epochs, pairs);
     }
 
-    fn batch_finished(&mut self, pairs: usize) {
+    fn batch_finished(&mut self, pairs: usize) -> Control {
         self.progress.advance(pairs);
+        if self.run.stop.is_requested() { Control::Stop } else { Control::Continue }
+    }
+
+    fn interrupted(&mut self, state: &TrainingState) -> anyhow::Result<()> {
+        let key = self.save(state)?;
+        let step = state.cursor.as_ref().map_or(0, |c| c.next_step);
+        info!(epoch = state.epoch + 1, step, checkpoint = %key, "stopped inside the epoch; checkpoint written");
+        Ok(())
     }
 
     fn epoch_finished(&mut self, state: &TrainingState, m: &EpochMetrics) -> anyhow::Result<Control> {
         let run = self.run;
-        let saved_at = Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
-        let bytes = checkpoint::to_bytes(state, &run.manifest.config, &saved_at)?;
-        self.saved_at = Some(saved_at);
-        let key = layout::checkpoint(&run.manifest.model, &run.manifest.run_id, state.epoch);
-        run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
+        self.save(state)?;
+        let model = run.manifest.model.clone();
+        metrics::gauge!("audotics_epoch_loss", "model" => model.clone()).set(m.loss);
+        metrics::gauge!("audotics_epoch_recall_at_10", "model" => model.clone()).set(m.ranking.recall_at_10);
+        metrics::gauge!("audotics_pairs_per_second", "model" => model.clone()).set(m.pairs_per_second);
+        metrics::counter!("audotics_epochs_total", "model" => model).increment(1);
         info!(
             epoch = m.epoch,
             epochs = run.manifest.config.epochs,
@@ -218,6 +229,19 @@ impl TrainObserver for Checkpointer<'_> {
             "epoch finished"
         );
         Ok(if run.stop.is_requested() { Control::Stop } else { Control::Continue })
+    }
+}
+
+impl Checkpointer<'_> {
+    /// Writes the state's checkpoint (complete or partial); returns its key.
+    fn save(&mut self, state: &TrainingState) -> anyhow::Result<String> {
+        let run = self.run;
+        let saved_at = Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+        let bytes = checkpoint::to_bytes(state, &run.manifest.config, &saved_at)?;
+        self.saved_at = Some(saved_at);
+        let key = layout::checkpoint_named(&run.manifest.model, &run.manifest.run_id, &checkpoint::file_name_of(state));
+        run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
+        Ok(key)
     }
 }
 
@@ -239,7 +263,10 @@ pub(super) async fn publish(
             watermark: &m.data.watermark,
             metrics: json!({"final": m.final_metrics, "baselines": m.baselines}),
         };
+        let started = std::time::Instant::now();
         let published = publish_version(store, &info, files.files).await?;
+        metrics::histogram!("audotics_publish_seconds", "model" => manifest.model.clone())
+            .record(started.elapsed().as_secs_f64());
         info!(
             recall_at_10 = m.final_metrics.recall_at_10,
             raw_features_recall_at_10 = m.baselines.raw_features.recall_at_10,

@@ -86,7 +86,18 @@ impl RunManifest {
     /// A new run of `model`: a fresh time-ordered id, and a version name fixed now so that a resumed
     /// run publishes under the same one.
     pub fn new(model: &str, config: TrainConfig, data: DataSpec, minimums: MinimumSizes, device: DeviceChoice) -> Self {
-        let run_id = uuid::Uuid::now_v7();
+        Self::with_id(uuid::Uuid::now_v7(), model, config, data, minimums, device)
+    }
+
+    /// A new run with a given id (the worker's scheduler assigns run ids).
+    pub fn with_id(
+        run_id: uuid::Uuid,
+        model: &str,
+        config: TrainConfig,
+        data: DataSpec,
+        minimums: MinimumSizes,
+        device: DeviceChoice,
+    ) -> Self {
         let now = Utc::now();
         // Sortable by time; the uuid's random tail keeps two runs in one second apart.
         let version = format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &run_id.simple().to_string()[26..]);

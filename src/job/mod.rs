@@ -25,8 +25,8 @@ use crate::storage::{ModelStore, layout};
 use crate::train::TrainConfig;
 use blocking::{BlockingRun, Trained};
 
-/// A cooperative stop request (Ctrl-C, SIGTERM): the run stops after the epoch in progress, whose
-/// checkpoint is written first.
+/// A cooperative stop request (Ctrl-C, SIGTERM, a lost lease): the run stops at the next batch
+/// boundary and writes a checkpoint of that exact position.
 #[derive(Debug, Clone, Default)]
 pub struct StopFlag(Arc<AtomicBool>);
 
@@ -53,6 +53,12 @@ pub struct TrainJob {
     pub device: DeviceChoice,
     /// Continue this run instead of starting a new one (its stored settings win).
     pub resume: Option<String>,
+    /// Run under this id: resumed when its `run.json` exists in the store, created otherwise (the
+    /// worker's scheduler assigns ids, and a taken-over run continues where it stopped).
+    pub run_id: Option<uuid::Uuid>,
+    /// Quality gate: refuse to publish when Recall@10 is below the current version's by more than
+    /// this (absolute). `None` publishes unconditionally (CLI runs).
+    pub quality_tolerance: Option<f64>,
     /// Versions to keep in the store after a publish (`--keep-versions`).
     pub keep_versions: usize,
     /// Who asked: `cli` or `worker`, recorded in the ledger.
@@ -70,6 +76,20 @@ pub enum RunOutcome {
     Stopped { run_id: String, epochs_completed: usize },
     /// The data is below the minimum sizes; nothing was trained.
     InsufficientData { run_id: String, reason: String },
+    /// Trained, but the quality gate kept the current version; nothing was uploaded.
+    Rejected(Box<Rejected>),
+}
+
+/// A version the quality gate refused.
+#[derive(Debug)]
+pub struct Rejected {
+    pub run_id: String,
+    pub version: String,
+    pub reason: String,
+    pub metadata: ModelMetadata,
+    pub current_version: String,
+    pub current_recall_at_10: f64,
+    pub tolerance: f64,
 }
 
 /// A published version.
@@ -97,10 +117,15 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         }
         None => None,
     };
-    let mut manifest = match &job.resume {
-        Some(run_id) => load_manifest(store, &job.model, run_id).await?,
-        None => {
-            let m = RunManifest::new(&job.model, job.config.clone(), job.data.clone(), job.minimums, job.device);
+    let mut manifest = match (&job.resume, job.run_id) {
+        (Some(run_id), _) => load_manifest(store, &job.model, run_id).await?,
+        (None, Some(id)) if store.exists(&layout::run_manifest(&job.model, &id.to_string())).await? => {
+            load_manifest(store, &job.model, &id.to_string()).await?
+        }
+        (None, id) => {
+            let id = id.unwrap_or_else(uuid::Uuid::now_v7);
+            let m =
+                RunManifest::with_id(id, &job.model, job.config.clone(), job.data.clone(), job.minimums, job.device);
             save_manifest(store, &m).await?;
             m
         }
@@ -173,8 +198,57 @@ async fn execute(
             warn!(%reason, "insufficient data: nothing trained");
             Ok(RunOutcome::InsufficientData { run_id: manifest.run_id.clone(), reason })
         }
-        Trained::Done(files) => blocking::publish(store, manifest, *files, job.keep_versions).await,
+        Trained::Done(files) => {
+            if let Some(tolerance) = job.quality_tolerance
+                && let Some(rejected) = quality_gate(store, manifest, &files.metadata, tolerance).await?
+            {
+                warn!(reason = %rejected.0, "quality gate: version not published");
+                return Ok(RunOutcome::Rejected(Box::new(Rejected {
+                    run_id: manifest.run_id.clone(),
+                    version: manifest.version.clone(),
+                    reason: rejected.0,
+                    metadata: files.metadata,
+                    current_version: rejected.1,
+                    current_recall_at_10: rejected.2,
+                    tolerance,
+                })));
+            }
+            blocking::publish(store, manifest, *files, job.keep_versions).await
+        }
     }
+}
+
+/// `Some((reason, current version, its Recall@10))` when the candidate's Recall@10 is below the
+/// current version's (the one `latest.json` names) by more than `tolerance`. The first model, or a
+/// current version without the metric, always passes.
+async fn quality_gate(
+    store: &ModelStore,
+    manifest: &RunManifest,
+    candidate: &ModelMetadata,
+    tolerance: f64,
+) -> anyhow::Result<Option<(String, String, f64)>> {
+    use crate::storage::publish::{read_latest, read_manifest};
+    let Some(latest) = read_latest(store, &manifest.model).await? else {
+        return Ok(None);
+    };
+    if latest.version == manifest.version {
+        return Ok(None); // this run's own version (a publish retried after a crash)
+    }
+    let current = read_manifest(store, &latest.manifest, Some(&latest.manifest_sha256)).await?;
+    let Some(current_recall) = current.metrics["final"]["recall_at_10"].as_f64() else {
+        return Ok(None);
+    };
+    let recall = candidate.final_metrics.recall_at_10;
+    Ok((recall < current_recall - tolerance).then(|| {
+        (
+            format!(
+                "Recall@10 {recall:.4} is below the current version {}'s {current_recall:.4} by more than the tolerance {tolerance}",
+                latest.version
+            ),
+            latest.version.clone(),
+            current_recall,
+        )
+    }))
 }
 
 async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<RunOutcome>) -> anyhow::Result<()> {
@@ -192,6 +266,14 @@ async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<R
             (ledger::RunStatus::Succeeded, end)
         }
         Ok(RunOutcome::Stopped { .. }) => (ledger::RunStatus::Stopped, ledger::RunEnd::default()),
+        Ok(RunOutcome::Rejected(r)) => (
+            ledger::RunStatus::Rejected,
+            ledger::RunEnd {
+                metrics: Some(json!({"final": r.metadata.final_metrics, "baselines": r.metadata.baselines})),
+                error: Some(r.reason.clone()),
+                ..Default::default()
+            },
+        ),
         Ok(RunOutcome::InsufficientData { reason, .. }) => {
             (ledger::RunStatus::InsufficientData, ledger::RunEnd { error: Some(reason.clone()), ..Default::default() })
         }
@@ -218,18 +300,18 @@ async fn load_manifest(store: &ModelStore, model: &str, run_id: &str) -> anyhow:
     serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run manifest"))
 }
 
-/// The newest checkpoint of the run, if any: `(epoch, bytes)`.
+/// The newest checkpoint of the run, if any: `((completed epochs, steps into the next), bytes)`.
 async fn latest_checkpoint(
     store: &ModelStore,
     manifest: &RunManifest,
-) -> anyhow::Result<Option<(usize, bytes::Bytes)>> {
+) -> anyhow::Result<Option<((usize, usize), bytes::Bytes)>> {
     let keys = store.list(&layout::checkpoints_dir(&manifest.model, &manifest.run_id)).await?;
     let newest = keys
         .iter()
-        .filter_map(|k| Some((checkpoint::epoch_of(k.rsplit('/').next()?)?, k)))
-        .max_by_key(|(epoch, _)| *epoch);
+        .filter_map(|k| Some((checkpoint::position_of(k.rsplit('/').next()?)?, k)))
+        .max_by_key(|(position, _)| *position);
     match newest {
-        Some((epoch, key)) => Ok(Some((epoch, store.get(key).await?))),
+        Some((position, key)) => Ok(Some((position, store.get(key).await?))),
         None => Ok(None),
     }
 }

@@ -54,3 +54,8 @@ pub fn checkpoints_dir(model: &str, run_id: &str) -> String {
 pub fn checkpoint(model: &str, run_id: &str, epoch: usize) -> String {
     format!("{}/{}", checkpoints_dir(model, run_id), crate::checkpoint::file_name(epoch))
 }
+
+/// The key of a checkpoint by its file name (complete or partial).
+pub fn checkpoint_named(model: &str, run_id: &str, file_name: &str) -> String {
+    format!("{}/{file_name}", checkpoints_dir(model, run_id))
+}

@@ -1,0 +1,206 @@
+//! The broker supervisor and the request consumer.
+//!
+//! lapin's auto-recovery reconnects and replays the topology after a connection loss; when it
+//! cannot (or a session ends for any other reason), the supervisor rebuilds the connection from
+//! scratch with jittered backoff, and gives up — so the process exits non-zero and its orchestrator
+//! restarts it — only after `--broker-max-outage-seconds` without a broker.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use rand::Rng;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::Shared;
+use super::request::{self, RetrainRequest};
+use crate::broker::{self, DEAD_LETTER_EXCHANGE, RETRAIN_QUEUE};
+use crate::db::coord::{self, Recorded};
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// Consumes until shutdown; `Err` when the broker stayed unreachable past the allowed outage.
+pub(super) async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
+    let max_outage = Duration::from_secs(shared.args.broker_max_outage_seconds as u64);
+    let mut outage_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(250);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if shared.shutting_down() {
+            return Ok(());
+        }
+        let why = match session(&shared, &mut outage_since).await {
+            Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Lost(why)) => why,
+            Err(e) => e.to_string(),
+        };
+        shared.broker_connected.store(false, Ordering::SeqCst);
+        *shared.publish_channel.write().await = None;
+        metrics::counter!("audotics_broker_reconnects_total").increment(1);
+        let since = *outage_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > max_outage {
+            anyhow::bail!("RabbitMQ unreachable for {:?} (last error: {why})", since.elapsed());
+        }
+        let sleep = delay.mul_f64(rand::rng().random_range(0.5..1.5));
+        warn!(error.message = %why, retry_in = ?sleep, "broker session lost; reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connection: declare, consume until shutdown or until the connection is lost for good.
+async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> anyhow::Result<SessionEnd> {
+    let connection = broker::connect(&shared.broker).await?;
+    let channel = connection.create_channel().await?;
+    broker::declare_topology(&channel, &shared.broker).await?;
+    channel.basic_qos(shared.broker.prefetch, BasicQosOptions::default()).await?;
+    let tag = format!("{}-{}", shared.worker_id, uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(RETRAIN_QUEUE.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    *shared.publish_channel.write().await = Some(broker::confirm_channel(&connection).await?);
+    shared.broker_connected.store(true, Ordering::SeqCst);
+    shared.outbox_wake.notify_one();
+    *outage_since = None;
+    info!(queue = RETRAIN_QUEUE, prefetch = shared.broker.prefetch, "consuming");
+    let max_outage = Duration::from_secs(shared.args.broker_max_outage_seconds as u64);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => {
+                info!("shutdown: cancelling the consumer");
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                let _ = connection.close(200, "worker shutting down".into()).await;
+                return Ok(SessionEnd::Shutdown);
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => handle(shared, delivery).await,
+                Some(Err(e)) => {
+                    shared.broker_connected.store(false, Ordering::SeqCst);
+                    warn!(error.message = %e, "broker connection lost; waiting for automatic recovery");
+                    match tokio::time::timeout(max_outage, channel.wait_for_recovery(e)).await {
+                        Ok(Ok(())) => {
+                            info!("broker connection recovered");
+                            metrics::counter!("audotics_broker_recoveries_total").increment(1);
+                            shared.broker_connected.store(true, Ordering::SeqCst);
+                            shared.outbox_wake.notify_one();
+                        }
+                        Ok(Err(e)) => return Ok(SessionEnd::Lost(format!("automatic recovery failed: {e}"))),
+                        Err(_) => return Ok(SessionEnd::Lost("automatic recovery timed out".into())),
+                    }
+                }
+                None => return Ok(SessionEnd::Lost("the consumer stream ended".into())),
+            }
+        }
+    }
+}
+
+/// One delivery: dead-letter it, or record it and then ack it.
+async fn handle(shared: &Arc<Shared>, delivery: Delivery) {
+    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
+    match request::parse(&delivery.data, message_id.as_deref(), &shared.args.models) {
+        Err(rejected) => {
+            metrics::counter!("audotics_retrain_requests_total", "outcome" => "dead_lettered").increment(1);
+            metrics::counter!("audotics_dead_letters_total", "reason" => rejected.reason.as_str()).increment(1);
+            warn!(
+                reason = rejected.reason.as_str(),
+                detail = %rejected.detail,
+                routing_key = %delivery.routing_key,
+                bytes = delivery.data.len(),
+                "dead-lettering an invalid retrain request"
+            );
+            dead_letter(shared, &delivery, message_id.as_deref(), rejected.reason.as_str(), &rejected.detail).await;
+        }
+        Ok(request) => {
+            let span = info_span!("retrain_request", event_id = %request.event_id, model = %request.model);
+            record_and_ack(shared, delivery, request).instrument(span).await;
+        }
+    }
+}
+
+async fn dead_letter(shared: &Shared, delivery: &Delivery, message_id: Option<&str>, reason: &str, detail: &str) {
+    let headers = broker::dead_letter_headers(delivery.properties.headers().as_ref(), reason, detail);
+    let channel = shared.publish_channel.read().await.clone();
+    let published = match channel {
+        Some(ch) => broker::publish_json(
+            &ch,
+            DEAD_LETTER_EXCHANGE,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            message_id.unwrap_or_default(),
+            Some(headers),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        None => Err("no publishing channel".to_string()),
+    };
+    match published {
+        Ok(_) => ack(delivery).await,
+        Err(e) => {
+            // Requeued: the dead-letter publish is retried on redelivery (and RabbitMQ's delivery
+            // limit dead-letters it itself if this keeps failing).
+            warn!(error.message = %e, "cannot dead-letter the message; requeueing it");
+            let _ = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+        }
+    }
+}
+
+/// Records the request (retrying while the database is unreachable), then acks it. On shutdown
+/// before it is recorded, it is requeued for another worker.
+async fn record_and_ack(shared: &Arc<Shared>, delivery: Delivery, request: RetrainRequest) {
+    let mut delay = Duration::from_millis(200);
+    let recorded = loop {
+        match coord::record_request(&shared.pool, &request).await {
+            Ok(r) => break r,
+            Err(e) => {
+                metrics::counter!("audotics_database_errors_total", "operation" => "record_request").increment(1);
+                if shared.shutting_down() {
+                    warn!(error.message = %e, "shutdown before the request was recorded; requeueing it");
+                    let _ = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                    return;
+                }
+                warn!(error.message = %e, retry_in = ?delay, "cannot record the request; retrying");
+                tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let outcome = match &recorded {
+        Recorded::Pending => "pending",
+        Recorded::Duplicate => "duplicate",
+        Recorded::Satisfied { .. } => "satisfied",
+    };
+    metrics::counter!("audotics_retrain_requests_total", "outcome" => outcome).increment(1);
+    info!(
+        outcome,
+        redelivered = delivery.redelivered,
+        reason = request.reason.as_deref().unwrap_or(""),
+        "retrain request recorded"
+    );
+    ack(&delivery).await;
+    match recorded {
+        Recorded::Pending => shared.scheduler_wake.notify_one(),
+        Recorded::Satisfied { .. } => shared.outbox_wake.notify_one(),
+        Recorded::Duplicate => {}
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    match delivery.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        // The channel was recovered since this delivery: RabbitMQ will redeliver it, and the
+        // redelivery is recognised as a duplicate.
+        Ok(false) => warn!("ack on a channel from before recovery; the message will be redelivered"),
+        Err(e) => warn!(error.message = %e, "ack failed; the message will be redelivered"),
+    }
+}

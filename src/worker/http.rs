@@ -1,0 +1,72 @@
+//! `/healthz` (the process is alive), `/readyz` (broker, database and store reachable) and
+//! `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use tracing::warn;
+
+use super::Shared;
+
+/// Installs the process-wide Prometheus recorder.
+pub(super) fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("seconds".to_string()),
+            &[0.01, 0.05, 0.25, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0],
+        )?
+        .install_recorder()?;
+    for (name, help) in [
+        (
+            "audotics_retrain_requests_total",
+            "Retrain requests by outcome (pending, duplicate, satisfied, dead_lettered)",
+        ),
+        ("audotics_dead_letters_total", "Requests dead-lettered by this worker, by reason"),
+        (
+            "audotics_runs_total",
+            "Runs by status (started, succeeded, rejected, failed, insufficient_data, retrying, released, lease_lost)",
+        ),
+        ("audotics_run_duration_seconds", "Wall time of a run attempt, by status"),
+        ("audotics_epoch_loss", "Training loss of the newest epoch"),
+        ("audotics_pairs_per_second", "Training throughput of the newest epoch"),
+        ("audotics_publish_seconds", "Time to upload a version (artifacts, manifest, latest.json)"),
+        ("audotics_lease_takeovers_total", "Runs taken over from a worker whose lease expired"),
+        (
+            "audotics_events_published_total",
+            "Outbox events confirmed by RabbitMQ, by kind and whether a queue received them",
+        ),
+    ] {
+        metrics::describe_counter!(name, help);
+    }
+    Ok(handle)
+}
+
+pub(super) async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, metrics: PrometheusHandle) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!(error.message = %e, "health server stopped");
+    }
+}
+
+async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let broker = super::flag(&shared.broker_connected) && !shared.shutting_down();
+    let database = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&shared.pool))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let probe = crate::storage::layout::latest(&shared.args.models[0]);
+    let store =
+        tokio::time::timeout(Duration::from_secs(2), shared.store.exists(&probe)).await.is_ok_and(|r| r.is_ok());
+    let ready = broker && database && store;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(json!({"ready": ready, "broker": broker, "database": database, "store": store})))
+}

@@ -1,0 +1,264 @@
+//! `audotics-trainer worker`: consumes `retrain` requests, coalesces them per model, trains under a
+//! Postgres lease, publishes the version and announces it.
+//!
+//! The pieces, each a task of its own:
+//! - [`consumer`]: the broker supervisor — connect (with lapin's auto-recovery), declare the
+//!   topology, consume; every request is recorded in Postgres *before* it is acked, malformed ones
+//!   are dead-lettered with their reason;
+//! - [`runner`]: the scheduler — claim a run (a takeover, a due retry, or a new run that coalesces
+//!   every pending request of its model), train it off the async runtime with lease heartbeats, and
+//!   end it in one transaction with its outbox event;
+//! - [`outbox`]: publishes outbox events with publisher confirms;
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Shutdown (SIGTERM/SIGINT): stop consuming, stop the run at the next batch boundary (checkpoint),
+//! release its lease, flush the outbox, exit 0 — or exit 1 when the grace period runs out first.
+
+mod consumer;
+pub mod events;
+mod http;
+mod outbox;
+pub mod request;
+mod runner;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::{Notify, RwLock, watch};
+use tracing::{error, info, warn};
+
+use crate::broker::BrokerSettings;
+use crate::cli::TrainArgs;
+use crate::job::StopFlag;
+use crate::storage::ModelStore;
+
+/// The worker's own settings; training settings (and the database and store) come from the
+/// flattened train flags, which are the defaults every run starts from.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Model keys this worker trains (comma-separated); requests for others are dead-lettered.
+    #[arg(long, env = "WORKER_MODELS", value_delimiter = ',', default_value = "content-based", value_parser = crate::cli::model_key)]
+    pub models: Vec<String>,
+    /// This worker's name in leases and logs (default: host name and process id).
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// A run's lease: a worker that stops heartbeating loses its run after this long.
+    #[arg(long, env = "WORKER_LEASE_SECONDS", default_value_t = 60, value_parser = crate::cli::at_least_one)]
+    pub lease_seconds: usize,
+    /// On SIGTERM, exit within this many seconds (checkpoint, release the lease, flush events).
+    #[arg(long, env = "WORKER_GRACE_SECONDS", default_value_t = 60, value_parser = crate::cli::at_least_one)]
+    pub grace_seconds: usize,
+    /// Quality gate: publish only if Recall@10 is at most this much below the current version's.
+    #[arg(long, env = "QUALITY_TOLERANCE", default_value_t = 0.02, value_parser = crate::cli::non_negative_finite)]
+    pub quality_tolerance: f64,
+    /// Attempts of a failing run before it is marked failed and announced.
+    #[arg(long, env = "RUN_MAX_ATTEMPTS", default_value_t = 3, value_parser = crate::cli::at_least_one)]
+    pub max_attempts: usize,
+    /// Delay before retrying a failed attempt (doubled per attempt, jittered).
+    #[arg(long, env = "RUN_RETRY_SECONDS", default_value_t = 30)]
+    pub retry_seconds: u64,
+    /// `x-delivery-limit` of the retrain queue (must match the live queue's).
+    #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = crate::cli::at_least_one)]
+    pub delivery_limit: usize,
+    /// Unacknowledged deliveries at a time.
+    #[arg(long, env = "RETRAIN_PREFETCH", default_value_t = 50, value_parser = crate::cli::at_least_one)]
+    pub prefetch: usize,
+    /// How often to look for runs to claim when nothing wakes the scheduler.
+    #[arg(long, env = "WORKER_POLL_SECONDS", default_value_t = 2, value_parser = crate::cli::at_least_one)]
+    pub poll_seconds: usize,
+    /// Exit non-zero when RabbitMQ stays unreachable this long (the orchestrator restarts the pod).
+    #[arg(long, env = "BROKER_MAX_OUTAGE_SECONDS", default_value_t = 600, value_parser = crate::cli::at_least_one)]
+    pub broker_max_outage_seconds: usize,
+    /// Address of the health and metrics server.
+    #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// State shared by the worker's tasks.
+pub(crate) struct Shared {
+    pub args: WorkerArgs,
+    pub worker_id: String,
+    pub database_url: String,
+    pub pool: sqlx::PgPool,
+    pub store: ModelStore,
+    pub broker: BrokerSettings,
+    /// The confirm-mode channel the outbox publishes on (replaced when the connection is rebuilt).
+    pub publish_channel: RwLock<Option<lapin::Channel>>,
+    pub broker_connected: AtomicBool,
+    /// Set once on SIGTERM/SIGINT.
+    pub shutdown: watch::Sender<bool>,
+    /// Wakes the scheduler (a request was recorded) and the outbox (an event was written).
+    pub scheduler_wake: Notify,
+    pub outbox_wake: Notify,
+    /// The stop flag of the run in progress.
+    pub run_stop: std::sync::Mutex<Option<StopFlag>>,
+}
+
+impl Shared {
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.args.lease_seconds as u64)
+    }
+
+    pub fn poll(&self) -> Duration {
+        Duration::from_secs(self.args.poll_seconds as u64)
+    }
+}
+
+/// Runs the worker until shutdown.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let metrics = http::install_metrics()?;
+    let database_url = args.train.database_url.clone().context(
+        "the worker needs the platform's database: give --database-url (or DATABASE_URL); it records requests and runs there",
+    )?;
+    let store = ModelStore::open(&args.train.output)?;
+    let pool = connect_database(&database_url).await?;
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let broker = BrokerSettings {
+        url: args.amqp_url.clone(),
+        delivery_limit: args.delivery_limit as i64,
+        prefetch: args.prefetch.min(u16::MAX as usize) as u16,
+        connection_name: format!("audotics-trainer worker {worker_id}"),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (--http-addr)", args.http_addr))?;
+    info!(
+        worker_id = %worker_id,
+        models = ?args.models,
+        store = %store.root_url(),
+        database = %crate::db::redact_url(&database_url),
+        broker = %crate::db::redact_url(&args.amqp_url),
+        http = %listener.local_addr()?,
+        "worker starting"
+    );
+    let (shutdown, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        args,
+        worker_id,
+        database_url,
+        pool,
+        store,
+        broker,
+        publish_channel: RwLock::new(None),
+        broker_connected: AtomicBool::new(false),
+        shutdown,
+        scheduler_wake: Notify::new(),
+        outbox_wake: Notify::new(),
+        run_stop: std::sync::Mutex::new(None),
+    });
+    spawn_signal_handler(shared.clone());
+    tokio::spawn(http::serve(listener, shared.clone(), metrics));
+    let outbox = tokio::spawn(outbox::run(shared.clone()));
+    let runner = tokio::spawn(runner::run(shared.clone()));
+    let consumer = consumer::run(shared.clone());
+
+    // The consumer returns on shutdown, or with an error when the broker stayed unreachable.
+    let consumed = consumer.await;
+    if let Err(e) = &consumed {
+        error!(error.message = %format!("{e:#}"), "broker supervisor gave up; shutting down");
+        let _ = shared.shutdown.send(true);
+        shared.request_run_stop();
+    }
+    let grace = Duration::from_secs(shared.args.grace_seconds as u64);
+    let drained = tokio::time::timeout(grace, async {
+        if let Err(e) = runner.await {
+            error!(error.message = %e, "scheduler task panicked");
+        }
+        shared.outbox_wake.notify_one();
+        if let Err(e) = outbox.await {
+            error!(error.message = %e, "outbox task panicked");
+        }
+    })
+    .await;
+    match (drained, consumed) {
+        (Ok(()), Ok(())) => {
+            info!("worker stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(_), _) => {
+            error!(grace_seconds = shared.args.grace_seconds, "grace period over before the run stopped; exiting");
+            Ok(ExitCode::FAILURE)
+        }
+        (Ok(()), Err(_)) => Ok(ExitCode::FAILURE),
+    }
+}
+
+impl Shared {
+    /// Asks the run in progress (if any) to stop at its next batch boundary.
+    pub fn request_run_stop(&self) {
+        if let Some(stop) = self.run_stop.lock().expect("run_stop lock").as_ref() {
+            stop.request();
+        }
+    }
+}
+
+/// Connects to Postgres and migrates, retrying while it is unreachable (a worker may start before
+/// its database).
+async fn connect_database(url: &str) -> anyhow::Result<sqlx::PgPool> {
+    use backon::{ExponentialBuilder, Retryable};
+    let attempt = || async {
+        let pool = crate::db::connect(url).await?;
+        crate::db::migrate(&pool).await?;
+        anyhow::Ok(pool)
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(10))
+                .with_max_times(12)
+                .with_jitter(),
+        )
+        .notify(|e, after| warn!(error.message = %format!("{e:#}"), retry_in = ?after, "database not ready"))
+        .await
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{}-{}", if host.is_empty() { "worker" } else { &host }, std::process::id())
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (status 130).
+fn spawn_signal_handler(shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        for _ in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if shared.shutting_down() {
+                warn!("second stop signal: exiting now");
+                std::process::exit(130);
+            }
+            warn!(grace_seconds = shared.args.grace_seconds, "shutdown requested: stop consuming, checkpoint, release");
+            let _ = shared.shutdown.send(true);
+            shared.request_run_stop();
+            shared.scheduler_wake.notify_one();
+        }
+    });
+}
+
+/// Whether the flag is set, for readiness.
+pub(crate) fn flag(b: &AtomicBool) -> bool {
+    b.load(Ordering::SeqCst)
+}

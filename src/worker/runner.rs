@@ -1,0 +1,235 @@
+//! The scheduler: claims runs and executes them, one at a time per worker, under a lease.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::{Shared, events};
+use crate::db::coord::{self, Claim, Finish, PublishedVersion};
+use crate::job::{self, DataSpec, MinimumSizes, PostgresSpec, RunOutcome, StopFlag, TrainJob};
+
+/// Claims and runs until shutdown.
+pub(super) async fn run(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        if shared.shutting_down() {
+            return;
+        }
+        match coord::claim(&shared.pool, &shared.worker_id, &shared.args.models, shared.lease()).await {
+            Ok(Some(claim)) => {
+                execute(&shared, claim).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics::counter!("audotics_database_errors_total", "operation" => "claim").increment(1);
+                warn!(error.message = %e, "cannot look for runs to claim; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shared.scheduler_wake.notified() => {}
+            _ = tokio::time::sleep(shared.poll()) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+}
+
+async fn execute(shared: &Arc<Shared>, claim: Claim) {
+    let span = info_span!("run", run_id = %claim.run_id, model = %claim.model, attempt = claim.attempt);
+    async {
+        if claim.taken_over {
+            metrics::counter!("audotics_lease_takeovers_total", "model" => claim.model.clone()).increment(1);
+            warn!("took over a run whose lease had expired");
+        }
+        info!(params = ?claim.params, "run claimed");
+        metrics::counter!("audotics_runs_total", "model" => claim.model.clone(), "status" => "started").increment(1);
+        let stop = StopFlag::default();
+        *shared.run_stop.lock().expect("run_stop lock") = Some(stop.clone());
+        if shared.shutting_down() {
+            stop.request();
+        }
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), claim.clone(), stop.clone(), lease_lost.clone()));
+        let started = Instant::now();
+        let result = job::run(&shared.store, build_job(shared, &claim, stop)).await;
+        heartbeat.abort();
+        *shared.run_stop.lock().expect("run_stop lock") = None;
+        let status = conclude(shared, &claim, result, lease_lost.load(Ordering::SeqCst)).await;
+        let labels = [("model", claim.model.clone()), ("status", status.to_string())];
+        metrics::counter!("audotics_runs_total", &labels).increment(1);
+        metrics::histogram!("audotics_run_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+        info!(status, seconds = started.elapsed().as_secs_f64(), "run ended");
+    }
+    .instrument(span)
+    .await
+}
+
+fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
+    let t = &shared.args.train;
+    let mut config = t.train_config();
+    if let Some(params) = &claim.params {
+        params.apply(&mut config);
+    }
+    TrainJob {
+        model: claim.model.clone(),
+        config,
+        data: DataSpec::Postgres(PostgresSpec {
+            database: crate::db::redact_url(&shared.database_url),
+            playlists: t.playlists,
+            interactions_until_ms: None,
+        }),
+        database_url: Some(shared.database_url.clone()),
+        minimums: MinimumSizes { tracks: t.min_tracks, users: t.min_users, interactions: t.min_interactions },
+        device: t.device,
+        resume: None,
+        run_id: Some(claim.run_id),
+        quality_tolerance: Some(shared.args.quality_tolerance),
+        keep_versions: t.keep_versions,
+        trigger: "worker",
+        show_progress: false,
+        stop,
+    }
+}
+
+/// Renews the lease every third of its length. When it is gone (taken over), or cannot be renewed
+/// for a whole lease length (so another worker may already hold it), the run is stopped.
+async fn heartbeat(shared: Arc<Shared>, claim: Claim, stop: StopFlag, lost: Arc<AtomicBool>) {
+    let lease = shared.lease();
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        match coord::heartbeat(&shared.pool, &claim, lease).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                warn!("lease lost: another worker owns the run now; stopping");
+                break;
+            }
+            Err(e) if renewed.elapsed() >= lease => {
+                warn!(error.message = %e, "cannot renew the lease for a whole lease length; stopping the run");
+                break;
+            }
+            Err(e) => warn!(error.message = %e, "cannot renew the lease; retrying"),
+        }
+    }
+    metrics::counter!("audotics_leases_lost_total", "model" => claim.model.clone()).increment(1);
+    lost.store(true, Ordering::SeqCst);
+    stop.request();
+}
+
+/// Records how the run ended (retrying while the database is unreachable); returns the status.
+async fn conclude(
+    shared: &Shared,
+    claim: &Claim,
+    result: anyhow::Result<RunOutcome>,
+    lease_lost: bool,
+) -> &'static str {
+    if lease_lost {
+        warn!("the run's lease was lost; its new owner finishes it");
+        return "lease_lost";
+    }
+    let model = claim.model.as_str();
+    let (status, finish) = match result {
+        Ok(RunOutcome::Published(p)) => {
+            let watermark =
+                p.metadata.data.watermark.newest_interaction_ms.and_then(chrono::DateTime::from_timestamp_millis);
+            let finish = Finish {
+                state: "succeeded",
+                answer: "model-ready",
+                version: Some(p.version.clone()),
+                error: None,
+                event: events::model_ready(&p),
+                published: Some(PublishedVersion {
+                    data_watermark: watermark,
+                    recall_at_10: p.metadata.final_metrics.recall_at_10,
+                }),
+            };
+            ("succeeded", finish)
+        }
+        Ok(RunOutcome::Rejected(r)) => {
+            let finish = Finish {
+                state: "rejected",
+                answer: "model-rejected",
+                version: Some(r.version.clone()),
+                error: Some(r.reason.clone()),
+                event: events::model_rejected(model, &r),
+                published: None,
+            };
+            ("rejected", finish)
+        }
+        Ok(RunOutcome::InsufficientData { reason, .. }) => {
+            let event = events::model_failed(model, claim.run_id, "insufficient_data", &reason, claim.attempt);
+            let finish = Finish {
+                state: "insufficient_data",
+                answer: "model-failed",
+                version: None,
+                error: Some(reason),
+                event,
+                published: None,
+            };
+            ("insufficient_data", finish)
+        }
+        Ok(RunOutcome::Stopped { epochs_completed, .. }) => {
+            let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
+            info!(epochs_completed, released, "run stopped for shutdown; lease released for another worker");
+            return "released";
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            if claim.attempt as usize >= shared.args.max_attempts {
+                error!(error.message = %message, attempts = claim.attempt, "run failed for good");
+                let event = events::model_failed(model, claim.run_id, "failed", &message, claim.attempt);
+                let finish = Finish {
+                    state: "failed",
+                    answer: "model-failed",
+                    version: None,
+                    error: Some(message),
+                    event,
+                    published: None,
+                };
+                ("failed", finish)
+            } else {
+                let base = shared.args.retry_seconds as f64 * 2f64.powi(claim.attempt - 1);
+                let delay = Duration::from_secs_f64(base * rand::rng().random_range(0.75..1.25));
+                warn!(error.message = %message, retry_in = ?delay, "run attempt failed; it will be retried");
+                with_retry(shared, || Box::pin(coord::retry_later(&shared.pool, claim, &message, delay))).await;
+                return "retrying";
+            }
+        }
+    };
+    let recorded = with_retry(shared, || Box::pin(coord::finish(&shared.pool, claim, finish.clone()))).await;
+    if recorded {
+        shared.outbox_wake.notify_one();
+        status
+    } else {
+        warn!("the run's lease was taken over before its end could be recorded; its new owner finishes it");
+        "lease_lost"
+    }
+}
+
+/// Retries a coordination write while the database is unreachable, for up to a lease length (after
+/// that the lease has expired and the run belongs to whoever claims it next). `false` on giving up.
+async fn with_retry<'a, F>(shared: &Shared, mut f: F) -> bool
+where
+    F: FnMut() -> futures::future::BoxFuture<'a, sqlx::Result<bool>>,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(done) => return done,
+            Err(e) if started.elapsed() < shared.lease() * 2 => {
+                metrics::counter!("audotics_database_errors_total", "operation" => "conclude").increment(1);
+                warn!(error.message = %e, retry_in = ?delay, "cannot record the run's end; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                error!(error.message = %e, "cannot record the run's end; its lease will expire and the run be redone");
+                return false;
+            }
+        }
+    }
+}

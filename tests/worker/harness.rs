@@ -1,0 +1,491 @@
+//! The worker test harness: a RabbitMQ vhost and a Postgres database of the test's own, real worker
+//! processes, a listener that records every event the workers announce, and a TCP proxy that can
+//! take the database away. Tests run one at a time ([`serial`]): one of them restarts the broker.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use audotics_trainer::broker::{self, BrokerSettings};
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::Notify;
+
+pub use crate::pg::{BIN, TestDb};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Holds the suite's lock for the test's duration (a failed test releases it too).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl is required for these tests");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A vhost of the test's own on the local RabbitMQ, deleted when dropped.
+pub struct Vhost {
+    pub name: String,
+    pub url: String,
+}
+
+impl Vhost {
+    pub fn new() -> Self {
+        let name = format!("audotics-test-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        let url = format!("amqp://guest:guest@127.0.0.1:5672/{name}");
+        Self { name, url }
+    }
+
+    pub fn settings(&self) -> BrokerSettings {
+        BrokerSettings { url: self.url.clone(), delivery_limit: 5, prefetch: 10, connection_name: "test".into() }
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
+    }
+}
+
+/// Restarts the RabbitMQ application (every connection drops; durable queues and persistent
+/// messages survive).
+pub fn restart_broker() {
+    rabbitmqctl(&["stop_app"]);
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+}
+
+/// Publishes raw retrain bodies with confirms (as a platform service would).
+pub struct Publisher {
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+}
+
+impl Publisher {
+    pub async fn new(vhost: &Vhost) -> Self {
+        let connection = broker::connect(&vhost.settings()).await.unwrap();
+        let channel = broker::confirm_channel(&connection).await.unwrap();
+        broker::declare_topology(&channel, &vhost.settings()).await.unwrap();
+        Self { _connection: connection, channel }
+    }
+
+    pub async fn raw(&self, routing_key: &str, body: &[u8], message_id: &str) {
+        let delivered =
+            broker::publish_json(&self.channel, broker::EVENTS_EXCHANGE, routing_key, body, message_id, None)
+                .await
+                .unwrap();
+        assert_eq!(delivered, broker::Delivered::Routed, "the retrain queue must exist");
+    }
+
+    /// A valid request with `event_id`; returns the id.
+    pub async fn request(&self, event_id: &str) -> String {
+        let body = serde_json::json!({"schema_version": 1, "model": "content-based", "event_id": event_id});
+        self.raw("retrain.content-based", &serde_json::to_vec(&body).unwrap(), event_id).await;
+        event_id.to_string()
+    }
+}
+
+/// Every message the workers announce (and every dead letter), recorded from durable queues of the
+/// test's own, so that nothing is missed while the broker restarts.
+pub struct Events {
+    seen: Arc<Mutex<Vec<Recorded>>>,
+    changed: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub routing_key: String,
+    pub body: serde_json::Value,
+    pub raw: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    pub dead: bool,
+}
+
+const EVENTS_QUEUE: &str = "test.events";
+
+impl Events {
+    pub async fn listen(vhost: &Vhost) -> Self {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(Notify::new());
+        let (url, s2, c2) = (vhost.url.clone(), seen.clone(), changed.clone());
+        let settings = vhost.settings();
+        // Declare before returning, so that nothing published after this is unroutable.
+        let connection = broker::connect(&settings).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        declare(&channel, &settings).await;
+        drop(connection);
+        let task = tokio::spawn(async move {
+            loop {
+                let settings = BrokerSettings { url: url.clone(), ..settings.clone() };
+                let _ = consume(&settings, &s2, &c2).await;
+                tokio::time::sleep(Duration::from_millis(200)).await; // reconnect after a broker restart
+            }
+        });
+        Self { seen, changed, task }
+    }
+
+    pub fn all(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.all().into_iter().filter(|r| !r.dead && r.routing_key.starts_with(kind)).map(|r| r.body).collect()
+    }
+
+    pub fn dead_letters(&self) -> Vec<Recorded> {
+        self.all().into_iter().filter(|r| r.dead).collect()
+    }
+
+    /// Waits until `done` holds over everything recorded, or fails after `limit`.
+    pub async fn wait_for(&self, limit: Duration, what: &str, done: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.changed.notified();
+            let all = self.all();
+            if done(&all) {
+                return all;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "timed out after {limit:?} waiting for {what}; recorded: {all:#?}");
+            let _ = tokio::time::timeout(left, notified).await;
+        }
+    }
+
+    /// Waits until every id in `ids` is in some model-ready/-rejected/-failed event's `satisfies`.
+    pub async fn wait_satisfied(&self, ids: &[String], limit: Duration) -> Vec<Recorded> {
+        self.wait_for(limit, &format!("{} requests to be satisfied", ids.len()), |all| {
+            let answered = satisfied(all);
+            ids.iter().all(|id| answered.contains(id))
+        })
+        .await
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Every event id any announced event satisfies.
+pub fn satisfied(all: &[Recorded]) -> std::collections::BTreeSet<String> {
+    all.iter()
+        .filter(|r| !r.dead)
+        .flat_map(|r| r.body["satisfies"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
+}
+
+async fn declare(channel: &lapin::Channel, settings: &BrokerSettings) {
+    broker::declare_topology(channel, settings).await.unwrap();
+    channel.queue_declare(EVENTS_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    for key in ["model-ready.*", "model-rejected.*", "model-failed.*"] {
+        channel
+            .queue_bind(
+                EVENTS_QUEUE.into(),
+                broker::EVENTS_EXCHANGE.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn consume(settings: &BrokerSettings, seen: &Mutex<Vec<Recorded>>, changed: &Notify) -> anyhow::Result<()> {
+    let connection = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    let mut events = channel
+        .basic_consume(EVENTS_QUEUE.into(), "events".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let mut dead = channel
+        .basic_consume(
+            broker::DEAD_LETTER_QUEUE.into(),
+            "dead".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let (delivery, is_dead) = tokio::select! {
+            d = events.next() => (d, false),
+            d = dead.next() => (d, true),
+        };
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(()),
+        };
+        let headers = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter_map(|(k, v)| match v {
+                        AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        seen.lock().unwrap().push(Recorded {
+            routing_key: delivery.routing_key.to_string(),
+            body: serde_json::from_slice(&delivery.data).unwrap_or(serde_json::Value::Null),
+            raw: delivery.data.clone(),
+            headers,
+            dead: is_dead,
+        });
+        delivery.ack(BasicAckOptions::default()).await?;
+        changed.notify_waiters();
+    }
+}
+
+/// A worker process; killed when dropped.
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+    pub http: u16,
+    pub name: String,
+}
+
+/// What every worker of a test shares.
+#[derive(Clone)]
+pub struct WorkerEnv {
+    pub database_url: String,
+    pub amqp_url: String,
+    pub store: String,
+    pub logs: PathBuf,
+    pub extra: Vec<(String, String)>,
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Small, quick training: a run takes seconds.
+pub const FAST_TRAINING: &[(&str, &str)] = &[
+    ("AUDOTICS_BATCH_SIZE", "32"),
+    ("AUDOTICS_EMBEDDING_SIZE", "16"),
+    ("AUDOTICS_EPOCHS", "3"),
+    ("WORKER_POLL_SECONDS", "1"),
+    ("WORKER_LEASE_SECONDS", "6"),
+    ("RUN_RETRY_SECONDS", "1"),
+];
+
+impl WorkerEnv {
+    pub fn spawn(&self, name: &str) -> Worker {
+        let http = free_port();
+        let log = self.logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.database_url)
+            .env("AMQP_URL", &self.amqp_url)
+            .env("MODEL_STORE_URL", &self.store)
+            .env("WORKER_ID", name)
+            .env("WORKER_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .env("AUDOTICS_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in FAST_TRAINING {
+            cmd.env(k, v);
+        }
+        for (k, v) in &self.extra {
+            cmd.env(k, v);
+        }
+        Worker { child: cmd.spawn().unwrap(), log, http, name: name.to_string() }
+    }
+}
+
+impl Worker {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON log lines whose message is `message`.
+    pub fn log_lines(&self, message: &str) -> Vec<serde_json::Value> {
+        BufReader::new(std::fs::File::open(&self.log).unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .collect()
+    }
+
+    pub async fn readyz(&self) -> Option<(u16, serde_json::Value)> {
+        http_get(self.http, "/readyz").await
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get_text(self.http, "/metrics").await.map(|(_, t)| t).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some((200, _)) = self.readyz().await {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("worker {} exited ({status}) before it was ready:\n{}", self.name, self.log_text());
+            }
+            assert!(Instant::now() < deadline, "worker {} not ready after {limit:?}:\n{}", self.name, self.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; `None` after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn http_get_text(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.ok()?.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
+    let (status, body) = http_get_text(port, path).await?;
+    Some((status, serde_json::from_str(body.trim()).ok()?))
+}
+
+/// The platform database with a small synthetic dataset (enough for the minimum sizes).
+pub async fn seeded_db() -> TestDb {
+    let db = TestDb::new().await;
+    db.seed_synthetic(&["--synthetic-tracks", "1000", "--synthetic-users", "100", "--synthetic-interactions", "6000"]);
+    db
+}
+
+/// Waits until `probe` returns `Some`, polling; fails after `limit` naming `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The newest checkpoint position of any run of `content-based` in a local store, if any.
+pub fn newest_checkpoint(store: &Path) -> Option<(usize, usize)> {
+    let runs = std::fs::read_dir(store.join("content-based/runs")).ok()?;
+    runs.filter_map(Result::ok)
+        .flat_map(|run| std::fs::read_dir(run.path().join("checkpoints")).into_iter().flatten().filter_map(Result::ok))
+        .filter_map(|f| audotics_trainer::checkpoint::position_of(f.file_name().to_str()?))
+        .max()
+}
+
+/// A TCP proxy in front of Postgres that can be cut (every connection dropped, new ones refused)
+/// and restored on the same port: "the database is down" without touching the shared server.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Self {
+        let first = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut first = Some(first);
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up = Arc::new(up);
+        let up2 = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut watch = up2.subscribe();
+                if !*watch.borrow() {
+                    let _ = watch.wait_for(|u| *u).await;
+                }
+                let listener = match first.take() {
+                    Some(l) => l,
+                    None => tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap(),
+                };
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((mut client, _)) = accepted else { continue };
+                            let mut cut = up2.subscribe();
+                            tokio::spawn(async move {
+                                let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                    _ = cut.wait_for(|u| !*u) => {}
+                                }
+                            });
+                        }
+                        _ = watch.wait_for(|u| !*u) => break, // drop the listener: connections refused
+                    }
+                }
+            }
+        });
+        Self { port, up }
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+/// `db.url` with the port replaced (to go through a [`Proxy`]).
+pub fn via_port(url: &str, port: u16) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    u.set_port(Some(port)).unwrap();
+    u.to_string()
+}

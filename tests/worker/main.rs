@@ -1,0 +1,471 @@
+//! The retrain worker against the real RabbitMQ, Postgres and an S3 server: real worker processes,
+//! real signals, a real broker restart. Each test has its own vhost, database and store; the tests
+//! run one at a time (one of them restarts the broker).
+
+mod harness;
+#[allow(dead_code)]
+#[path = "../postgres/helpers.rs"]
+mod pg;
+#[allow(dead_code)]
+#[path = "../storage/s3.rs"]
+mod s3;
+
+use std::time::{Duration, Instant};
+
+use harness::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+struct Setup {
+    vhost: Vhost,
+    db: TestDb,
+    store: tempfile::TempDir,
+    logs: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        Self {
+            vhost: Vhost::new(),
+            db: seeded_db().await,
+            store: tempfile::tempdir().unwrap(),
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn env(&self, extra: &[(&str, &str)]) -> WorkerEnv {
+        WorkerEnv {
+            database_url: self.db.url.clone(),
+            amqp_url: self.vhost.url.clone(),
+            store: self.store.path().to_str().unwrap().to_string(),
+            logs: self.logs.path().to_path_buf(),
+            extra: extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    /// Runs that overlapped in time, from the ledger (pairs of run ids).
+    async fn overlapping_runs(&self) -> i64 {
+        self.db
+            .count(
+                "SELECT count(*) FROM audotics_trainer.training_runs a JOIN audotics_trainer.training_runs b
+                 ON a.id < b.id AND a.model = b.model
+                 AND a.started_at < coalesce(b.finished_at, now()) AND b.started_at < coalesce(a.finished_at, now())",
+            )
+            .await
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4())).collect()
+}
+
+#[tokio::test]
+async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let s3 = s3::S3Server::start();
+    let mut env = setup.env(&[]);
+    env.store = "s3://models/published".into();
+    env.extra.extend(
+        [
+            ("AWS_ENDPOINT", s3.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY.into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = env.spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let started = Instant::now();
+    let id = Publisher::new(&setup.vhost).await.request("only-request").await;
+    events.wait_satisfied(std::slice::from_ref(&id), 2 * MINUTE).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let ready = events.events("model-ready");
+    assert_eq!(ready.len(), 1, "{ready:#?}");
+    let event = &ready[0];
+    assert_eq!(event["schema_version"], 1);
+    assert_eq!(event["model"], "content-based");
+    assert_eq!(event["satisfies"], serde_json::json!([id]));
+    let version = event["version"].as_str().unwrap();
+    assert_eq!(
+        event["event_id"].as_str().unwrap(),
+        audotics_trainer::worker::events::model_ready_id("content-based", version).to_string()
+    );
+    assert!(event["metrics"]["recall_at_10"].as_f64().unwrap() > 0.0);
+    assert_eq!(event["data"]["interactions"].as_u64().unwrap(), 6000);
+    assert!(event["data"]["newest_interaction_at"].is_string());
+
+    // Every artifact is a full s3:// URL that exists and matches the manifest's sha256.
+    let store = s3.store("published");
+    let prefix = "s3://models/published/";
+    for name in ["keras", "metadata", "weights", "embeddings", "tfjs", "manifest", "model_card"] {
+        let url = event["artifacts"][name].as_str().unwrap_or_else(|| panic!("no artifact {name}"));
+        assert!(url.starts_with(prefix), "{url}");
+        assert!(store.exists(&url[prefix.len()..]).await.unwrap(), "{url} is missing");
+    }
+    let manifest_key = &event["artifacts"]["manifest"].as_str().unwrap()[prefix.len()..];
+    let manifest = audotics_trainer::storage::publish::read_manifest(&store, manifest_key, None).await.unwrap();
+    audotics_trainer::storage::publish::verify(&store, &manifest).await.unwrap();
+    let latest = audotics_trainer::storage::publish::read_latest(&store, "content-based").await.unwrap().unwrap();
+    assert_eq!(latest.version, version);
+
+    // Keras 3 loads the archive from the store and predicts the published embeddings.
+    let keras_key = &event["artifacts"]["keras"].as_str().unwrap()[prefix.len()..];
+    let work = tempfile::tempdir().unwrap();
+    let keras_path = work.path().join("model.keras");
+    std::fs::write(&keras_path, store.get(keras_key).await.unwrap()).unwrap();
+    let inputs = consumer_inputs(&setup.db, &store, event, prefix, work.path()).await;
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-consumers/bin/python");
+    assert!(python.exists(), "no {} — run scripts/consumers.sh", python.display());
+    let out = std::process::Command::new(python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/consumers/keras_check.py"))
+        .args([&keras_path, &inputs])
+        .env("KERAS_BACKEND", "jax")
+        .env("JAX_PLATFORMS", "cpu")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Keras check failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs = setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'succeeded'").await;
+    assert_eq!(runs, 1);
+    eprintln!("figures: 1 request in, 1 model-ready out, 1 run, {seconds:.1} s request → model-ready");
+}
+
+/// The features of the published track ids, standardised with the published means and stds, and
+/// the published embeddings: what `keras_check.py` compares.
+async fn consumer_inputs(
+    db: &TestDb,
+    store: &audotics_trainer::storage::ModelStore,
+    event: &serde_json::Value,
+    prefix: &str,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    use sqlx::Row;
+    let key = |name: &str| event["artifacts"][name].as_str().unwrap()[prefix.len()..].to_string();
+    let meta: serde_json::Value = serde_json::from_slice(&store.get(&key("metadata")).await.unwrap()).unwrap();
+    let emb_bytes = store.get(&key("embeddings")).await.unwrap();
+    let emb = candle_core::safetensors::load_buffer(&emb_bytes, &candle_core::Device::Cpu).unwrap();
+    let embeddings: Vec<Vec<f32>> = emb["embeddings"].to_vec2().unwrap();
+    let names: Vec<String> =
+        meta["feature_names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let f = |k: &str| -> Vec<f64> { meta[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
+    let (means, stds) = (f("feature_means"), f("feature_stds"));
+    let columns = names.iter().map(|n| format!("\"{n}\"::float8")).collect::<Vec<_>>().join(", ");
+    let mut features = Vec::new();
+    for id in meta["track_ids"].as_array().unwrap() {
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {columns} FROM \"TrackFeatures\" WHERE \"trackId\" = $1")))
+                .bind(id.as_str().unwrap())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        features
+            .push((0..names.len()).map(|i| ((row.get::<f64, _>(i) - means[i]) / stds[i]) as f32).collect::<Vec<_>>());
+    }
+    let path = dir.join("inputs.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&serde_json::json!({"features": features, "embeddings": embeddings})).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_burst_of_200_requests_across_3_workers_runs_at_most_twice_and_answers_every_request() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "6")]);
+    let events = Events::listen(&setup.vhost).await;
+    let mut workers: Vec<Worker> = (1..=3).map(|i| env.spawn(&format!("w{i}"))).collect();
+    for w in &mut workers {
+        w.wait_ready(MINUTE).await;
+    }
+    let publisher = Publisher::new(&setup.vhost).await;
+    let started = Instant::now();
+    let requests = ids("burst", 200);
+    for id in &requests {
+        publisher.request(id).await;
+    }
+    events.wait_satisfied(&requests, 3 * MINUTE).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let runs = setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await;
+    assert!((1..=2).contains(&runs), "{runs} runs for one burst");
+    assert_eq!(setup.overlapping_runs().await, 0, "two runs of the model overlapped");
+    let unanswered =
+        setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests WHERE answered_at IS NULL").await;
+    assert_eq!(unanswered, 0);
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests").await, 200);
+    // Every delivery was acked: once the consumers are gone, nothing is left in the queue.
+    for w in &mut workers {
+        w.signal("TERM");
+        assert!(w.wait_exit(MINUTE).await.unwrap().success(), "{}", w.log_text());
+    }
+    assert_eq!(queue_depth(&setup.vhost, audotics_trainer::broker::RETRAIN_QUEUE).await, 0);
+    let ready = events.events("model-ready");
+    eprintln!("figures: 200 requests in, {} model-ready out, {runs} runs, {seconds:.1} s to answer all", ready.len());
+}
+
+async fn queue_depth(vhost: &Vhost, queue: &str) -> u32 {
+    let connection = audotics_trainer::broker::connect(&vhost.settings()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    q.message_count()
+}
+
+#[tokio::test]
+async fn the_same_request_delivered_twice_runs_once() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(&[]).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let first = publisher.request("dup-request").await;
+    events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
+    // Again, with the same event_id; then a different request, whose answer proves the duplicate
+    // was consumed before it (one queue, one consumer: in order).
+    publisher.request("dup-request").await;
+    let second = publisher.request("other-request").await;
+    let all = events.wait_satisfied(std::slice::from_ref(&second), 2 * MINUTE).await;
+    let runs = setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await;
+    assert_eq!(runs, 2, "one run per distinct request");
+    let answering_dup =
+        all.iter().filter(|r| r.body["satisfies"].as_array().unwrap().iter().any(|v| v == "dup-request")).count();
+    assert_eq!(answering_dup, 1, "the duplicate was answered again");
+    assert!(
+        worker.metrics().await.contains("audotics_retrain_requests_total{outcome=\"duplicate\"} 1"),
+        "{}",
+        worker.metrics().await
+    );
+}
+
+#[tokio::test]
+async fn a_killed_worker_s_run_is_resumed_from_its_checkpoint_by_another() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "30"), ("WORKER_LEASE_SECONDS", "3")]);
+    let events = Events::listen(&setup.vhost).await;
+    let mut first = env.spawn("w1");
+    first.wait_ready(MINUTE).await;
+    let id = Publisher::new(&setup.vhost).await.request("kill-me").await;
+    let store = setup.store.path().to_path_buf();
+    let at = eventually(2 * MINUTE, "the run's third epoch checkpoint", || async {
+        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= 3)
+    })
+    .await;
+    first.signal("KILL");
+    first.wait_exit(MINUTE).await.expect("kill -9 ends the worker");
+    let started = Instant::now();
+    let mut second = env.spawn("w2");
+    second.wait_ready(MINUTE).await;
+    events.wait_satisfied(std::slice::from_ref(&id), 3 * MINUTE).await;
+    let resumed = second.log_lines("resumed from checkpoint");
+    assert_eq!(resumed.len(), 1, "{}", second.log_text());
+    let epoch = resumed[0]["fields"]["epoch"].as_u64().unwrap() as usize;
+    assert!(epoch >= at.0, "resumed from epoch {epoch}, but epoch {} was checkpointed before the kill", at.0);
+    assert_eq!(second.log_lines("took over a run whose lease had expired").len(), 1);
+    assert_eq!(setup.db.count("SELECT takeovers::int8 FROM audotics_trainer.run_jobs").await, 1);
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await, 1);
+    let ready = events.events("model-ready");
+    assert_eq!(ready.len(), 1);
+    let meta_url = ready[0]["artifacts"]["metadata"].as_str().unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(meta_url.strip_prefix("file://").unwrap()).unwrap()).unwrap();
+    assert_eq!(meta["epochs_completed"], 30);
+    eprintln!(
+        "figures: killed after epoch {}, resumed from epoch {epoch}, model-ready {:.1} s after the second worker started",
+        at.0,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_run_is_recovered_and_the_model_published() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "15")]);
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = env.spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let id = Publisher::new(&setup.vhost).await.request("survive-restart").await;
+    let store = setup.store.path().to_path_buf();
+    eventually(2 * MINUTE, "the run's first checkpoint", || async { newest_checkpoint(&store) }).await;
+    let started = Instant::now();
+    restart_broker();
+    events.wait_satisfied(std::slice::from_ref(&id), 3 * MINUTE).await;
+    worker.wait_ready(MINUTE).await; // consuming again, on a recovered or rebuilt connection
+    // And it still takes requests after the restart.
+    let after = Publisher::new(&setup.vhost).await.request("after-restart").await;
+    events.wait_satisfied(std::slice::from_ref(&after), 3 * MINUTE).await;
+    assert!(worker.child.try_wait().unwrap().is_none(), "the worker exited:\n{}", worker.log_text());
+    eprintln!(
+        "figures: broker restarted mid-run; model-ready {:.1} s after the restart",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn thirty_seconds_without_the_database_loses_nothing() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let pg_port = url::Url::parse(&setup.db.url).unwrap().port().unwrap_or(5432);
+    let proxy = Proxy::start(pg_port).await;
+    let mut env = setup.env(&[]);
+    env.database_url = via_port(&setup.db.url, proxy.port);
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = env.spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let before = publisher.request("before-outage").await;
+    events.wait_satisfied(std::slice::from_ref(&before), 2 * MINUTE).await;
+
+    proxy.cut();
+    let outage = Instant::now();
+    let during = ids("during-outage", 5);
+    for id in &during {
+        publisher.request(id).await;
+    }
+    eventually(MINUTE, "/readyz to report the database down", || async {
+        worker.readyz().await.filter(|(status, body)| *status == 503 && body["database"] == false)
+    })
+    .await;
+    // The outage itself lasts 30 s; that is the fault being injected, not a wait for an outcome.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    proxy.restore();
+    events.wait_satisfied(&during, 3 * MINUTE).await;
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests").await, 6);
+    assert_eq!(
+        setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests WHERE answered_at IS NULL").await,
+        0
+    );
+    assert!(worker.metrics().await.contains("audotics_database_errors_total"), "no database error was counted");
+    worker.wait_ready(MINUTE).await;
+    eprintln!(
+        "figures: 30 s database outage; 5 requests sent during it, all answered {:.1} s after it began",
+        outage.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn each_malformed_request_is_dead_lettered_with_its_reason_and_the_worker_stays_ready() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(&[]).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let oversized = format!(r#"{{"model":"content-based","reason":"{}"}}"#, "x".repeat(70 * 1024));
+    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("bad-json", "malformed_json", b"{\"model\": ".to_vec()),
+        ("bad-schema", "unsupported_schema_version", br#"{"schema_version": 2, "model": "content-based"}"#.to_vec()),
+        ("bad-model", "unknown_model", br#"{"model": "collaborative"}"#.to_vec()),
+        ("bad-size", "oversized", oversized.into_bytes()),
+        ("bad-params", "invalid_params", br#"{"model": "content-based", "params": {"epochs": 100000}}"#.to_vec()),
+        ("bad-field", "invalid_field", br#"{"model": "content-based", "requested_at": "yesterday"}"#.to_vec()),
+    ];
+    for (id, _, body) in &cases {
+        publisher.raw("retrain.content-based", body, id).await;
+    }
+    let valid = publisher.request("valid-after-bad").await;
+    events.wait_satisfied(std::slice::from_ref(&valid), 2 * MINUTE).await;
+    events
+        .wait_for(MINUTE, "every malformed case dead-lettered", |all| {
+            all.iter().filter(|r| r.dead).count() >= cases.len()
+        })
+        .await;
+    let dead = events.dead_letters();
+    assert_eq!(dead.len(), cases.len(), "{dead:#?}");
+    for (id, reason, body) in &cases {
+        let letter =
+            dead.iter().find(|r| r.raw == *body).unwrap_or_else(|| panic!("{id} was not dead-lettered byte for byte"));
+        assert_eq!(letter.headers.get("x-audotics-dead-letter-reason").map(String::as_str), Some(*reason), "{id}");
+        assert!(!letter.headers["x-audotics-dead-letter-detail"].is_empty());
+    }
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests").await, 1);
+    let (status, _) = worker.readyz().await.unwrap();
+    assert_eq!(status, 200);
+    let metrics = worker.metrics().await;
+    for (_, reason, _) in &cases {
+        assert!(
+            metrics.contains(&format!("audotics_dead_letters_total{{reason=\"{reason}\"}} 1")),
+            "{reason}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_mid_run_exits_cleanly_within_the_grace_period_and_the_run_completes_later() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "40"), ("WORKER_GRACE_SECONDS", "20")]);
+    let events = Events::listen(&setup.vhost).await;
+    let mut first = env.spawn("w1");
+    first.wait_ready(MINUTE).await;
+    let id = Publisher::new(&setup.vhost).await.request("terminate-me").await;
+    let store = setup.store.path().to_path_buf();
+    eventually(2 * MINUTE, "the run's second epoch checkpoint", || async {
+        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= 2)
+    })
+    .await;
+    let signalled = Instant::now();
+    first.signal("TERM");
+    let status = first.wait_exit(Duration::from_secs(25)).await.expect("no exit within the grace period");
+    let exit_seconds = signalled.elapsed().as_secs_f64();
+    assert!(status.success(), "exit status {status}:\n{}", first.log_text());
+    assert!(first.log_text().contains("lease released for another worker"), "{}", first.log_text());
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs WHERE state = 'retry'").await, 1);
+    assert!(events.events("model-ready").is_empty());
+
+    let mut second = env.spawn("w2");
+    second.wait_ready(MINUTE).await;
+    events.wait_satisfied(std::slice::from_ref(&id), 3 * MINUTE).await;
+    let resumed = second.log_lines("resumed from checkpoint");
+    assert_eq!(resumed.len(), 1, "{}", second.log_text());
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs WHERE state = 'succeeded'").await, 1);
+    eprintln!(
+        "figures: SIGTERM → exit 0 in {exit_seconds:.2} s; resumed at epoch {} step {}",
+        resumed[0]["fields"]["epoch"], resumed[0]["fields"]["step"]
+    );
+}
+
+#[tokio::test]
+async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(&[("QUALITY_TOLERANCE", "0.0"), ("AUDOTICS_EPOCHS", "8")]).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let good = publisher.request("good-model").await;
+    events.wait_satisfied(std::slice::from_ref(&good), 2 * MINUTE).await;
+    // One epoch at a learning rate too small to move the weights: worse than the current version.
+    let body =
+        br#"{"model": "content-based", "event_id": "bad-model", "params": {"epochs": 1, "learning_rate": 0.0000001}}"#;
+    publisher.raw("retrain.content-based", body, "bad-model").await;
+    events.wait_satisfied(&["bad-model".to_string()], 2 * MINUTE).await;
+    let rejected = events.events("model-rejected");
+    assert_eq!(rejected.len(), 1, "{:#?}", events.all());
+    let current = events.events("model-ready")[0]["version"].clone();
+    assert_eq!(rejected[0]["current_version"], current);
+    assert!(rejected[0]["metrics"]["recall_at_10"].as_f64() < rejected[0]["current_metrics"]["recall_at_10"].as_f64());
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(setup.store.path().join("content-based/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["version"], current, "latest.json moved to a rejected version");
+    let versions = std::fs::read_dir(setup.store.path().join("content-based/versions")).unwrap().count();
+    assert_eq!(versions, 1, "the rejected version was uploaded");
+}
