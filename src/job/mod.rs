@@ -88,7 +88,8 @@ pub struct Rejected {
     pub reason: String,
     pub metadata: ModelMetadata,
     pub current_version: String,
-    pub current_recall_at_10: f64,
+    /// The current version's headline metrics, shaped like `model-ready`'s `metrics`.
+    pub current_metrics: serde_json::Value,
     pub tolerance: f64,
 }
 
@@ -209,7 +210,7 @@ async fn execute(
                     reason: rejected.0,
                     metadata: files.metadata,
                     current_version: rejected.1,
-                    current_recall_at_10: rejected.2,
+                    current_metrics: rejected.2,
                     tolerance,
                 })));
             }
@@ -218,7 +219,7 @@ async fn execute(
     }
 }
 
-/// `Some((reason, current version, its Recall@10))` when the candidate's Recall@10 is below the
+/// `Some((reason, current version, its metrics))` when the candidate's Recall@10 is below the
 /// current version's (the one `latest.json` names) by more than `tolerance`. The first model, or a
 /// current version without the metric, always passes.
 async fn quality_gate(
@@ -226,7 +227,7 @@ async fn quality_gate(
     manifest: &RunManifest,
     candidate: &ModelMetadata,
     tolerance: f64,
-) -> anyhow::Result<Option<(String, String, f64)>> {
+) -> anyhow::Result<Option<(String, String, serde_json::Value)>> {
     use crate::storage::publish::{read_latest, read_manifest};
     let Some(latest) = read_latest(store, &manifest.model).await? else {
         return Ok(None);
@@ -246,9 +247,22 @@ async fn quality_gate(
                 latest.version
             ),
             latest.version.clone(),
-            current_recall,
+            headline_metrics(&current.metrics),
         )
     }))
+}
+
+/// A manifest's `{"final": …, "baselines": …}` as events carry metrics: Recall@10 and NDCG@10 of the
+/// model and of each baseline.
+pub fn headline_metrics(manifest_metrics: &serde_json::Value) -> serde_json::Value {
+    let pick = |m: &serde_json::Value| json!({"recall_at_10": m["recall_at_10"], "ndcg_at_10": m["ndcg_at_10"]});
+    let f = &manifest_metrics["final"];
+    let b = &manifest_metrics["baselines"];
+    json!({
+        "recall_at_10": f["recall_at_10"],
+        "ndcg_at_10": f["ndcg_at_10"],
+        "baselines": {"raw_features": pick(&b["raw_features"]), "popularity": pick(&b["popularity"])},
+    })
 }
 
 async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<RunOutcome>) -> anyhow::Result<()> {

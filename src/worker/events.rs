@@ -87,7 +87,7 @@ pub fn model_rejected(model: &str, r: &Rejected) -> EventDraft {
         "reason": r.reason,
         "metrics": metrics_json(&r.metadata),
         "current_version": r.current_version,
-        "current_metrics": {"recall_at_10": r.current_recall_at_10},
+        "current_metrics": r.current_metrics,
         "tolerance": r.tolerance,
         "satisfies": [],
     });

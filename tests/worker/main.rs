@@ -314,8 +314,10 @@ async fn a_broker_restart_mid_run_is_recovered_and_the_model_published() {
     events.wait_satisfied(std::slice::from_ref(&after), 3 * MINUTE).await;
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker exited:\n{}", worker.log_text());
     eprintln!(
-        "figures: broker restarted mid-run; model-ready {:.1} s after the restart",
-        started.elapsed().as_secs_f64()
+        "figures: broker restarted mid-run; model-ready {:.1} s after the restart; lapin recoveries {}, supervisor rebuilds {}",
+        started.elapsed().as_secs_f64(),
+        worker.log_lines("broker connection recovered").len(),
+        worker.log_lines("broker session lost; reconnecting").len(),
     );
 }
 
@@ -468,4 +470,46 @@ async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered(
     assert_eq!(latest["version"], current, "latest.json moved to a rejected version");
     let versions = std::fs::read_dir(setup.store.path().join("content-based/versions")).unwrap().count();
     assert_eq!(versions, 1, "the rejected version was uploaded");
+}
+
+#[tokio::test]
+async fn the_retrain_command_publishes_a_request_the_worker_answers() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(&[]).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let retrain = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .arg("retrain")
+            .args(args)
+            .env("AMQP_URL", &setup.vhost.url)
+            .env("AUDOTICS_LOG_FORMAT", "json")
+            .output()
+            .unwrap()
+    };
+    let out = retrain(&["--model", "content-based", "--reason", "operator asked", "--params", r#"{"epochs": 2}"#]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let event_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(uuid::Uuid::parse_str(&event_id).is_ok(), "{event_id}");
+    events.wait_satisfied(std::slice::from_ref(&event_id), 2 * MINUTE).await;
+    let reason: String = sqlx::query_scalar("SELECT reason FROM audotics_trainer.retrain_requests WHERE event_id = $1")
+        .bind(&event_id)
+        .fetch_one(&setup.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reason, "operator asked");
+    let meta_url = events.events("model-ready")[0]["artifacts"]["metadata"].as_str().unwrap().to_string();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(meta_url.strip_prefix("file://").unwrap()).unwrap()).unwrap();
+    assert_eq!(meta["epochs_completed"], 2, "the request's params were applied");
+
+    // What the worker would dead-letter, the command refuses before sending.
+    let out = retrain(&["--params", r#"{"epochs": 0}"#]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid_params"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
