@@ -46,6 +46,10 @@ pub enum Command {
     Worker(Box<crate::worker::WorkerArgs>),
     /// Publish a `retrain` request (what a platform service does; also for operators).
     Retrain(RetrainArgs),
+    /// Point latest.json at an earlier version (verified against its manifest first).
+    Rollback(RollbackArgs),
+    /// Show the dead-letter queue (a dry run, the default), or send its messages back with --replay.
+    ReplayDeadLetters(ReplayArgs),
     /// Reference baselines on a database seeded with --spotify-csv: raw features, popularity,
     /// same-subgenre and same-artist, on exactly the held-out split `train` uses with the same flags.
     SpotifyBaselines(Box<SpotifyBaselinesArgs>),
@@ -81,6 +85,35 @@ pub struct RetrainArgs {
     /// Training overrides as a JSON object, e.g. '{"epochs": 5}' (bounded; see docs/asyncapi.yaml).
     #[arg(long)]
     pub params: Option<String>,
+    /// `x-delivery-limit` of the retrain queue, should this command be the one to declare it.
+    #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = at_least_one)]
+    pub delivery_limit: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Model store (path, file:// or s3://bucket/prefix).
+    #[arg(long, env = "MODEL_STORE_URL", default_value = "./models")]
+    pub output: String,
+    #[arg(long, env = "AUDOTICS_MODEL", default_value = "content-based", value_parser = model_key)]
+    pub model: String,
+    /// The version to make current (default: the newest whole version older than the current one).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Look at (or replay) at most this many messages.
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
+    pub limit: usize,
+    /// Republish the messages to audotics.events (and remove them from the dead-letter queue).
+    /// Without it, a dry run: print them and leave them where they are.
+    #[arg(long, default_value_t = false)]
+    pub replay: bool,
     /// `x-delivery-limit` of the retrain queue, should this command be the one to declare it.
     #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = at_least_one)]
     pub delivery_limit: usize,
@@ -305,6 +338,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::SpotifyBaselines(args) => spotify_baselines(*args).await,
         Command::Worker(args) => crate::worker::run(*args).await,
         Command::Retrain(args) => retrain(args).await,
+        Command::Rollback(args) => {
+            let store = ModelStore::open(&args.output)?;
+            let (from, to) = crate::ops::rollback(&store, &args.model, args.to.as_deref()).await?;
+            println!("{}: latest.json {} → {to}", args.model, from.as_deref().unwrap_or("(none)"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ReplayDeadLetters(args) => {
+            let settings = crate::broker::BrokerSettings {
+                url: args.amqp_url.clone(),
+                delivery_limit: args.delivery_limit as i64,
+                prefetch: 1,
+                connection_name: "audotics-trainer replay-dead-letters".into(),
+            };
+            let letters = crate::ops::replay_dead_letters(&settings, args.limit, args.replay).await?;
+            for letter in &letters {
+                println!("{}", serde_json::to_string(letter)?);
+            }
+            let action = if args.replay { "replayed" } else { "left in place (dry run; --replay sends them back)" };
+            eprintln!("{} dead letters {action}", letters.len());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

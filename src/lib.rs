@@ -16,6 +16,7 @@
 //!   [`seed`] loads demo data into the platform's tables.
 //! - [`worker`]: the retrain worker (RabbitMQ in, model-ready out) and [`broker`], its RabbitMQ
 //!   client and topology; [`db::coord`] holds its Postgres coordination (requests, leases, outbox).
+//! - [`ops`]: operator commands — `rollback` and `replay-dead-letters`.
 //! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
 //!   and the throughput benchmark.
 
@@ -34,6 +35,7 @@ pub mod features;
 pub mod job;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod pairs;
 pub mod procstat;

@@ -115,6 +115,15 @@ const EVENTS_QUEUE: &str = "test.events";
 
 impl Events {
     pub async fn listen(vhost: &Vhost) -> Self {
+        Self::listen_with(vhost, true).await
+    }
+
+    /// Records announced events but leaves the dead-letter queue alone.
+    pub async fn listen_events_only(vhost: &Vhost) -> Self {
+        Self::listen_with(vhost, false).await
+    }
+
+    async fn listen_with(vhost: &Vhost, with_dead: bool) -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let changed = Arc::new(Notify::new());
         let (url, s2, c2) = (vhost.url.clone(), seen.clone(), changed.clone());
@@ -127,7 +136,7 @@ impl Events {
         let task = tokio::spawn(async move {
             loop {
                 let settings = BrokerSettings { url: url.clone(), ..settings.clone() };
-                let _ = consume(&settings, &s2, &c2).await;
+                let _ = consume(&settings, &s2, &c2, with_dead).await;
                 tokio::time::sleep(Duration::from_millis(200)).await; // reconnect after a broker restart
             }
         });
@@ -203,24 +212,40 @@ async fn declare(channel: &lapin::Channel, settings: &BrokerSettings) {
     }
 }
 
-async fn consume(settings: &BrokerSettings, seen: &Mutex<Vec<Recorded>>, changed: &Notify) -> anyhow::Result<()> {
+async fn consume(
+    settings: &BrokerSettings,
+    seen: &Mutex<Vec<Recorded>>,
+    changed: &Notify,
+    with_dead: bool,
+) -> anyhow::Result<()> {
     let connection = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     let mut events = channel
         .basic_consume(EVENTS_QUEUE.into(), "events".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await?;
-    let mut dead = channel
-        .basic_consume(
-            broker::DEAD_LETTER_QUEUE.into(),
-            "dead".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut dead = match with_dead {
+        true => Some(
+            channel
+                .basic_consume(
+                    broker::DEAD_LETTER_QUEUE.into(),
+                    "dead".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?,
+        ),
+        false => None,
+    };
     loop {
+        let next_dead = async {
+            match dead.as_mut() {
+                Some(d) => d.next().await,
+                None => std::future::pending().await,
+            }
+        };
         let (delivery, is_dead) = tokio::select! {
             d = events.next() => (d, false),
-            d = dead.next() => (d, true),
+            d = next_dead => (d, true),
         };
         let delivery = match delivery {
             Some(Ok(d)) => d,
