@@ -73,9 +73,13 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
     shared.outbox_wake.notify_one();
     *outage_since = None;
     info!(queue = RETRAIN_QUEUE, prefetch = shared.broker.prefetch, "consuming");
-    let max_outage = Duration::from_secs(shared.args.broker_max_outage_seconds as u64);
     let mut shutdown = shared.shutdown.subscribe();
-    loop {
+    // lapin's recovery does not always notice a broker restart, nor always surface it on the
+    // consumer stream (seen with RabbitMQ 3.10: CONNECTION_FORCED, then silence). So the connection's
+    // state is watched too: not connected for RECOVERY_WAIT → this session is over and rebuilt.
+    let mut watchdog = tokio::time::interval(Duration::from_millis(500));
+    let mut disconnected_since: Option<Instant> = None;
+    let end = loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => {
                 info!("shutdown: cancelling the consumer");
@@ -83,27 +87,65 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 let _ = connection.close(200, "worker shutting down".into()).await;
                 return Ok(SessionEnd::Shutdown);
             }
+            _ = watchdog.tick() => {
+                if connection.status().connected() {
+                    if disconnected_since.take().is_some() {
+                        info!("broker connection recovered");
+                        metrics::counter!("audotics_broker_recoveries_total").increment(1);
+                        shared.broker_connected.store(true, Ordering::SeqCst);
+                        shared.outbox_wake.notify_one();
+                    }
+                } else {
+                    let since = *disconnected_since.get_or_insert_with(|| {
+                        warn!(state = state_of(&connection), "broker connection lost; waiting for automatic recovery");
+                        Instant::now()
+                    });
+                    shared.broker_connected.store(false, Ordering::SeqCst);
+                    if since.elapsed() >= RECOVERY_WAIT {
+                        break SessionEnd::Lost(format!(
+                            "automatic recovery did not reconnect within {RECOVERY_WAIT:?} (state {})",
+                            state_of(&connection)
+                        ));
+                    }
+                }
+            }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => handle(shared, delivery).await,
                 Some(Err(e)) => {
                     shared.broker_connected.store(false, Ordering::SeqCst);
-                    warn!(error.message = %e, "broker connection lost; waiting for automatic recovery");
-                    match tokio::time::timeout(max_outage, channel.wait_for_recovery(e)).await {
-                        Ok(Ok(())) => {
-                            info!("broker connection recovered");
-                            metrics::counter!("audotics_broker_recoveries_total").increment(1);
-                            shared.broker_connected.store(true, Ordering::SeqCst);
-                            shared.outbox_wake.notify_one();
-                        }
-                        Ok(Err(e)) => return Ok(SessionEnd::Lost(format!("automatic recovery failed: {e}"))),
-                        Err(_) => return Ok(SessionEnd::Lost("automatic recovery timed out".into())),
+                    warn!(error.message = %e, "consumer error; waiting for automatic recovery");
+                    disconnected_since.get_or_insert_with(Instant::now);
+                    match tokio::time::timeout(RECOVERY_WAIT, channel.wait_for_recovery(e)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => break SessionEnd::Lost(format!("automatic recovery failed: {e}")),
+                        Err(_) => break SessionEnd::Lost("automatic recovery timed out".into()),
                     }
                 }
-                None => return Ok(SessionEnd::Lost("the consumer stream ended".into())),
+                None => break SessionEnd::Lost("the consumer stream ended".into()),
             }
         }
+    };
+    // Close the old connection so that a late recovery cannot revive a consumer nobody reads.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), connection.close(200, "rebuilding the connection".into())).await;
+    Ok(end)
+}
+
+fn state_of(connection: &lapin::Connection) -> &'static str {
+    let s = connection.status();
+    match () {
+        _ if s.connected() => "connected",
+        _ if s.reconnecting() => "reconnecting",
+        _ if s.connecting() => "connecting",
+        _ if s.closing() => "closing",
+        _ if s.closed() => "closed",
+        _ if s.errored() => "error",
+        _ => "unknown",
     }
 }
+
+/// How long lapin's automatic recovery gets before the supervisor rebuilds the connection itself.
+const RECOVERY_WAIT: Duration = Duration::from_secs(10);
 
 /// One delivery: dead-letter it, or record it and then ack it.
 async fn handle(shared: &Arc<Shared>, delivery: Delivery) {
