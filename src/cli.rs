@@ -525,26 +525,9 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
 
 /// First Ctrl-C/SIGTERM: stop at the next batch boundary (a checkpoint is written). Second: exit now.
 fn spawn_signal_handler(stop: StopFlag) {
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
-        for _ in 0..2 {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if stop.is_requested() {
-                tracing::warn!("second stop signal: exiting without waiting for the epoch");
-                std::process::exit(130);
-            }
-            tracing::warn!("stop requested: stopping at the next batch boundary and writing a checkpoint");
-            stop.request();
-        }
+    crate::signals::on_stop_signals(move || {
+        tracing::warn!("stop requested: stopping at the next batch boundary and writing a checkpoint");
+        stop.request();
     });
 }
 

@@ -40,6 +40,7 @@ pub mod optim;
 pub mod pairs;
 pub mod procstat;
 pub mod seed;
+pub mod signals;
 pub mod spotify;
 pub mod storage;
 pub mod telemetry;

@@ -265,6 +265,17 @@ pub(super) async fn publish(
         };
         let started = std::time::Instant::now();
         let published = publish_version(store, &info, files.files).await?;
+        // An adopted version's files are the other execution's: announce its metadata, not ours
+        // (same weights and metrics — training is deterministic — but other timings).
+        let metadata = match published.adopted {
+            false => files.metadata,
+            true => {
+                let key = layout::version_object(&manifest.model, &manifest.version, layout::METADATA);
+                serde_json::from_slice(&store.get(&key).await?)
+                    .with_context(|| format!("{key} is not valid metadata"))?
+            }
+        };
+        let m = &metadata;
         metrics::histogram!("audotics_publish_seconds", "model" => manifest.model.clone())
             .record(started.elapsed().as_secs_f64());
         info!(
@@ -285,7 +296,7 @@ pub(super) async fn publish(
             artifacts: published.urls.clone(),
             manifest_sha256: published.manifest_sha256.clone(),
             is_latest: published.is_latest,
-            metadata: files.metadata,
+            metadata,
         })))
     }
     .instrument(span)

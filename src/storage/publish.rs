@@ -61,6 +61,9 @@ pub struct PublishedVersion {
     pub urls: BTreeMap<String, String>,
     /// Whether `latest.json` now names this version (false when a newer one was already there).
     pub is_latest: bool,
+    /// The version was already whole (another execution of the same run published it, e.g. a
+    /// worker that lost its lease while paused): its objects were kept, not rewritten.
+    pub adopted: bool,
 }
 
 /// Hex sha256.
@@ -85,6 +88,10 @@ pub async fn publish_version(
     info: &VersionInfo<'_>,
     files: Vec<(String, Bytes)>,
 ) -> anyhow::Result<PublishedVersion> {
+    let manifest_key = layout::version_object(info.model, info.version, layout::MANIFEST);
+    if store.exists(&manifest_key).await? {
+        return adopt(store, info, &manifest_key).await;
+    }
     let mut entries = Vec::with_capacity(files.len());
     let mut urls = BTreeMap::new();
     for (name, bytes) in files {
@@ -103,11 +110,46 @@ pub async fn publish_version(
         metrics: info.metrics.clone(),
     };
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)?;
-    let manifest_key = layout::version_object(info.model, info.version, layout::MANIFEST);
     let manifest_sha256 = sha256_hex(&manifest_bytes);
     store.put_immutable(&manifest_key, manifest_bytes).await.with_context(|| format!("uploading {manifest_key}"))?;
     urls.insert("manifest".to_string(), store.url_of(&manifest_key));
 
+    let is_latest = advance_latest(store, info, &manifest_key, &manifest_sha256).await?;
+    info!(manifest = %store.url_of(&manifest_key), is_latest, "version published");
+    Ok(PublishedVersion { manifest_key, manifest_sha256, urls, is_latest, adopted: false })
+}
+
+/// The version is already whole: check that it is this run's and intact, then make sure
+/// `latest.json` has moved to it (the other execution may have stopped right before that).
+async fn adopt(store: &ModelStore, info: &VersionInfo<'_>, manifest_key: &str) -> anyhow::Result<PublishedVersion> {
+    let bytes = store.get(manifest_key).await?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).with_context(|| format!("{manifest_key} is not a valid manifest"))?;
+    anyhow::ensure!(
+        manifest.run_id == info.run_id,
+        "version {} already exists, published by run {}, not {}",
+        info.version,
+        manifest.run_id,
+        info.run_id
+    );
+    verify(store, &manifest).await.context("the version already published by this run is damaged")?;
+    let manifest_sha256 = sha256_hex(&bytes);
+    let mut urls: BTreeMap<String, String> =
+        manifest.artifacts.iter().map(|e| (e.name.clone(), store.url_of(&e.key))).collect();
+    urls.insert("manifest".to_string(), store.url_of(manifest_key));
+    let is_latest = advance_latest(store, info, manifest_key, &manifest_sha256).await?;
+    warn!(manifest = %store.url_of(manifest_key), is_latest, "version already published by another execution of this run; adopted it");
+    Ok(PublishedVersion { manifest_key: manifest_key.to_string(), manifest_sha256, urls, is_latest, adopted: true })
+}
+
+/// Points `latest.json` at the version unless a newer one is already there; returns whether it
+/// names this version now.
+async fn advance_latest(
+    store: &ModelStore,
+    info: &VersionInfo<'_>,
+    manifest_key: &str,
+    manifest_sha256: &str,
+) -> anyhow::Result<bool> {
     // latest.json only moves forward (versions sort by creation time); rolling back is an explicit
     // operator action, not a side effect of a late publish.
     let current = read_latest(store, info.model).await?;
@@ -116,13 +158,13 @@ pub async fn publish_version(
             warn!(newer = %latest.version, "a newer version is already latest; leaving latest.json alone");
             false
         }
+        Some(latest) if latest.version == info.version => true,
         _ => {
-            write_latest(store, info.model, info.version, &manifest_key, &manifest_sha256).await?;
+            write_latest(store, info.model, info.version, manifest_key, manifest_sha256).await?;
             true
         }
     };
-    info!(manifest = %store.url_of(&manifest_key), is_latest, "version published");
-    Ok(PublishedVersion { manifest_key, manifest_sha256, urls, is_latest })
+    Ok(is_latest)
 }
 
 /// Points `<model>/latest.json` at a version whose manifest exists.

@@ -233,28 +233,11 @@ fn default_worker_id() -> String {
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (status 130).
 fn spawn_signal_handler(shared: Arc<Shared>) {
-    tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
-        for _ in 0..2 {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if shared.shutting_down() {
-                warn!("second stop signal: exiting now");
-                std::process::exit(130);
-            }
-            warn!(grace_seconds = shared.args.grace_seconds, "shutdown requested: stop consuming, checkpoint, release");
-            let _ = shared.shutdown.send(true);
-            shared.request_run_stop();
-            shared.scheduler_wake.notify_one();
-        }
+    crate::signals::on_stop_signals(move || {
+        warn!(grace_seconds = shared.args.grace_seconds, "shutdown requested: stop consuming, checkpoint, release");
+        let _ = shared.shutdown.send(true);
+        shared.request_run_stop();
+        shared.scheduler_wake.notify_one();
     });
 }
 

@@ -51,6 +51,15 @@ async fn publish(
     version: &str,
     files: Vec<(String, Bytes)>,
 ) -> anyhow::Result<audotics_trainer::storage::publish::PublishedVersion> {
+    publish_as(store, "run", version, files).await
+}
+
+async fn publish_as(
+    store: &ModelStore,
+    run_id: &str,
+    version: &str,
+    files: Vec<(String, Bytes)>,
+) -> anyhow::Result<audotics_trainer::storage::publish::PublishedVersion> {
     let watermark = Watermark {
         newest_interaction_at: Some("2026-01-01T00:00:00.000Z".into()),
         newest_interaction_ms: Some(1_767_225_600_000),
@@ -59,7 +68,7 @@ async fn publish(
     let info = VersionInfo {
         model: "m",
         version,
-        run_id: "run",
+        run_id,
         created_at: "2026-01-01T00:00:00",
         watermark: &watermark,
         metrics: serde_json::json!({"recall_at_10": 0.1}),
@@ -101,11 +110,27 @@ async fn immutability(store: &ModelStore) {
     assert!(err.to_string().contains("immutable"), "{err}");
     assert_eq!(store.get("m/versions/v/a").await.unwrap().as_ref(), b"one");
     // A whole version published twice (a retried publish) is fine.
-    publish(store, "20260101T000000Z-bbbbbb", files(3)).await.unwrap();
-    publish(store, "20260101T000000Z-bbbbbb", files(3)).await.unwrap();
+    assert!(!publish(store, "20260101T000000Z-bbbbbb", files(3)).await.unwrap().adopted);
+    assert!(publish(store, "20260101T000000Z-bbbbbb", files(3)).await.unwrap().adopted);
+    // Another execution of the same run (a worker that lost its lease while paused) with other
+    // bytes adopts the whole version and changes nothing in it…
+    assert!(publish(store, "20260101T000000Z-bbbbbb", files(4)).await.unwrap().adopted);
+    let key = layout::version_object("m", "20260101T000000Z-bbbbbb", "weights.safetensors");
+    assert_eq!(store.get(&key).await.unwrap(), files(3)[0].1);
+    // …but another run cannot claim it, and other bytes under a version without a manifest (a
+    // half-written one) are refused object by object.
+    let err = publish_as(store, "other-run", "20260101T000000Z-bbbbbb", files(3)).await.unwrap_err();
+    assert!(err.to_string().contains("published by run run"), "{err}");
+    store
+        .put_immutable(
+            &layout::version_object("m", "20260101T000000Z-cccccc", "weights.safetensors"),
+            files(5)[0].1.clone(),
+        )
+        .await
+        .unwrap();
     assert!(
-        publish(store, "20260101T000000Z-bbbbbb", files(4)).await.is_err(),
-        "different content under a published version"
+        publish(store, "20260101T000000Z-cccccc", files(6)).await.is_err(),
+        "different content under a half-written version"
     );
 }
 

@@ -55,6 +55,25 @@ impl Setup {
     }
 }
 
+/// Starts worker `w1`, sends request `id`, and waits until its run has checkpointed `epochs` epochs;
+/// returns the worker, the request id and the newest checkpoint position.
+async fn run_until_checkpoint(
+    setup: &Setup,
+    env: &WorkerEnv,
+    id: &str,
+    epochs: usize,
+) -> (Worker, String, (usize, usize)) {
+    let mut worker = env.spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let id = Publisher::new(&setup.vhost).await.request(id).await;
+    let store = setup.store.path().to_path_buf();
+    let at = eventually(2 * MINUTE, &format!("the run's checkpoint of epoch {epochs}"), || async {
+        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= epochs)
+    })
+    .await;
+    (worker, id, at)
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4())).collect()
 }
@@ -260,14 +279,7 @@ async fn a_killed_worker_s_run_is_resumed_from_its_checkpoint_by_another() {
     let setup = Setup::new().await;
     let env = setup.env(&[("AUDOTICS_EPOCHS", "30"), ("WORKER_LEASE_SECONDS", "3")]);
     let events = Events::listen(&setup.vhost).await;
-    let mut first = env.spawn("w1");
-    first.wait_ready(MINUTE).await;
-    let id = Publisher::new(&setup.vhost).await.request("kill-me").await;
-    let store = setup.store.path().to_path_buf();
-    let at = eventually(2 * MINUTE, "the run's third epoch checkpoint", || async {
-        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= 3)
-    })
-    .await;
+    let (mut first, id, at) = run_until_checkpoint(&setup, &env, "kill-me", 3).await;
     first.signal("KILL");
     first.wait_exit(MINUTE).await.expect("kill -9 ends the worker");
     let started = Instant::now();
@@ -416,14 +428,7 @@ async fn sigterm_mid_run_exits_cleanly_within_the_grace_period_and_the_run_compl
     let setup = Setup::new().await;
     let env = setup.env(&[("AUDOTICS_EPOCHS", "40"), ("WORKER_GRACE_SECONDS", "20")]);
     let events = Events::listen(&setup.vhost).await;
-    let mut first = env.spawn("w1");
-    first.wait_ready(MINUTE).await;
-    let id = Publisher::new(&setup.vhost).await.request("terminate-me").await;
-    let store = setup.store.path().to_path_buf();
-    eventually(2 * MINUTE, "the run's second epoch checkpoint", || async {
-        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= 2)
-    })
-    .await;
+    let (mut first, id, _) = run_until_checkpoint(&setup, &env, "terminate-me", 2).await;
     let signalled = Instant::now();
     first.signal("TERM");
     let status = first.wait_exit(Duration::from_secs(25)).await.expect("no exit within the grace period");
@@ -612,4 +617,40 @@ async fn republish_dead_letter(vhost: &Vhost, letter: &Recorded) {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_loses_the_run_and_the_version_is_published_once() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "30"), ("WORKER_LEASE_SECONDS", "3")]);
+    let events = Events::listen(&setup.vhost).await;
+    let (mut first, id, _) = run_until_checkpoint(&setup, &env, "pause-me", 3).await;
+    first.signal("STOP");
+    let mut second = env.spawn("w2");
+    second.wait_ready(MINUTE).await;
+    eventually(MINUTE, "the second worker to take the run over", || async {
+        (!second.log_lines("took over a run whose lease had expired").is_empty()).then_some(())
+    })
+    .await;
+    first.signal("CONT");
+    eventually(MINUTE, "the paused worker to notice that its lease is gone", || async {
+        (!first.log_lines("lease lost: another worker owns the run now; stopping").is_empty()).then_some(())
+    })
+    .await;
+    events.wait_satisfied(std::slice::from_ref(&id), 3 * MINUTE).await;
+    first.wait_ready(MINUTE).await; // it carries on as a worker
+    let ready = events.events("model-ready");
+    let ids: std::collections::BTreeSet<_> = ready.iter().map(|e| e["event_id"].to_string()).collect();
+    assert_eq!(ids.len(), 1, "one version, one event id: {ready:#?}");
+    let versions = std::fs::read_dir(setup.store.path().join("content-based/versions")).unwrap().count();
+    assert_eq!(versions, 1);
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs WHERE state = 'succeeded'").await, 1);
+    assert_eq!(
+        setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests WHERE answered_at IS NULL").await,
+        0
+    );
+    let lost = first.log_lines("run ended");
+    assert_eq!(lost.len(), 1, "{}", first.log_text());
+    assert_eq!(lost[0]["fields"]["status"], "lease_lost");
 }
