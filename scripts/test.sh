@@ -9,5 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 scripts/consumers.sh
-X
+scripts/validate.sh              # deployment files, the AsyncAPI contract, .env.example (README: Deploy)
+scripts/validate.sh --self-test  # …and each of those checks fails on a planted error
 exec cargo test --release --all-targets "$@"
