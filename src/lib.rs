@@ -24,6 +24,7 @@ pub mod artifacts;
 pub mod bench;
 pub mod bench_load;
 pub mod broker;
+pub mod chaos;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
