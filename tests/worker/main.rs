@@ -654,3 +654,32 @@ async fn a_worker_paused_past_its_lease_loses_the_run_and_the_version_is_publish
     assert_eq!(lost.len(), 1, "{}", first.log_text());
     assert_eq!(lost[0]["fields"]["status"], "lease_lost");
 }
+
+#[tokio::test]
+async fn a_request_the_newest_version_already_covers_is_answered_without_training() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(&[]).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let first = publisher.request("trains").await;
+    events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
+    let v1 = events.events("model-ready")[0].clone();
+    let watermark = v1["data"]["newest_interaction_at"].as_str().unwrap().to_string();
+    // Covered (exactly at the watermark): answered by v1 again, same event id, no run.
+    let body = serde_json::json!({"model": "content-based", "event_id": "covered", "interactions_until": watermark});
+    publisher.raw("retrain.content-based", &serde_json::to_vec(&body).unwrap(), "covered").await;
+    let all = events.wait_satisfied(&["covered".to_string()], MINUTE).await;
+    let answer = all.iter().find(|r| r.body["satisfies"] == serde_json::json!(["covered"])).unwrap();
+    assert_eq!(answer.body["event_id"], v1["event_id"]);
+    assert_eq!(answer.body["version"], v1["version"]);
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await, 1);
+    // Not covered (a millisecond later): a run.
+    let later = chrono::DateTime::parse_from_rfc3339(&watermark).unwrap() + chrono::Duration::milliseconds(1);
+    let body = serde_json::json!({"model": "content-based", "event_id": "not-covered", "interactions_until": later.to_rfc3339()});
+    publisher.raw("retrain.content-based", &serde_json::to_vec(&body).unwrap(), "not-covered").await;
+    events.wait_satisfied(&["not-covered".to_string()], 2 * MINUTE).await;
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await, 2);
+    assert!(worker.metrics().await.contains("audotics_retrain_requests_total{outcome=\"satisfied\"} 1"));
+}
