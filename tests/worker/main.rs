@@ -74,6 +74,16 @@ async fn run_until_checkpoint(
     (worker, id, at)
 }
 
+/// A setup with its event listener, one ready worker (`w1`, with `extra` settings) and a publisher.
+async fn one_worker(extra: &[(&str, &str)]) -> (Setup, Events, Worker, Publisher) {
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut worker = setup.env(extra).spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    (setup, events, worker, publisher)
+}
+
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4())).collect()
 }
@@ -249,11 +259,7 @@ async fn queue_depth(vhost: &Vhost, queue: &str) -> u32 {
 #[tokio::test]
 async fn the_same_request_delivered_twice_runs_once() {
     let _serial = serial().await;
-    let setup = Setup::new().await;
-    let events = Events::listen(&setup.vhost).await;
-    let mut worker = setup.env(&[]).spawn("w1");
-    worker.wait_ready(MINUTE).await;
-    let publisher = Publisher::new(&setup.vhost).await;
+    let (setup, events, worker, publisher) = one_worker(&[]).await;
     let first = publisher.request("dup-request").await;
     events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
     // Again, with the same event_id; then a different request, whose answer proves the duplicate
@@ -378,11 +384,7 @@ async fn thirty_seconds_without_the_database_loses_nothing() {
 #[tokio::test]
 async fn each_malformed_request_is_dead_lettered_with_its_reason_and_the_worker_stays_ready() {
     let _serial = serial().await;
-    let setup = Setup::new().await;
-    let events = Events::listen(&setup.vhost).await;
-    let mut worker = setup.env(&[]).spawn("w1");
-    worker.wait_ready(MINUTE).await;
-    let publisher = Publisher::new(&setup.vhost).await;
+    let (setup, events, worker, publisher) = one_worker(&[]).await;
     let oversized = format!(r#"{{"model":"content-based","reason":"{}"}}"#, "x".repeat(70 * 1024));
     let cases: Vec<(&str, &str, Vec<u8>)> = vec![
         ("bad-json", "malformed_json", b"{\"model\": ".to_vec()),
@@ -453,11 +455,8 @@ async fn sigterm_mid_run_exits_cleanly_within_the_grace_period_and_the_run_compl
 #[tokio::test]
 async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered() {
     let _serial = serial().await;
-    let setup = Setup::new().await;
-    let events = Events::listen(&setup.vhost).await;
-    let mut worker = setup.env(&[("QUALITY_TOLERANCE", "0.0"), ("AUDOTICS_EPOCHS", "8")]).spawn("w1");
-    worker.wait_ready(MINUTE).await;
-    let publisher = Publisher::new(&setup.vhost).await;
+    let (setup, events, _worker, publisher) =
+        one_worker(&[("QUALITY_TOLERANCE", "0.0"), ("AUDOTICS_EPOCHS", "8")]).await;
     let good = publisher.request("good-model").await;
     events.wait_satisfied(std::slice::from_ref(&good), 2 * MINUTE).await;
     // One epoch at a learning rate too small to move the weights: worse than the current version.
@@ -658,11 +657,7 @@ async fn a_worker_paused_past_its_lease_loses_the_run_and_the_version_is_publish
 #[tokio::test]
 async fn a_request_the_newest_version_already_covers_is_answered_without_training() {
     let _serial = serial().await;
-    let setup = Setup::new().await;
-    let events = Events::listen(&setup.vhost).await;
-    let mut worker = setup.env(&[]).spawn("w1");
-    worker.wait_ready(MINUTE).await;
-    let publisher = Publisher::new(&setup.vhost).await;
+    let (setup, events, worker, publisher) = one_worker(&[]).await;
     let first = publisher.request("trains").await;
     events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
     let v1 = events.events("model-ready")[0].clone();
