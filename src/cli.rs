@@ -478,6 +478,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         config: args.train_config(),
         data,
         database_url: args.database_url.clone(),
+        pool: None,
         minimums: MinimumSizes { tracks: args.min_tracks, users: args.min_users, interactions: args.min_interactions },
         trigger: "cli",
         keep_versions: args.keep_versions,

@@ -64,12 +64,12 @@ pub fn check(h: &History) -> Verdict {
         }
     }
     let mut answered_by: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut ids_of: BTreeMap<(EventKindKey, &str, &str), BTreeSet<&str>> = BTreeMap::new();
+    let mut ids_of: BTreeMap<(EventKind, &str, &str), BTreeSet<&str>> = BTreeMap::new();
     for (id, e) in &by_id {
         for r in &e.satisfies {
             answered_by.entry(r.as_str()).or_default().insert(id);
         }
-        ids_of.entry((EventKindKey(e.kind), e.model.as_str(), e.subject.as_str())).or_default().insert(id);
+        ids_of.entry((e.kind, e.model.as_str(), e.subject.as_str())).or_default().insert(id);
     }
     let satisfied: BTreeSet<&str> = answered_by.keys().copied().collect();
 
@@ -94,7 +94,7 @@ pub fn check(h: &History) -> Verdict {
         unstable_event_ids: ids_of
             .iter()
             .filter(|(_, ids)| ids.len() > 1)
-            .map(|((k, model, subject), ids)| format!("{:?} {model} {subject}: {ids:?}", k.0))
+            .map(|((k, model, subject), ids)| format!("{k:?} {model} {subject}: {ids:?}"))
             .collect(),
         unexpected: satisfied.iter().filter(|id| !sent.contains(*id)).map(|s| s.to_string()).collect(),
         overlapping_runs: overlapping(h),
@@ -125,22 +125,6 @@ pub fn check(h: &History) -> Verdict {
         faults: h.faults.clone(),
         latency_p50_ms: percentile(0.5),
         latency_p95_ms: percentile(0.95),
-    }
-}
-
-/// `EventKind` ordered, for map keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EventKindKey(EventKind);
-
-impl PartialOrd for EventKindKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for EventKindKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.0 as u8).cmp(&(other.0 as u8))
     }
 }
 

@@ -12,7 +12,7 @@ pub struct SentRequest {
 }
 
 /// `model-ready`, `model-rejected` or `model-failed`, as a consumer received it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventKind {
     ModelReady,

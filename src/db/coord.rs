@@ -118,7 +118,9 @@ async fn answer_with_version(
     mut event: Value,
 ) -> sqlx::Result<()> {
     event["satisfies"] = Value::from(event_ids.to_vec());
-    let event_id: Uuid = event["event_id"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(Uuid::nil);
+    let event_id: Uuid = event["event_id"].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        sqlx::Error::Protocol(format!("model_versions holds an event for {version} without a valid event_id"))
+    })?;
     let routing_key = format!("model-ready.{}", event["model"].as_str().unwrap_or_default());
     sqlx::query(
         "UPDATE audotics_trainer.retrain_requests
@@ -144,10 +146,8 @@ async fn insert_outbox(
         .bind(routing_key)
         .bind(body)
         .execute(&mut **tx)
-        .await?;
-    // Wake the publishers now rather than at their next poll.
-    sqlx::query("SELECT pg_notify('audotics_trainer_outbox', '')").execute(&mut **tx).await?;
-    Ok(())
+        .await
+        .map(|_| ())
 }
 
 /// Claims a run for one of `models`, in this order: a run whose lease expired (takeover) or whose

@@ -49,6 +49,8 @@ pub struct TrainJob {
     pub data: DataSpec,
     /// The real database URL (never stored); required when `data` is Postgres.
     pub database_url: Option<String>,
+    /// An open, migrated pool to use instead of connecting to `database_url` (the worker's).
+    pub pool: Option<PgPool>,
     pub minimums: MinimumSizes,
     pub device: DeviceChoice,
     /// Continue this run instead of starting a new one (its stored settings win).
@@ -110,13 +112,14 @@ pub struct Published {
 
 /// Runs `job` against `store`.
 pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome> {
-    let pool = match &job.database_url {
-        Some(url) => {
+    let pool = match (&job.pool, &job.database_url) {
+        (Some(pool), _) => Some(pool.clone()),
+        (None, Some(url)) => {
             let pool = db::connect(url).await?;
             db::migrate(&pool).await?;
             Some(pool)
         }
-        None => None,
+        (None, None) => None,
     };
     let mut manifest = match (&job.resume, job.run_id) {
         (Some(run_id), _) => load_manifest(store, &job.model, run_id).await?,

@@ -22,28 +22,25 @@ pub(super) fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[0.01, 0.05, 0.25, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0],
         )?
         .install_recorder()?;
-    for (name, help) in [
-        (
-            "audotics_retrain_requests_total",
-            "Retrain requests by outcome (pending, duplicate, satisfied, dead_lettered)",
-        ),
-        ("audotics_dead_letters_total", "Requests dead-lettered by this worker, by reason"),
-        (
-            "audotics_runs_total",
-            "Runs by status (started, succeeded, rejected, failed, insufficient_data, retrying, released, lease_lost)",
-        ),
-        ("audotics_run_duration_seconds", "Wall time of a run attempt, by status"),
-        ("audotics_epoch_loss", "Training loss of the newest epoch"),
-        ("audotics_pairs_per_second", "Training throughput of the newest epoch"),
-        ("audotics_publish_seconds", "Time to upload a version (artifacts, manifest, latest.json)"),
-        ("audotics_lease_takeovers_total", "Runs taken over from a worker whose lease expired"),
-        (
-            "audotics_events_published_total",
-            "Outbox events confirmed by RabbitMQ, by kind and whether a queue received them",
-        ),
-    ] {
-        metrics::describe_counter!(name, help);
-    }
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "audotics_retrain_requests_total",
+        "Retrain requests by outcome (pending, duplicate, satisfied, dead_lettered)"
+    );
+    describe_counter!("audotics_dead_letters_total", "Requests dead-lettered by this worker, by reason");
+    describe_counter!(
+        "audotics_runs_total",
+        "Runs by status (started, succeeded, rejected, failed, insufficient_data, retrying, released, lease_lost)"
+    );
+    describe_histogram!("audotics_run_duration_seconds", "Wall time of a run attempt, by status");
+    describe_gauge!("audotics_epoch_loss", "Training loss of the newest epoch");
+    describe_gauge!("audotics_pairs_per_second", "Training throughput of the newest epoch");
+    describe_histogram!("audotics_publish_seconds", "Time to upload a version (artifacts, manifest, latest.json)");
+    describe_counter!("audotics_lease_takeovers_total", "Runs taken over from a worker whose lease expired");
+    describe_counter!(
+        "audotics_events_published_total",
+        "Outbox events confirmed by RabbitMQ, by kind and whether a queue received them"
+    );
     Ok(handle)
 }
 

@@ -82,6 +82,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
             interactions_until_ms: None,
         }),
         database_url: Some(shared.database_url.clone()),
+        pool: Some(shared.pool.clone()),
         minimums: MinimumSizes { tracks: t.min_tracks, users: t.min_users, interactions: t.min_interactions },
         device: t.device,
         resume: None,
