@@ -485,6 +485,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         device: args.device,
         resume: args.resume.clone(),
         run_id: None,
+        lease_token: None,
         quality_tolerance: None,
         show_progress: !args.no_progress,
         stop,

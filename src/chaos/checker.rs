@@ -30,10 +30,17 @@ pub struct Verdict {
     pub damaged_versions: Vec<String>,
     /// `latest.json` samples that named a version whose manifest was missing.
     pub latest_without_manifest: Vec<String>,
+    /// `latest.json` samples naming an older version than an earlier sample of the same model
+    /// (versions sort by creation time; only an operator's rollback may move it back).
+    pub latest_moved_back: Vec<String>,
     /// Malformed messages sent that were not dead-lettered with the expected reason.
     pub not_dead_lettered: Vec<String>,
     pub workers_not_ready: Vec<String>,
     pub orphaned_leases: Vec<String>,
+    pub unclean_shutdowns: Vec<String>,
+    /// Valid requests dead-lettered by RabbitMQ's delivery limit and replayed (not a violation:
+    /// the dead-letter queue kept them; counted so that a rise is visible).
+    pub replayed: usize,
     pub runs_started: usize,
     pub runs_resumed: usize,
     pub runs_completed: usize,
@@ -109,6 +116,7 @@ pub fn check(h: &History) -> Verdict {
             .filter(|s| !s.manifest_present)
             .map(|s| format!("{}/{} at {}", s.model, s.version, s.at_ms))
             .collect(),
+        latest_moved_back: moved_back(h),
         not_dead_lettered: h
             .malformed
             .iter()
@@ -117,6 +125,8 @@ pub fn check(h: &History) -> Verdict {
             .collect(),
         workers_not_ready: h.workers_ready.iter().filter(|(_, ready)| !ready).map(|(w, _)| w.clone()).collect(),
         orphaned_leases: h.orphaned_leases.clone(),
+        unclean_shutdowns: h.unclean_shutdowns.clone(),
+        replayed: h.replayed.len(),
         runs_started: h.runs.len(),
         runs_resumed: h.runs.iter().filter(|r| r.attempts > 1).count(),
         runs_completed: h.runs.iter().filter(|r| r.status == "succeeded").count(),
@@ -126,6 +136,22 @@ pub fn check(h: &History) -> Verdict {
         latency_p50_ms: percentile(0.5),
         latency_p95_ms: percentile(0.95),
     }
+}
+
+fn moved_back(h: &History) -> Vec<String> {
+    let mut samples: Vec<_> = h.latest_samples.iter().collect();
+    samples.sort_by_key(|s| s.at_ms);
+    let mut newest: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut found = Vec::new();
+    for s in samples {
+        let seen = newest.entry(s.model.as_str()).or_insert(s.version.as_str());
+        if s.version.as_str() < *seen {
+            found.push(format!("{}: {} after {} at {}", s.model, s.version, seen, s.at_ms));
+        } else {
+            *seen = s.version.as_str();
+        }
+    }
+    found
 }
 
 /// Runs of one model whose `[started, finished)` intervals intersect (a run still going at the end
@@ -164,9 +190,11 @@ impl Verdict {
         add("overlapping runs", self.overlapping_runs.iter().map(|(a, b)| format!("{a} & {b}")).collect());
         add("damaged versions", self.damaged_versions.clone());
         add("latest.json without a manifest", self.latest_without_manifest.clone());
+        add("latest.json moved back", self.latest_moved_back.clone());
         add("not dead-lettered", self.not_dead_lettered.clone());
         add("workers not ready", self.workers_not_ready.clone());
         add("orphaned leases", self.orphaned_leases.clone());
+        add("unclean shutdowns", self.unclean_shutdowns.clone());
         v
     }
 
@@ -193,6 +221,7 @@ impl Verdict {
             self.duplicate_deliveries,
             self.unexpected.len() + self.answered_twice.len()
         ));
+        out.push_str(&format!("dead-lettered by the delivery limit and replayed: {}\n", self.replayed));
         let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{:.1} s", v as f64 / 1000.0));
         out.push_str(&format!(
             "request → answer latency: p50 {}, p95 {}\n",
@@ -263,6 +292,8 @@ mod tests {
             ],
             workers_ready: vec![("w1".into(), true), ("w2".into(), true)],
             orphaned_leases: vec![],
+            unclean_shutdowns: vec![],
+            replayed: vec![],
             faults: vec![("kill -9".into(), 1)],
         }
     }
@@ -355,6 +386,21 @@ mod tests {
     }
 
     #[test]
+    fn latest_moving_back_to_an_older_version_is_caught() {
+        let mut h = clean();
+        let sample = |version: &str, at_ms| LatestSample {
+            model: "m".into(),
+            version: version.into(),
+            manifest_present: true,
+            at_ms,
+        };
+        h.latest_samples = vec![sample("v1", 420), sample("v2", 950), sample("v2", 960)];
+        assert!(violated(&h).is_empty(), "moving forward is fine");
+        h.latest_samples.push(sample("v1", 970));
+        only(h, "latest.json moved back");
+    }
+
+    #[test]
     fn a_malformed_message_not_dead_lettered_or_with_another_reason_is_caught() {
         let mut h = clean();
         h.dead_letters.clear();
@@ -372,5 +418,12 @@ mod tests {
         let mut h = clean();
         h.orphaned_leases.push("run-x".into());
         only(h, "orphaned leases");
+    }
+
+    #[test]
+    fn a_worker_that_did_not_exit_cleanly_on_sigterm_is_caught() {
+        let mut h = clean();
+        h.unclean_shutdowns.push("w2: exit status 1".into());
+        only(h, "unclean shutdowns");
     }
 }

@@ -91,6 +91,11 @@ pub struct History {
     pub workers_ready: Vec<(String, bool)>,
     /// Runs still holding a lease at the end although no worker is running them.
     pub orphaned_leases: Vec<String>,
+    /// Workers that, sent SIGTERM, did not exit 0 within their grace period.
+    pub unclean_shutdowns: Vec<String>,
+    /// Valid requests RabbitMQ itself dead-lettered (delivery limit reached while workers kept
+    /// dying with them unacked) and that the harness replayed, as the runbook tells an operator to.
+    pub replayed: Vec<String>,
     /// Faults injected, by kind.
     pub faults: Vec<(String, i64)>,
 }

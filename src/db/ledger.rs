@@ -66,14 +66,25 @@ pub struct RunEnd {
     pub error: Option<String>,
 }
 
-/// A run ending with `status`.
-pub async fn record_end(pool: &PgPool, run_id: Uuid, status: RunStatus, end: &RunEnd) -> sqlx::Result<()> {
+/// A run ending with `status`. With `lease_token` (worker runs) the row is written only while that
+/// lease still holds the run: a worker that lost it — paused past its lease, say — must not
+/// overwrite what the run's new owner recorded. Returns whether the row was written.
+pub async fn record_end(
+    pool: &PgPool,
+    run_id: Uuid,
+    status: RunStatus,
+    end: &RunEnd,
+    lease_token: Option<Uuid>,
+) -> sqlx::Result<bool> {
     sqlx::query(
         "UPDATE audotics_trainer.training_runs
          SET status = $2, finished_at = now(),
              data_watermark = to_timestamp($3::float8 / 1000),
              interaction_count = $4, counts = $5, metrics = $6, artifact_location = $7, error = $8
-         WHERE id = $1",
+         WHERE id = $1
+           AND ($9::uuid IS NULL OR EXISTS (
+                SELECT 1 FROM audotics_trainer.run_jobs j
+                WHERE j.run_id = $1 AND j.lease_token = $9 AND j.state = 'running'))",
     )
     .bind(run_id)
     .bind(status.as_str())
@@ -83,7 +94,8 @@ pub async fn record_end(pool: &PgPool, run_id: Uuid, status: RunStatus, end: &Ru
     .bind(&end.metrics)
     .bind(&end.artifact_location)
     .bind(&end.error)
+    .bind(lease_token)
     .execute(pool)
     .await
-    .map(|_| ())
+    .map(|done| done.rows_affected() == 1)
 }

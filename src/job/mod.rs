@@ -58,6 +58,9 @@ pub struct TrainJob {
     /// Run under this id: resumed when its `run.json` exists in the store, created otherwise (the
     /// worker's scheduler assigns ids, and a taken-over run continues where it stopped).
     pub run_id: Option<uuid::Uuid>,
+    /// The worker's lease on the run (`run_jobs.lease_token`): the ledger's end row is written only
+    /// while it holds. `None` for CLI runs.
+    pub lease_token: Option<uuid::Uuid>,
     /// Quality gate: refuse to publish when Recall@10 is below the current version's by more than
     /// this (absolute). `None` publishes unconditionally (CLI runs).
     pub quality_tolerance: Option<f64>,
@@ -152,7 +155,7 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         }
         let result = execute(store, &job, &mut manifest, pool.as_ref()).await;
         if let Some(pool) = &pool {
-            record_end(pool, run_id, &result).await?;
+            record_end(pool, run_id, &result, job.lease_token).await?;
         }
         result
     }
@@ -268,7 +271,12 @@ pub fn headline_metrics(manifest_metrics: &serde_json::Value) -> serde_json::Val
     })
 }
 
-async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<RunOutcome>) -> anyhow::Result<()> {
+async fn record_end(
+    pool: &PgPool,
+    run_id: uuid::Uuid,
+    result: &anyhow::Result<RunOutcome>,
+    lease_token: Option<uuid::Uuid>,
+) -> anyhow::Result<()> {
     let (status, end) = match result {
         Ok(RunOutcome::Published(p)) => {
             let m = &p.metadata;
@@ -296,11 +304,17 @@ async fn record_end(pool: &PgPool, run_id: uuid::Uuid, result: &anyhow::Result<R
         }
         Err(e) => (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(format!("{e:#}")), ..Default::default() }),
     };
-    if let Err(e) = ledger::record_end(pool, run_id, status, &end).await {
-        error!(error.message = %e, "cannot record the end of the run in the training_runs ledger");
-        return Err(e).context("cannot record the end of the run in the training_runs ledger");
+    match ledger::record_end(pool, run_id, status, &end, lease_token).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            warn!(status = status.as_str(), "the run's lease is gone: its new owner records its end in the ledger");
+            Ok(())
+        }
+        Err(e) => {
+            error!(error.message = %e, "cannot record the end of the run in the training_runs ledger");
+            Err(e).context("cannot record the end of the run in the training_runs ledger")
+        }
     }
-    Ok(())
 }
 
 async fn save_manifest(store: &ModelStore, manifest: &RunManifest) -> anyhow::Result<()> {

@@ -87,6 +87,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         device: t.device,
         resume: None,
         run_id: Some(claim.run_id),
+        lease_token: Some(claim.token),
         quality_tolerance: Some(shared.args.quality_tolerance),
         keep_versions: t.keep_versions,
         trigger: "worker",

@@ -71,6 +71,49 @@ impl Drop for TestDb {
     }
 }
 
+/// SQL inserting a track with typical features; `feature` = a column to override with `value` (a
+/// SQL literal: `'NaN'`, `NULL`, `14`). The `TrackFeatures` row is left out when `feature` is
+/// `Some(("none", _))`.
+pub fn track_sql(id: &str, feature: Option<(&str, &str)>) -> String {
+    let track = format!(
+        r#"INSERT INTO "Track" (id, "spotifyId", name, album, "updatedAt") VALUES ('{id}', 'sp-{id}', 'n', 'a', now());"#
+    );
+    if matches!(feature, Some(("none", _))) {
+        return track;
+    }
+    let mut values = [
+        ("acousticness", "0.5"),
+        ("danceability", "0.5"),
+        ("energy", "0.5"),
+        ("instrumentalness", "0.1"),
+        ("key", "3"),
+        ("liveness", "0.1"),
+        ("loudness", "-8"),
+        ("mode", "1"),
+        ("speechiness", "0.05"),
+        ("tempo", "120"),
+        ("valence", "0.5"),
+    ];
+    if let Some((name, value)) = feature {
+        values.iter_mut().find(|(n, _)| *n == name).unwrap().1 = value;
+    }
+    let cols: Vec<String> = values.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+    let vals: Vec<&str> = values.iter().map(|(_, v)| *v).collect();
+    format!(
+        r#"{track} INSERT INTO "TrackFeatures" (id, "trackId", {}, "updatedAt") VALUES ('f-{id}', '{id}', {}, now());"#,
+        cols.join(","),
+        vals.join(",")
+    )
+}
+
+/// SQL inserting an interaction of `kind` at `at` (a SQL timestamp expression).
+pub fn interaction_sql(user: &str, track: &str, kind: &str, at: &str) -> String {
+    format!(
+        r#"INSERT INTO "TrackInteraction" (id, "userId", "trackId", type, timestamp)
+           VALUES (gen_random_uuid()::text, '{user}', '{track}', '{kind}', {at});"#
+    )
+}
+
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).env_remove("DATABASE_URL").env_remove("RUST_LOG").env("AUDOTICS_LOG_FORMAT", "json");

@@ -3,7 +3,7 @@ use audotics_trainer::db::load::{DataQuality, LoadOptions, load};
 use audotics_trainer::features::idx;
 use audotics_trainer::pairs::{CoListenIndex, DEFAULT_POSITIVE_KINDS};
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, interaction_sql, track_sql};
 
 fn options() -> LoadOptions {
     LoadOptions {
@@ -21,42 +21,12 @@ async fn load_db(db: &TestDb, options: &LoadOptions) -> (Dataset, DataQuality) {
 
 /// A track with features; `feature` = a column to override with `value` (SQL literal).
 async fn add_track(db: &TestDb, id: &str, feature: Option<(&str, &str)>) {
-    db.exec(&format!(
-        r#"INSERT INTO "Track" (id, "spotifyId", name, album, "updatedAt") VALUES ('{id}', 'sp-{id}', 'n', 'a', now())"#
-    ))
-    .await;
-    let mut values = [
-        ("acousticness", "0.5"),
-        ("danceability", "0.5"),
-        ("energy", "0.5"),
-        ("instrumentalness", "0.1"),
-        ("key", "3"),
-        ("liveness", "0.1"),
-        ("loudness", "-8"),
-        ("mode", "1"),
-        ("speechiness", "0.05"),
-        ("tempo", "120"),
-        ("valence", "0.5"),
-    ];
-    if let Some((name, value)) = feature {
-        values.iter_mut().find(|(n, _)| *n == name).unwrap().1 = value;
-    }
-    let cols: Vec<String> = values.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-    let vals: Vec<&str> = values.iter().map(|(_, v)| *v).collect();
-    db.exec(&format!(
-        r#"INSERT INTO "TrackFeatures" (id, "trackId", {}, "updatedAt") VALUES ('f-{id}', '{id}', {}, now())"#,
-        cols.join(","),
-        vals.join(",")
-    ))
-    .await;
+    db.exec(&track_sql(id, feature)).await;
 }
 
 async fn add_interaction(db: &TestDb, user: &str, track: &str, kind: &str, seconds: i64) {
-    db.exec(&format!(
-        r#"INSERT INTO "TrackInteraction" (id, "userId", "trackId", type, timestamp)
-           VALUES (gen_random_uuid()::text, '{user}', '{track}', '{kind}', TIMESTAMP '2026-01-02' + {seconds} * INTERVAL '1 second')"#
-    ))
-    .await;
+    let at = format!("TIMESTAMP '2026-01-02' + {seconds} * INTERVAL '1 second'");
+    db.exec(&interaction_sql(user, track, kind, &at)).await;
 }
 
 #[tokio::test]

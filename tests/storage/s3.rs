@@ -79,6 +79,10 @@ impl S3Server {
         }
     }
 
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

@@ -25,7 +25,7 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
-fn rabbitmqctl(args: &[&str]) {
+pub fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl is required for these tests");
     assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
@@ -108,6 +108,9 @@ pub struct Recorded {
     pub body: serde_json::Value,
     pub raw: Vec<u8>,
     pub headers: BTreeMap<String, String>,
+    pub message_id: Option<String>,
+    /// When the listener received it (ms since the Unix epoch).
+    pub received_ms: i64,
     pub dead: bool,
 }
 
@@ -271,6 +274,8 @@ async fn consume(
             body: serde_json::from_slice(&delivery.data).unwrap_or(serde_json::Value::Null),
             raw: delivery.data.clone(),
             headers,
+            message_id: delivery.properties.message_id().as_ref().map(|m| m.to_string()),
+            received_ms: chrono::Utc::now().timestamp_millis(),
             dead: is_dead,
         });
         delivery.ack(BasicAckOptions::default()).await?;

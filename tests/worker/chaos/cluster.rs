@@ -1,0 +1,153 @@
+//! The system under test: worker processes (each slot restarted under a new name after it dies),
+//! Postgres behind a proxy that can cut it, an S3 server that can be stopped, and the broker.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::Profile;
+use crate::harness::*;
+use crate::s3::{self, S3Server};
+
+pub struct Slot {
+    pub base: String,
+    pub generation: u32,
+    /// `None` between a kill and the restart.
+    pub worker: Option<Worker>,
+}
+
+pub struct Cluster {
+    pub vhost: Vhost,
+    pub db: TestDb,
+    pub events: Events,
+    pub s3: S3Server,
+    pub proxy: Proxy,
+    pub env: WorkerEnv,
+    pub slots: Vec<Slot>,
+    pub unclean_shutdowns: Vec<String>,
+    pub grace: Duration,
+    logs: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    pub async fn start(profile: &Profile) -> Self {
+        let vhost = Vhost::new();
+        let db = seeded_db().await;
+        let events = Events::listen(&vhost).await;
+        let s3 = S3Server::start();
+        let proxy = Proxy::start(url::Url::parse(&db.url).unwrap().port().unwrap_or(5432)).await;
+        let logs = tempfile::tempdir().unwrap();
+        let grace = Duration::from_secs(20);
+        let extra = [
+            ("WORKER_MODELS", profile.models.join(",")),
+            ("WORKER_LEASE_SECONDS", profile.lease_seconds.to_string()),
+            ("WORKER_GRACE_SECONDS", grace.as_secs().to_string()),
+            // Production tolerates ~90 s of a failing dependency before a run fails for good
+            // (30 s, then 60 s); this is the same shape, scaled to the suite's outages.
+            ("RUN_RETRY_SECONDS", "2".to_string()),
+            ("RUN_MAX_ATTEMPTS", "6".to_string()),
+            // Every published version stays, so that the checker can verify each one.
+            ("AUDOTICS_KEEP_VERSIONS", "100000".to_string()),
+            ("MODEL_STORE_URL", "s3://models/chaos".to_string()),
+            ("AWS_ENDPOINT", s3.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY.to_string()),
+        ];
+        let env = WorkerEnv {
+            database_url: via_port(&db.url, proxy.port),
+            amqp_url: vhost.url.clone(),
+            store: "s3://models/chaos".to_string(),
+            logs: logs.path().to_path_buf(),
+            extra: extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        };
+        let mut cluster = Self {
+            vhost,
+            db,
+            events,
+            s3,
+            proxy,
+            env,
+            slots: Vec::new(),
+            unclean_shutdowns: Vec::new(),
+            grace,
+            logs: Some(logs),
+        };
+        for i in 1..=profile.workers {
+            cluster.slots.push(Slot { base: format!("w{i}"), generation: 0, worker: None });
+            cluster.respawn(i - 1);
+        }
+        for slot in &mut cluster.slots {
+            slot.worker.as_mut().unwrap().wait_ready(Duration::from_secs(60)).await;
+        }
+        cluster
+    }
+
+    /// Starts slot `i` again, under the next generation's name.
+    pub fn respawn(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.generation += 1;
+        let name = format!("{}-g{}", slot.base, slot.generation);
+        slot.worker = Some(self.env.spawn(&name));
+    }
+
+    /// Indices of slots with a running worker.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&i| self.slots[i].worker.is_some()).collect()
+    }
+
+    /// Everything back up: the database reachable, the S3 server and the broker running, every
+    /// slot with a live worker.
+    pub async fn heal(&mut self) {
+        self.proxy.restore();
+        if !self.s3.running() {
+            tokio::task::block_in_place(|| self.s3.restart());
+        }
+        tokio::task::block_in_place(|| {
+            let _ = std::process::Command::new("rabbitmqctl").args(["start_app"]).output();
+        });
+        for i in 0..self.slots.len() {
+            let exited = match self.slots[i].worker.as_mut() {
+                Some(w) => matches!(w.child.try_wait(), Ok(Some(_))),
+                None => true,
+            };
+            if exited {
+                if let Some(w) = &self.slots[i].worker {
+                    self.unclean_shutdowns.push(format!("{} exited on its own:\n{}", w.name, tail(&w.log_text())));
+                }
+                self.respawn(i);
+            }
+        }
+    }
+
+    /// Each live worker, and whether `/readyz` answered 200 within a minute.
+    pub async fn readiness(&mut self) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        for slot in &mut self.slots {
+            let Some(worker) = slot.worker.as_mut() else { continue };
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let ready = loop {
+                if let Some((200, _)) = worker.readyz().await {
+                    break true;
+                }
+                if std::time::Instant::now() > deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            out.push((worker.name.clone(), ready));
+        }
+        out
+    }
+
+    /// Keeps the worker logs after the run (for a failed run) and returns their folder.
+    pub fn keep_logs(&mut self) -> Option<PathBuf> {
+        self.logs.take().map(|d| d.keep())
+    }
+}
+
+/// The last lines of a log, for a message.
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
