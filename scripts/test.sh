@@ -25,4 +25,29 @@ for job in "consumers:$consumers" "validate:$validate"; do
         exit "$status"
     fi
 done
-exec cargo test --release --all-targets "$@"
+if [ "$#" -gt 0 ]; then
+    exec cargo test --release --all-targets "$@"
+fi
+# The worker suite (real worker processes, a broker restart, the fault suite) spends most of its
+# time waiting on clocks and processes, the other targets computing: they run side by side, the
+# worker suite's test binary directly (a second `cargo test` would wait on the first's lock).
+worker_bin=$(cargo test --release --test worker --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+"$worker_bin" > target/worker-tests.log 2>&1 &
+worker=$!
+targets=(--lib --bins)
+for t in tests/*.rs tests/*/main.rs; do
+    name=$(basename "${t%/main.rs}" .rs)
+    [ "$name" = worker ] || targets+=(--test "$name")
+done
+status=0
+cargo test --release "${targets[@]}" || status=$?
+worker_status=0
+wait "$worker" || worker_status=$?
+echo "== worker suite (tests/worker, run alongside the above)"
+cat target/worker-tests.log
+if [ "$status" -ne 0 ] || [ "$worker_status" -ne 0 ]; then
+    echo "test.sh: failed (other targets: exit $status, worker suite: exit $worker_status)" >&2
+    exit 1
+fi

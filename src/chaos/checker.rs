@@ -46,6 +46,8 @@ pub struct Verdict {
     pub runs_completed: usize,
     pub runs_rejected: usize,
     pub runs_failed: usize,
+    /// Most runs in progress at one moment (of different models: several keys train concurrently).
+    pub peak_concurrent_runs: usize,
     pub faults: Vec<(String, i64)>,
     /// Request sent → first event that satisfies it.
     pub latency_p50_ms: Option<i64>,
@@ -132,10 +134,27 @@ pub fn check(h: &History) -> Verdict {
         runs_completed: h.runs.iter().filter(|r| r.status == "succeeded").count(),
         runs_rejected: h.runs.iter().filter(|r| r.status == "rejected").count(),
         runs_failed: h.runs.iter().filter(|r| r.status == "failed").count(),
+        peak_concurrent_runs: peak_concurrency(h),
         faults: h.faults.clone(),
         latency_p50_ms: percentile(0.5),
         latency_p95_ms: percentile(0.95),
     }
+}
+
+fn peak_concurrency(h: &History) -> usize {
+    // Ends sort before starts at the same instant: [start, end) intervals that merely touch do not overlap.
+    let mut edges: Vec<(i64, i64)> = Vec::new();
+    for r in &h.runs {
+        edges.push((r.started_ms, 1));
+        edges.push((r.finished_ms.unwrap_or(i64::MAX), -1));
+    }
+    edges.sort_unstable();
+    let (mut now, mut peak) = (0i64, 0i64);
+    for (_, delta) in edges {
+        now += delta;
+        peak = peak.max(now);
+    }
+    peak as usize
 }
 
 fn moved_back(h: &History) -> Vec<String> {
@@ -211,8 +230,13 @@ impl Verdict {
             self.requests_sent, self.requests_acked, self.requests_satisfied
         ));
         out.push_str(&format!(
-            "runs: started {}, resumed {}, completed {}, rejected {}, failed {}\n",
-            self.runs_started, self.runs_resumed, self.runs_completed, self.runs_rejected, self.runs_failed
+            "runs: started {}, resumed {}, completed {}, rejected {}, failed {}; at most {} at once\n",
+            self.runs_started,
+            self.runs_resumed,
+            self.runs_completed,
+            self.runs_rejected,
+            self.runs_failed,
+            self.peak_concurrent_runs
         ));
         out.push_str(&format!("faults: {faults} ({})\n", fmt_counts(&self.faults)));
         out.push_str(&format!(
@@ -311,6 +335,7 @@ mod tests {
         assert_eq!(v.latency_p50_ms, Some(400));
         assert_eq!(v.latency_p95_ms, Some(400));
         assert_eq!(v.runs_completed, 2);
+        assert_eq!(v.peak_concurrent_runs, 1);
         assert!(v.report().contains("invariants: all hold"), "{}", v.report());
     }
 
@@ -369,6 +394,16 @@ mod tests {
         let mut h = clean();
         h.runs[0].finished_ms = None;
         only(h, "overlapping runs");
+    }
+
+    #[test]
+    fn runs_of_different_models_may_overlap_and_count_as_concurrent() {
+        let mut h = clean();
+        h.runs[1].started_ms = 300;
+        h.runs[1].model = "other".into();
+        let v = check(&h);
+        assert!(v.ok(), "{:?}", v.violations());
+        assert_eq!(v.peak_concurrent_runs, 2);
     }
 
     #[test]
