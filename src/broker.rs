@@ -1,5 +1,4 @@
-//! RabbitMQ: the contract's topology, connecting with lapin's auto-recovery, and publishing with
-//! confirms. The worker's consumer loop lives in [`crate::worker`]; this module owns the client.
+//! RabbitMQ: the contract's topology, connecting, and publishing with confirms. The worker's consumer loop lives in [`crate::worker`]; this module owns the client.
 //!
 //! Topology (declared idempotently by every worker and by `retrain`):
 //! - exchange `audotics.events` (topic, durable): `retrain.<model>` in, `model-ready.<model>`,
@@ -47,12 +46,10 @@ pub enum BrokerError {
     Nacked { routing_key: String },
 }
 
-/// Opens a connection with automatic recovery (exchanges, queues, bindings, consumers, QoS and
-/// confirm mode are replayed after a reconnect).
+/// Opens a connection. Without lapin's automatic recovery: a dropped connection stays dropped and
+/// its owner builds a new one (see [`crate::worker`]'s supervisor for why).
 pub async fn connect(settings: &BrokerSettings) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(settings.connection_name.clone().into())
-        .enable_auto_recover();
+    let props = ConnectionProperties::default().with_connection_name(settings.connection_name.clone().into());
     Connection::connect(&settings.url, props)
         .await
         .map_err(|source| BrokerError::Connect { url: crate::db::redact_url(&settings.url), source })

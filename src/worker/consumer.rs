@@ -1,9 +1,15 @@
 //! The broker supervisor and the request consumer.
 //!
-//! lapin's auto-recovery reconnects and replays the topology after a connection loss; when it
-//! cannot (or a session ends for any other reason), the supervisor rebuilds the connection from
-//! scratch with jittered backoff, and gives up — so the process exits non-zero and its orchestrator
-//! restarts it — only after `--broker-max-outage-seconds` without a broker.
+//! A session is one connection: declare, consume, until the connection drops. Then the supervisor
+//! builds a new one with jittered backoff, and gives up — so the process exits non-zero and its
+//! orchestrator restarts it — only after `--broker-max-outage-seconds` without a broker.
+//!
+//! lapin's automatic recovery is deliberately off. With it on, a connection the supervisor had given
+//! up on (recovery too slow) could still be recovered later, in the background, re-registering its
+//! consumer; RabbitMQ then sent that consumer up to a prefetch of requests that nobody read, unacked
+//! until the worker restarted. The fault suite found it: after a 47-second broker restart, 168
+//! requests were stranded on three workers' abandoned connections. One owner of reconnection, and a
+//! connection that stays dead once dropped, rule that out.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,6 +49,9 @@ pub(super) async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         };
         shared.broker_connected.store(false, Ordering::SeqCst);
         *shared.publish_channel.write().await = None;
+        if outage_since.is_none() {
+            delay = Duration::from_millis(250); // a fresh outage: back off from the start
+        }
         metrics::counter!("audotics_broker_reconnects_total").increment(1);
         let since = *outage_since.get_or_insert_with(Instant::now);
         if since.elapsed() > max_outage {
@@ -74,11 +83,9 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
     *outage_since = None;
     info!(queue = RETRAIN_QUEUE, prefetch = shared.broker.prefetch, "consuming");
     let mut shutdown = shared.shutdown.subscribe();
-    // lapin's recovery does not always notice a broker restart, nor always surface it on the
-    // consumer stream (seen with RabbitMQ 3.10: CONNECTION_FORCED, then silence). So the connection's
-    // state is watched too: not connected for RECOVERY_WAIT → this session is over and rebuilt.
+    // The consumer stream does not always end when the broker goes away (seen with RabbitMQ 3.10:
+    // CONNECTION_FORCED, then silence), so the connection's state is watched too.
     let mut watchdog = tokio::time::interval(Duration::from_millis(500));
-    let mut disconnected_since: Option<Instant> = None;
     let end = loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => {
@@ -88,44 +95,17 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 return Ok(SessionEnd::Shutdown);
             }
             _ = watchdog.tick() => {
-                if connection.status().connected() {
-                    if disconnected_since.take().is_some() {
-                        info!("broker connection recovered");
-                        metrics::counter!("audotics_broker_recoveries_total").increment(1);
-                        shared.broker_connected.store(true, Ordering::SeqCst);
-                        shared.outbox_wake.notify_one();
-                    }
-                } else {
-                    let since = *disconnected_since.get_or_insert_with(|| {
-                        warn!(state = state_of(&connection), "broker connection lost; waiting for automatic recovery");
-                        Instant::now()
-                    });
-                    shared.broker_connected.store(false, Ordering::SeqCst);
-                    if since.elapsed() >= RECOVERY_WAIT {
-                        break SessionEnd::Lost(format!(
-                            "automatic recovery did not reconnect within {RECOVERY_WAIT:?} (state {})",
-                            state_of(&connection)
-                        ));
-                    }
+                if !connection.status().connected() {
+                    break SessionEnd::Lost(format!("connection lost (state {})", state_of(&connection)));
                 }
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => handle(shared, delivery).await,
-                Some(Err(e)) => {
-                    shared.broker_connected.store(false, Ordering::SeqCst);
-                    warn!(error.message = %e, "consumer error; waiting for automatic recovery");
-                    disconnected_since.get_or_insert_with(Instant::now);
-                    match tokio::time::timeout(RECOVERY_WAIT, channel.wait_for_recovery(e)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break SessionEnd::Lost(format!("automatic recovery failed: {e}")),
-                        Err(_) => break SessionEnd::Lost("automatic recovery timed out".into()),
-                    }
-                }
+                Some(Err(e)) => break SessionEnd::Lost(format!("consumer error: {e}")),
                 None => break SessionEnd::Lost("the consumer stream ended".into()),
             }
         }
     };
-    // Close the old connection so that a late recovery cannot revive a consumer nobody reads.
     let _ =
         tokio::time::timeout(Duration::from_secs(2), connection.close(200, "rebuilding the connection".into())).await;
     Ok(end)
@@ -143,9 +123,6 @@ fn state_of(connection: &lapin::Connection) -> &'static str {
         _ => "unknown",
     }
 }
-
-/// How long lapin's automatic recovery gets before the supervisor rebuilds the connection itself.
-const RECOVERY_WAIT: Duration = Duration::from_secs(10);
 
 /// One delivery: dead-letter it, or record it and then ack it.
 async fn handle(shared: &Arc<Shared>, delivery: Delivery) {

@@ -2,7 +2,7 @@
 //! Postgres lease, publishes the version and announces it.
 //!
 //! The pieces, each a task of its own:
-//! - [`consumer`]: the broker supervisor — connect (with lapin's auto-recovery), declare the
+//! - [`consumer`]: the broker supervisor — connect (rebuilding the connection when it drops), declare the
 //!   topology, consume; every request is recorded in Postgres *before* it is acked, malformed ones
 //!   are dead-lettered with their reason;
 //! - [`runner`]: the scheduler — claim a run (a takeover, a due retry, or a new run that coalesces

@@ -56,10 +56,11 @@ impl Drop for Vhost {
     }
 }
 
-/// Restarts the RabbitMQ application (every connection drops; durable queues and persistent
-/// messages survive).
-pub fn restart_broker() {
+/// Restarts the RabbitMQ application, down for `down` (every connection drops; durable queues and
+/// persistent messages survive).
+pub fn restart_broker(down: Duration) {
     rabbitmqctl(&["stop_app"]);
+    std::thread::sleep(down);
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
 }

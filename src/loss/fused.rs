@@ -1,0 +1,283 @@
+//! The contrastive loss's two softmax cross-entropies as one CPU op, forward and backward.
+//!
+//! Written as separate candle ops (compare, mask, bias, log-softmax, pick the diagonal, and all of
+//! it again on the transpose), the loss over a `[B, B]` logit matrix was ~40 element-wise passes,
+//! each allocating a `B²` temporary: at B = 1024 that was 45 % of a training step in `binary_map`
+//! and 10 % clearing fresh pages (BENCHMARKS.md). Here the matrix is read twice forward (maxima,
+//! then sums of exponentials — rows and columns together, so no transpose is made) and once
+//! backward, with the accidental-hit masks computed from the track ids on the fly, a vectorisable
+//! `exp`, and blocks of rows on candle's thread pool.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows per parallel block: a block's column accumulators are merged once, not per row.
+const BLOCK: usize = 64;
+/// Independent accumulators in a row's reductions, so that they vectorise.
+const LANES: usize = 8;
+
+/// `½ (mean_i CE(row i) + mean_j CE(column j))` of a `[B, B]` f32 logit matrix `L[i, j] = a_i·b_j/τ`.
+///
+/// Row `i` is anchor `a_i` against positives `b_j` (target `j = i`), each logit corrected by
+/// `− logq_b[j]`; candidate `j ≠ i` is masked when `tb[j]` is the target's track `tb[i]` or the
+/// query's own `ta[i]`. Column `j` is `b_j` against the anchors `a_i` the same way, with `logq_a`,
+/// masking `i ≠ j` when `ta[i]` is `ta[j]` or `tb[j]`. Exactly the composite
+/// [`super::softmax_ce_diagonal`] applied to `L` and `Lᵀ` (a test compares them).
+pub struct SymmetricDiagonalCe {
+    ta: Vec<u32>,
+    tb: Vec<u32>,
+    logq_a: Vec<f32>,
+    logq_b: Vec<f32>,
+    /// From the forward pass, for the backward pass.
+    stats: Mutex<Option<Stats>>,
+}
+
+#[derive(Clone)]
+struct Stats {
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+    col_max: Vec<f32>,
+    col_sum: Vec<f32>,
+}
+
+impl SymmetricDiagonalCe {
+    /// `logq_*` empty: no correction.
+    pub fn new(ta: Vec<u32>, tb: Vec<u32>, logq_a: Option<Vec<f32>>, logq_b: Option<Vec<f32>>) -> Self {
+        let zeros = vec![0.0; ta.len()];
+        Self {
+            logq_a: logq_a.unwrap_or_else(|| zeros.clone()),
+            logq_b: logq_b.unwrap_or(zeros),
+            ta,
+            tb,
+            stats: Mutex::new(None),
+        }
+    }
+
+    /// Row `i`'s masks: `keep_row[j]` (candidate `b_j` of row `i`), `keep_col[j]` (candidate `a_i` of
+    /// column `j`), as 0/1 so that the loops stay branch-free (and vectorise).
+    fn masks(&self, i: usize, keep_row: &mut [f32], keep_col: &mut [f32]) {
+        let (ai, bi) = (self.ta[i], self.tb[i]);
+        for (((kr, kc), &aj), &bj) in keep_row.iter_mut().zip(keep_col.iter_mut()).zip(&self.ta).zip(&self.tb) {
+            *kr = (bj != bi && bj != ai) as u8 as f32;
+            *kc = (ai != aj && ai != bj) as u8 as f32;
+        }
+        keep_row[i] = 1.0;
+        keep_col[i] = 1.0;
+    }
+
+    fn forward(&self, l: &[f32], b: usize) -> (f32, Stats) {
+        let blocks = || l.par_chunks(b * BLOCK).enumerate();
+        // Pass 1: maxima of the unmasked corrected logits, per row and per column.
+        let (row_max, col_max) = blocks()
+            .map(|(block, rows)| {
+                let mut scratch = Scratch::new(b);
+                let mut col_max = vec![f32::NEG_INFINITY; b];
+                let mut row_max = Vec::with_capacity(BLOCK);
+                for (r, row) in rows.chunks(b).enumerate() {
+                    let i = block * BLOCK + r;
+                    self.masks(i, &mut scratch.keep_row, &mut scratch.keep_col);
+                    masked_shifted(&mut scratch.row, row, &self.logq_b, 0.0, &scratch.keep_row);
+                    row_max.push(max(&scratch.row));
+                    masked_shifted(&mut scratch.col, row, &scratch.zeros, self.logq_a[i], &scratch.keep_col);
+                    for (m, &c) in col_max.iter_mut().zip(&scratch.col) {
+                        *m = m.max(c);
+                    }
+                }
+                (row_max, col_max)
+            })
+            .reduce(
+                || (Vec::new(), vec![f32::NEG_INFINITY; b]),
+                |(mut rows_a, cols_a), (rows_b, cols_b)| {
+                    rows_a.extend(rows_b);
+                    (rows_a, cols_a.iter().zip(&cols_b).map(|(x, y)| x.max(*y)).collect())
+                },
+            );
+        // Pass 2: sums of exponentials relative to those maxima.
+        let (row_sum, col_sum) = blocks()
+            .map(|(block, rows)| {
+                let mut scratch = Scratch::new(b);
+                let mut col_sum = vec![0.0f32; b];
+                let mut row_sum = Vec::with_capacity(BLOCK);
+                for (r, row) in rows.chunks(b).enumerate() {
+                    let i = block * BLOCK + r;
+                    self.masks(i, &mut scratch.keep_row, &mut scratch.keep_col);
+                    masked_exp(&mut scratch.row, row, &self.logq_b, row_max[i], &scratch.keep_row);
+                    row_sum.push(sum(&scratch.row));
+                    masked_exp(&mut scratch.col, row, &col_max, self.logq_a[i], &scratch.keep_col);
+                    for (s, &e) in col_sum.iter_mut().zip(&scratch.col) {
+                        *s += e;
+                    }
+                }
+                (row_sum, col_sum)
+            })
+            .reduce(
+                || (Vec::new(), vec![0.0; b]),
+                |(mut rows_a, cols_a), (rows_b, cols_b)| {
+                    rows_a.extend(rows_b);
+                    (rows_a, cols_a.iter().zip(&cols_b).map(|(x, y)| x + y).collect())
+                },
+            );
+        let mut total = 0.0f64;
+        for k in 0..b {
+            let d = l[k * b + k];
+            total += -((d - self.logq_b[k] - row_max[k]) as f64 - (row_sum[k] as f64).ln());
+            total += -((d - self.logq_a[k] - col_max[k]) as f64 - (col_sum[k] as f64).ln());
+        }
+        (0.5 * total as f32 / b as f32, Stats { row_max, row_sum, col_max, col_sum })
+    }
+
+    fn backward(&self, l: &[f32], b: usize, scale: f32, s: &Stats) -> Vec<f32> {
+        let col_factor: Vec<f32> = s.col_sum.iter().map(|x| scale / x).collect();
+        let mut grad = vec![0f32; b * b];
+        grad.par_chunks_mut(b * BLOCK).zip(l.par_chunks(b * BLOCK)).enumerate().for_each(|(block, (out, rows))| {
+            let mut scratch = Scratch::new(b);
+            for (r, (out, row)) in out.chunks_mut(b).zip(rows.chunks(b)).enumerate() {
+                let i = block * BLOCK + r;
+                self.masks(i, &mut scratch.keep_row, &mut scratch.keep_col);
+                masked_exp(&mut scratch.row, row, &self.logq_b, s.row_max[i], &scratch.keep_row);
+                masked_exp(&mut scratch.col, row, &s.col_max, self.logq_a[i], &scratch.keep_col);
+                let row_factor = scale / s.row_sum[i];
+                for (((o, &p_row), &p_col), &cf) in out.iter_mut().zip(&scratch.row).zip(&scratch.col).zip(&col_factor)
+                {
+                    *o = p_row * row_factor + p_col * cf;
+                }
+                out[i] -= 2.0 * scale;
+            }
+        });
+        grad
+    }
+}
+
+/// Per-thread row buffers.
+struct Scratch {
+    keep_row: Vec<f32>,
+    keep_col: Vec<f32>,
+    row: Vec<f32>,
+    col: Vec<f32>,
+    zeros: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(b: usize) -> Self {
+        Self {
+            keep_row: vec![0.0; b],
+            keep_col: vec![0.0; b],
+            row: vec![0.0; b],
+            col: vec![0.0; b],
+            zeros: vec![0.0; b],
+        }
+    }
+}
+
+// The loops below are elementwise over slices (no indexing, no loop-carried dependence), the shape
+// LLVM vectorises.
+
+/// `out[j] = v[j] − bias[j] − shift` where kept, −∞ where masked.
+fn masked_shifted(out: &mut [f32], v: &[f32], bias: &[f32], shift: f32, keep: &[f32]) {
+    for (((o, &v), &b), &k) in out.iter_mut().zip(v).zip(bias).zip(keep) {
+        *o = if k > 0.0 { v - b - shift } else { f32::NEG_INFINITY };
+    }
+}
+
+/// `out[j] = keep[j] · exp(v[j] − bias[j] − shift)`.
+fn masked_exp(out: &mut [f32], v: &[f32], bias: &[f32], shift: f32, keep: &[f32]) {
+    for (((o, &v), &b), &k) in out.iter_mut().zip(v).zip(bias).zip(keep) {
+        *o = k * fast_exp(v - b - shift);
+    }
+}
+
+fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
+impl CustomOp1 for SymmetricDiagonalCe {
+    fn name(&self) -> &'static str {
+        "symmetric-diagonal-softmax-ce"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, b2) = layout.shape().dims2()?;
+        if b != b2 || self.ta.len() != b || self.tb.len() != b {
+            candle_core::bail!("symmetric-diagonal-softmax-ce: a [{b}, {b2}] matrix for {} pairs", self.ta.len());
+        }
+        let (CpuStorage::F32(values), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("symmetric-diagonal-softmax-ce needs contiguous f32 logits");
+        };
+        let (loss, stats) = self.forward(&values[start..end], b);
+        *self.stats.lock().expect("stats lock") = Some(stats);
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let b = arg.dim(0)?;
+        let stats = self.stats.lock().expect("stats lock").clone();
+        let stats = stats.ok_or_else(|| candle_core::Error::Msg("backward before forward".into()))?;
+        let l: Vec<f32> = arg.flatten_all()?.to_vec1()?;
+        let scale = 0.5 * grad_res.to_scalar::<f32>()? / b as f32;
+        Ok(Some(Tensor::from_vec(self.backward(&l, b, scale, &stats), (b, b), arg.device())?))
+    }
+}
+
+/// `eˣ` for f32 to within ~2 ulp, branch-free so that loops over it vectorise (libm's `expf` is a
+/// call per element). Inputs are clamped to the finite range; the callers' arguments are ≤ 0 for
+/// every entry they keep.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // e^r on [−ln2/2, ln2/2] (Cephes expf's polynomial).
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_of_exp_and_finite_at_the_ends() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (fast_exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "relative error up to {worst}");
+        assert!(fast_exp(-1e9) >= 0.0 && fast_exp(-1e9) < 1e-37);
+        assert!(fast_exp(1e9).is_finite());
+    }
+}
