@@ -87,13 +87,13 @@ impl SymmetricDiagonalCe {
                 }
                 (row_max, col_max)
             })
-            .reduce(
-                || (Vec::new(), vec![f32::NEG_INFINITY; b]),
-                |(mut rows_a, cols_a), (rows_b, cols_b)| {
-                    rows_a.extend(rows_b);
-                    (rows_a, cols_a.iter().zip(&cols_b).map(|(x, y)| x.max(*y)).collect())
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold((Vec::new(), vec![f32::NEG_INFINITY; b]), |(mut rows, mut cols), (block_rows, block_cols)| {
+                rows.extend(block_rows);
+                cols.iter_mut().zip(&block_cols).for_each(|(x, y)| *x = x.max(*y));
+                (rows, cols)
+            });
         // Pass 2: sums of exponentials relative to those maxima.
         let (row_sum, col_sum) = blocks()
             .map(|(block, rows)| {
@@ -112,13 +112,15 @@ impl SymmetricDiagonalCe {
                 }
                 (row_sum, col_sum)
             })
-            .reduce(
-                || (Vec::new(), vec![0.0; b]),
-                |(mut rows_a, cols_a), (rows_b, cols_b)| {
-                    rows_a.extend(rows_b);
-                    (rows_a, cols_a.iter().zip(&cols_b).map(|(x, y)| x + y).collect())
-                },
-            );
+            // Merged in block order, whatever the threads did: float sums depend on their order,
+            // and a resumed run must repeat the run that never stopped bit for bit.
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold((Vec::new(), vec![0.0; b]), |(mut rows, mut cols), (block_rows, block_cols)| {
+                rows.extend(block_rows);
+                cols.iter_mut().zip(&block_cols).for_each(|(x, y)| *x += y);
+                (rows, cols)
+            });
         let mut total = 0.0f64;
         for k in 0..b {
             let d = l[k * b + k];
@@ -244,6 +246,7 @@ impl CustomOp1 for SymmetricDiagonalCe {
 /// call per element). Inputs are clamped to the finite range; the callers' arguments are ≤ 0 for
 /// every entry they keep.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes' constants, as published
 pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
@@ -265,7 +268,27 @@ pub fn fast_exp(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::fast_exp;
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn loss_and_gradient_are_the_same_bits_on_one_thread_or_three() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let b = 300; // several blocks
+        let ids = |rng: &mut rand_chacha::ChaCha8Rng| (0..b).map(|_| rng.random_range(0..50)).collect::<Vec<u32>>();
+        let (ta, tb) = (ids(&mut rng), ids(&mut rng));
+        let logq: Vec<f32> = (0..b).map(|_| rng.random_range(-9.0..-2.0)).collect();
+        let l: Vec<f32> = (0..b * b).map(|_| rng.random_range(-20.0..20.0)).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let op = SymmetricDiagonalCe::new(ta.clone(), tb.clone(), Some(logq.clone()), Some(logq.clone()));
+                let (loss, stats) = op.forward(&l, b);
+                (loss.to_bits(), op.backward(&l, b, 0.5, &stats).iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        assert_eq!(run(1), run(3));
+    }
 
     #[test]
     fn fast_exp_is_within_a_few_ulp_of_exp_and_finite_at_the_ends() {

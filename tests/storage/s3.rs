@@ -79,6 +79,7 @@ impl S3Server {
         }
     }
 
+    #[allow(dead_code)] // the worker suite's
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
