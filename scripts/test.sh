@@ -14,28 +14,33 @@ scripts/consumers.sh > target/consumers.log 2>&1 &
 consumers=$!
 (scripts/validate.sh && scripts/validate.sh --self-test) > target/validate.log 2>&1 &
 validate=$!
-cargo test --release --all-targets --no-run
-for job in "consumers:$consumers" "validate:$validate"; do
-    name=${job%%:*}
-    status=0
-    wait "${job#*:}" || status=$?
-    cat "target/$name.log"
+finish() { # waits for a background job, shows its log, stops here if it failed
+    local status=0
+    wait "$2" || status=$?
+    cat "target/$1.log"
     if [ "$status" -ne 0 ]; then
-        echo "test.sh: scripts/$name.sh failed (exit $status); its output is above" >&2
+        echo "test.sh: scripts/$1.sh failed (exit $status); its output is above" >&2
         exit "$status"
     fi
-done
+}
 if [ "$#" -gt 0 ]; then
+    cargo test --release --all-targets --no-run
+    finish consumers "$consumers"
+    finish validate "$validate"
     exec cargo test --release --all-targets "$@"
 fi
-# The worker suite (real worker processes, a broker restart, the fault suite) spends most of its
-# time waiting on clocks and processes, the other targets computing: they run side by side, the
-# worker suite's test binary directly (a second `cargo test` would wait on the first's lock).
-worker_bin=$(cargo test --release --test worker --no-run --message-format=json 2>/dev/null | python3 -c '
+# The worker suite (real worker processes, a broker restart, the fault suite) is the longest and
+# spends most of its time waiting on clocks and processes: it is built first and started at once,
+# its test binary directly (a second `cargo test` would wait for the first's lock), while the other
+# targets compile and then run beside it.
+worker_bin=$(cargo test --release --test worker --no-run --message-format=json-render-diagnostics | python3 -c '
 import json, sys
-print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "worker"][-1])')
+finish consumers "$consumers" # the worker suite loads a published model in Keras
 "$worker_bin" > target/worker-tests.log 2>&1 &
 worker=$!
+cargo test --release --all-targets --no-run
+finish validate "$validate"
 targets=(--lib --bins)
 for t in tests/*.rs tests/*/main.rs; do
     name=$(basename "${t%/main.rs}" .rs)
