@@ -368,15 +368,25 @@ impl Worker {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&mut self, limit: Duration) {
+        if !self.ready_within(limit).await {
+            let how = match self.child.try_wait() {
+                Ok(Some(status)) => format!("exited ({status}) before it was ready"),
+                _ => format!("not ready after {limit:?}"),
+            };
+            panic!("worker {} {how}:\n{}", self.name, self.log_text());
+        }
+    }
+
+    /// Whether `/readyz` answers 200 within `limit` (false as soon as the process has exited).
+    pub async fn ready_within(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
             if let Some((200, _)) = self.readyz().await {
-                return;
+                return true;
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("worker {} exited ({status}) before it was ready:\n{}", self.name, self.log_text());
+            if matches!(self.child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
+                return false;
             }
-            assert!(Instant::now() < deadline, "worker {} not ready after {limit:?}:\n{}", self.name, self.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -96,16 +96,13 @@ impl Cluster {
         (0..self.slots.len()).filter(|&i| self.slots[i].worker.is_some()).collect()
     }
 
-    /// Everything back up: the database reachable, the S3 server and the broker running, every
-    /// slot with a live worker.
+    /// Everything back up: the database reachable, the S3 server running, every slot with a live
+    /// worker. (The nemesis restarts the broker within its own fault, checking rabbitmqctl's exit.)
     pub async fn heal(&mut self) {
         self.proxy.restore();
         if !self.s3.running() {
             tokio::task::block_in_place(|| self.s3.restart());
         }
-        tokio::task::block_in_place(|| {
-            let _ = std::process::Command::new("rabbitmqctl").args(["start_app"]).output();
-        });
         for i in 0..self.slots.len() {
             let exited = match self.slots[i].worker.as_mut() {
                 Some(w) => matches!(w.child.try_wait(), Ok(Some(_))),
@@ -123,18 +120,8 @@ impl Cluster {
     /// Each live worker, and whether `/readyz` answered 200 within a minute.
     pub async fn readiness(&mut self) -> Vec<(String, bool)> {
         let mut out = Vec::new();
-        for slot in &mut self.slots {
-            let Some(worker) = slot.worker.as_mut() else { continue };
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let ready = loop {
-                if let Some((200, _)) = worker.readyz().await {
-                    break true;
-                }
-                if std::time::Instant::now() > deadline {
-                    break false;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
+        for worker in self.slots.iter_mut().filter_map(|slot| slot.worker.as_mut()) {
+            let ready = worker.ready_within(Duration::from_secs(60)).await;
             out.push((worker.name.clone(), ready));
         }
         out

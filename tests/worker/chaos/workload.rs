@@ -25,32 +25,42 @@ struct Connection {
 
 impl Connection {
     /// Publishes until RabbitMQ confirms it (a platform service retries with the same event id;
-    /// the worker recognises a repeat).
+    /// the worker recognises a repeat). Fails the suite when that takes longer than any fault.
     async fn publish(&mut self, routing_key: &str, body: &[u8], message_id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            if self.open.is_none() {
-                self.open = connect(&self.settings).await;
-            }
-            if let Some((_, channel)) = &self.open {
-                let attempt =
-                    broker::publish_json(channel, broker::EVENTS_EXCHANGE, routing_key, body, message_id, None);
-                match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-                    Ok(Ok(delivered)) => {
-                        assert_eq!(delivered, Delivered::Routed, "the retrain queue must exist");
-                        return;
+            let error = match &self.open {
+                None => match connect(&self.settings).await {
+                    Ok(open) => {
+                        self.open = Some(open);
+                        continue;
                     }
-                    Ok(Err(_)) | Err(_) => self.open = None,
+                    Err(e) => e,
+                },
+                Some((_, channel)) => {
+                    let attempt =
+                        broker::publish_json(channel, broker::EVENTS_EXCHANGE, routing_key, body, message_id, None);
+                    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                        Ok(Ok(delivered)) => {
+                            assert_eq!(delivered, Delivered::Routed, "the retrain queue must exist");
+                            return;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "no confirm within 10 s".to_string(),
+                    }
                 }
-            }
+            };
+            self.open = None;
+            assert!(Instant::now() < deadline, "cannot publish {message_id} for 3 minutes: {error}");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }
 
-async fn connect(settings: &BrokerSettings) -> Option<(lapin::Connection, lapin::Channel)> {
-    let connection = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default()).await.ok()?;
-    let channel = broker::confirm_channel(&connection).await.ok()?;
-    Some((connection, channel))
+async fn connect(settings: &BrokerSettings) -> Result<(lapin::Connection, lapin::Channel), String> {
+    let connection = broker::connect(settings).await.map_err(|e| e.to_string())?;
+    let channel = broker::confirm_channel(&connection).await.map_err(|e| e.to_string())?;
+    Ok((connection, channel))
 }
 
 /// Publishes requests until `stop`; returns every request RabbitMQ confirmed. `sent_ms` is the
