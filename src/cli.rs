@@ -21,8 +21,8 @@ pub struct Cli {
     /// Log format on stderr: text on a terminal and JSON otherwise (auto), or forced.
     #[arg(long, global = true, env = "AUDOTICS_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,
-    /// CPU threads for tensor maths (0 = auto: 1 when training with batches of at most 512 pairs,
-    /// where threading costs more than it gains on candle's CPU backend; all cores otherwise).
+    /// CPU threads for tensor maths (0 = auto: 1 when `train`, `worker` or `bench` trains batches of
+    /// at most 512 pairs, where threading costs more than it gains; all cores otherwise).
     /// An explicit RAYON_NUM_THREADS wins.
     #[arg(long, global = true, env = "AUDOTICS_CPU_THREADS", default_value_t = 0)]
     pub cpu_threads: usize,
@@ -317,6 +317,9 @@ impl Cli {
         match (&self.command, self.cpu_threads) {
             (_, n) if n > 0 => Some(n),
             (Command::Train(t), _) if t.batch_size <= 512 => Some(1),
+            // The pool is sized once per process: a request that raises its batch size keeps it.
+            (Command::Worker(w), _) if w.train.batch_size <= 512 => Some(1),
+            (Command::Bench(b), _) if b.batch_sizes.iter().all(|&size| size <= 512) => Some(1),
             _ => None,
         }
     }
@@ -591,6 +594,18 @@ mod tests {
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string().lines().next().unwrap().to_string()),
         }
+    }
+
+    #[test]
+    fn auto_threads_are_one_for_small_batches_in_every_training_command() {
+        let threads = |argv: &[&str]| Cli::try_parse_from(argv).unwrap().cpu_threads();
+        assert_eq!(threads(&["t", "train"]), Some(1));
+        assert_eq!(threads(&["t", "train", "--batch-size", "1024"]), None);
+        assert_eq!(threads(&["t", "worker"]), Some(1), "the worker trains batches of 64 by default");
+        assert_eq!(threads(&["t", "worker", "--batch-size", "8192"]), None);
+        assert_eq!(threads(&["t", "bench", "--batch-sizes", "64"]), Some(1));
+        assert_eq!(threads(&["t", "bench", "--batch-sizes", "64,1024"]), None, "each child decides");
+        assert_eq!(threads(&["t", "--cpu-threads", "3", "worker"]), Some(3));
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod broker;
 pub mod chaos;
 pub mod checkpoint;
 pub mod cli;
+pub mod cpu_step;
 pub mod data;
 pub mod db;
 pub mod device;

@@ -105,18 +105,53 @@ impl DropoutMasks {
         device: &Device,
         dtype: DType,
     ) -> candle_core::Result<Self> {
+        HostDropout::sample(config, rows, rng).to_tensors(config, rows, device, dtype)
+    }
+}
+
+/// Dropout masks as plain values (`[rows, 2E]` and `[rows, E]`, row-major): what the fused CPU step
+/// reads, and what [`DropoutMasks`] is made from, so both paths draw the same masks from a seed.
+pub struct HostDropout {
+    pub hidden1: Option<Vec<f32>>,
+    pub hidden2: Option<Vec<f32>>,
+}
+
+impl HostDropout {
+    /// Draws masks for `rows` inputs from `rng`: `0` with probability p, else `1/(1−p)`.
+    pub fn sample(config: &EncoderConfig, rows: usize, rng: &mut ChaCha8Rng) -> Self {
         if config.dropout <= 0.0 {
-            return Ok(Self::none());
+            return Self { hidden1: None, hidden2: None };
         }
         let p = config.dropout;
         let scale = 1.0 / (1.0 - p);
-        let mut draw = |cols: usize| -> candle_core::Result<Tensor> {
-            let values: Vec<f32> =
-                (0..rows * cols).map(|_| if rng.random::<f32>() < p { 0.0 } else { scale }).collect();
-            Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)
+        // rand's f32 draw is `(u >> 8)·2⁻²⁴` of one u32, so `draw < p` is `(u >> 8) < p·2²⁴`, exactly;
+        // words filled in bulk are the same u32s one-by-one draws take (a test checks), and the
+        // comparison loop vectorises.
+        let threshold = p * 16_777_216.0;
+        let mut draw = |cols: usize| -> Vec<f32> {
+            let mut words = vec![0u32; rows * cols];
+            rng.fill(&mut words[..]);
+            // Selects, not branches: which units drop is random, so a branch would mispredict often.
+            let (threshold, scale) = (threshold, scale);
+            words.iter().map(|&u| if ((u >> 8) as f32) < threshold { 0.0 } else { scale }).collect::<Vec<f32>>()
         };
         let e = config.embedding_size;
-        Ok(Self { hidden1: Some(draw(2 * e)?), hidden2: Some(draw(e)?) })
+        let hidden1 = Some(draw(2 * e));
+        Self { hidden1, hidden2: Some(draw(e)) }
+    }
+
+    pub fn to_tensors(
+        &self,
+        config: &EncoderConfig,
+        rows: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<DropoutMasks> {
+        let e = config.embedding_size;
+        let tensor = |values: &Option<Vec<f32>>, cols: usize| {
+            values.as_ref().map(|v| Tensor::from_vec(v.clone(), (rows, cols), device)?.to_dtype(dtype)).transpose()
+        };
+        Ok(DropoutMasks { hidden1: tensor(&self.hidden1, 2 * e)?, hidden2: tensor(&self.hidden2, e)? })
     }
 }
 
@@ -215,6 +250,21 @@ impl Encoder {
             + stats.variance.affine(1.0 - BN_MOMENTUM, 0.0)?)?;
         self.vars[8].set(&mean)?;
         self.vars[9].set(&var)
+    }
+
+    /// [`Self::update_moving_stats`] from batch statistics computed outside candle (the fused CPU
+    /// step, f32): the same arithmetic, without a round of tensor ops.
+    pub fn update_moving_stats_host(&self, mean: &[f32], variance: &[f32]) -> candle_core::Result<()> {
+        let (keep, take) = (BN_MOMENTUM as f32, (1.0 - BN_MOMENTUM) as f32);
+        for (var, batch) in self.vars[8..10].iter().zip([mean, variance]) {
+            let moving = crate::cpu_step::host_values(var.as_tensor())?;
+            if moving.len() != batch.len() {
+                candle_core::bail!("{} batch statistics for {} moving ones", batch.len(), moving.len());
+            }
+            let updated: Vec<f32> = moving.iter().zip(batch).map(|(m, b)| m * keep + b * take).collect();
+            var.set(&Tensor::from_vec(updated, batch.len(), &self.device)?)?;
+        }
+        Ok(())
     }
 
     /// L2-normalised inference embeddings of `x` (`[rows, 11]` standardised features), computed in
@@ -377,6 +427,22 @@ mod tests {
         let zeros = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
         assert!((zeros - 0.2).abs() < 0.02, "dropped {zeros}");
         assert!(v.iter().all(|&x| x == 0.0 || (x - 1.25).abs() < 1e-6));
+    }
+
+    #[test]
+    fn bulk_masks_are_the_masks_of_one_draw_per_unit() {
+        let config = EncoderConfig { embedding_size: 8, dropout: 0.3 };
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        rng.random::<u32>(); // start off a block boundary
+        let mut reference = rng.clone();
+        let masks = HostDropout::sample(&config, 37, &mut rng);
+        let scale = 1.0 / (1.0 - 0.3f32);
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n).map(|_| if reference.random::<f32>() < 0.3 { 0.0 } else { scale }).collect()
+        };
+        assert_eq!(masks.hidden1.unwrap(), draw(37 * 16));
+        assert_eq!(masks.hidden2.unwrap(), draw(37 * 8));
+        assert_eq!(rng.random::<u64>(), reference.random::<u64>(), "the generators must end in step");
     }
 
     #[test]

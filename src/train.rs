@@ -10,11 +10,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::cpu_step::CpuStep;
 use crate::data::Dataset;
 use crate::eval::{EvalSet, RankingMetrics};
 use crate::features::{NUM_FEATURES, Standardizer};
 use crate::loss::{self, LossConfig, LossKind, PairBatch};
-use crate::model::{BatchStats, DropoutMasks, Encoder, EncoderConfig, l2_normalize};
+use crate::model::{BatchStats, DropoutMasks, Encoder, EncoderConfig, HostDropout, l2_normalize};
 use crate::optim::Adam;
 use crate::pairs::{self, CoListenIndex, MiningStats, PairSampler, SamplingConfig, UserTracks};
 
@@ -182,6 +183,8 @@ pub struct Trainer<'a> {
     sampler: PairSampler,
     eval: EvalSet<'a>,
     logq: Option<Tensor>,
+    /// The fused CPU step (`None` on a GPU, or when autograd is asked for).
+    cpu_step: Option<CpuStep>,
 }
 
 impl<'a> Trainer<'a> {
@@ -194,7 +197,22 @@ impl<'a> Trainer<'a> {
         } else {
             None
         };
-        Ok(Self { config, data, sampler, eval, logq })
+        let device = data.features.device();
+        let cpu_step = (device.is_cpu() && data.features.dtype() == DType::F32)
+            .then(|| CpuStep::new(config.encoder, config.loss.clone(), &data.features, logq.as_ref()))
+            .transpose()?;
+        Ok(Self { config, data, sampler, eval, logq, cpu_step })
+    }
+
+    /// `fused` or `autograd`: how this trainer's steps compute gradients.
+    pub fn step_name(&self) -> &'static str {
+        if self.cpu_step.is_some() { "fused" } else { "autograd" }
+    }
+
+    /// Trains through candle's autograd even on the CPU (the reference path; for comparisons).
+    pub fn use_autograd(mut self) -> Self {
+        self.cpu_step = None;
+        self
     }
 
     /// Pairs one epoch yields at most (for progress reporting and the insufficient-data check).
@@ -269,21 +287,33 @@ impl<'a> Trainer<'a> {
             if len < 2 && self.config.loss.kind == LossKind::Contrastive {
                 continue; // a single pair has no in-batch negatives
             }
-            let ta = anchors.narrow(0, start, len)?;
-            let tb = partners.narrow(0, start, len)?;
-            let masks = DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
-            let (loss, stats) = training_loss(
-                &state.encoder,
-                &self.data.features,
-                &ta,
-                &tb,
-                &masks,
-                &self.config.loss,
-                self.logq.as_ref(),
-            )?;
-            state.optimizer.step(&loss.backward()?)?;
-            state.encoder.update_moving_stats(&stats)?;
-            cursor.loss_sum += loss.to_scalar::<f32>()? as f64;
+            let loss = match &self.cpu_step {
+                Some(step) => {
+                    let batch = &pairs[start..start + len];
+                    let (ta, tb): (Vec<u32>, Vec<u32>) = batch.iter().map(|p| (p[0], p[1])).unzip();
+                    let masks = HostDropout::sample(&self.config.encoder, 2 * len, &mut state.rng);
+                    step.train_batch(&state.encoder, &mut state.optimizer, &ta, &tb, &masks)?
+                }
+                None => {
+                    let ta = anchors.narrow(0, start, len)?;
+                    let tb = partners.narrow(0, start, len)?;
+                    let masks =
+                        DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
+                    let (loss, stats) = training_loss(
+                        &state.encoder,
+                        &self.data.features,
+                        &ta,
+                        &tb,
+                        &masks,
+                        &self.config.loss,
+                        self.logq.as_ref(),
+                    )?;
+                    state.optimizer.step(&loss.backward()?)?;
+                    state.encoder.update_moving_stats(&stats)?;
+                    loss.to_scalar::<f32>()?
+                }
+            };
+            cursor.loss_sum += loss as f64;
             cursor.batches += 1;
             cursor.trained += len;
             if observer.batch_finished(len) == Control::Stop && cursor.next_step < steps {

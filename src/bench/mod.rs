@@ -20,6 +20,7 @@
 
 mod export;
 mod npy;
+mod roofline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,13 @@ pub struct BenchArgs {
     /// of the model at that point and the pairs/s of the whole run to the result.
     #[arg(long, value_name = "S")]
     pub time_budget_seconds: Option<f64>,
+    /// Train through candle's autograd on the CPU too, instead of the fused CPU step (to compare).
+    #[arg(long)]
+    pub autograd_step: bool,
+    /// Instead of training: FLOPs per pair of each configuration, and the GFLOP/s this machine's
+    /// matrix kernels reach on the training step's own products (an upper bound on pairs/s).
+    #[arg(long)]
+    pub roofline: bool,
 }
 
 /// One measured configuration.
@@ -85,7 +93,16 @@ pub struct BenchResult {
     pub batch_size: usize,
     pub device: String,
     pub cpu_threads: usize,
+    /// `fused` (the hand-written CPU step) or `autograd` (candle's, on any device).
+    #[serde(default)]
+    pub step: String,
     pub pairs_per_epoch: usize,
+    /// Multiply-add work per trained pair (`bench --roofline` explains the count), MFLOP.
+    #[serde(default)]
+    pub mflop_per_pair: f64,
+    /// `median_pairs_per_second × mflop_per_pair`, GFLOP/s.
+    #[serde(default)]
+    pub achieved_gflops: f64,
     /// Median over the completed epochs after the first; with a time budget that ended before two
     /// epochs completed, the rate of the whole run instead.
     pub median_pairs_per_second: f64,
@@ -120,6 +137,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(args.epochs >= 1, "--epochs must be at least 1");
         let summary = tokio::task::spawn_blocking(move || export::export(&args, &dir)).await??;
         println!("{}", serde_json::to_string(&summary)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.roofline {
+        println!(
+            "| loss | batch | threads | MFLOP per pair | step's products GFLOP/s | products-only pairs/s | 1024³ GFLOP/s |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for &loss in &args.losses {
+            for &batch in &args.batch_sizes {
+                let r = roofline::measure(args.embedding_size, batch, loss);
+                println!(
+                    "| {} | {} | {} | {:.3} | {:.1} | {:.0} | {:.1} |",
+                    r.loss,
+                    r.batch_size,
+                    r.threads,
+                    r.mflop_per_pair,
+                    r.step_products_gflops,
+                    r.products_only_pairs_per_second,
+                    r.square_1024_gflops
+                );
+                eprintln!("{}", serde_json::to_string(&r)?);
+            }
+        }
         return Ok(ExitCode::SUCCESS);
     }
     match args.time_budget_seconds {
@@ -163,6 +203,9 @@ async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> any
     if let Some(s) = args.time_budget_seconds {
         cmd.args(["--time-budget-seconds", &s.to_string()]);
     }
+    if args.autograd_step {
+        cmd.arg("--autograd-step");
+    }
     let out = cmd.output().await?;
     anyhow::ensure!(out.status.success(), "benchmark of batch {batch} / {loss} failed");
     let stdout = String::from_utf8(out.stdout)?;
@@ -173,21 +216,23 @@ async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> any
 
 fn print_table<'a>(results: impl Iterator<Item = &'a BenchResult>) {
     println!(
-        "| tracks | users | interactions | loss | batch | device | threads | pairs/epoch | pairs/s (median) | CPU-s per 1M pairs | peak RSS MiB |"
+        "| tracks | users | interactions | loss | batch | device | step | threads | pairs/epoch | pairs/s (median) | GFLOP/s | CPU-s per 1M pairs | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
             r.tracks,
             r.users,
             r.interactions,
             r.loss,
             r.batch_size,
             r.device,
+            r.step,
             r.cpu_threads,
             r.pairs_per_epoch,
             r.median_pairs_per_second,
+            r.achieved_gflops,
             r.cpu_seconds_per_million_pairs.map_or("n/a".into(), |v| format!("{v:.1}")),
             r.peak_rss_mib.map_or("n/a".into(), |v| format!("{v:.0}")),
         );
@@ -253,6 +298,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
             let config = train_config(args, loss, batch_size);
             let data = PreparedData::new(&dataset, &config, &device)?;
             let trainer = Trainer::new(&config, &data)?;
+            let trainer = if args.autograd_step { trainer.use_autograd() } else { trainer };
             let mut state = TrainingState::new(&config, &device)?;
             let mut recorder = Recorder { budget_seconds: args.time_budget_seconds, ..Recorder::default() };
             trainer.run(&mut state, &mut recorder)?;
@@ -293,7 +339,12 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
                 batch_size,
                 device: device::describe(&device),
                 cpu_threads: candle_core::utils::get_num_threads(),
+                step: trainer.step_name().to_string(),
                 pairs_per_epoch: trainer.pairs_per_epoch(),
+                mflop_per_pair: roofline::flops_per_pair(args.embedding_size, batch_size, loss) / 1e6,
+                achieved_gflops: median_pairs_per_second
+                    * roofline::flops_per_pair(args.embedding_size, batch_size, loss)
+                    / 1e9,
                 median_pairs_per_second,
                 cpu_seconds_per_million_pairs: cpu.map(|c| c / pairs as f64 * 1e6),
                 peak_rss_mib: procstat::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),
@@ -380,6 +431,8 @@ mod tests {
             seed: 9,
             export_dir: None,
             time_budget_seconds: None,
+            autograd_step: false,
+            roofline: false,
         }
     }
 

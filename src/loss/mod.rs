@@ -20,7 +20,7 @@
 //! Recall@10 went from 0.0059 to 0.0104 after 15 epochs, on the synthetic default from 0.110 to 0.128
 //! after 10 (README).
 
-mod fused;
+pub(crate) mod fused;
 
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};

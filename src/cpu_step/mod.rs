@@ -1,0 +1,240 @@
+//! One training step on the CPU as straight-line code: forward, backward and Adam in a handful of
+//! matrix products and loops over plain `f32` buffers.
+//!
+//! Through candle's autograd a step is ~400 tensor ops (BatchNorm, three Dense layers, dropout,
+//! L2 normalisation, the loss, their backward ops, then Adam's ~10 ops per variable), each
+//! allocating its output and dispatching through the op graph. At batch 64 that per-op overhead was
+//! most of the step (BENCHMARKS.md). This module computes exactly the same function and gradients
+//! with the model's backward pass written out by hand: 13 `gemm` calls (the microkernels candle
+//! itself uses) and a few element-wise loops. The autograd path stays the reference: the tests
+//! compare this step with it (loss, all eight gradients, the weights after Adam, the moving
+//! statistics), and it is what runs on a GPU.
+//!
+//! Shapes: `n = 2B` rows (anchors then partners, one batch so that BatchNorm's statistics cover
+//! both), `F = 11` features, hidden widths `H1 = 2E`, `H2 = E`, output `E`.
+
+pub(crate) mod kernels;
+
+use candle_core::{Storage, Tensor};
+
+use crate::features::NUM_FEATURES;
+use crate::loss::fused::SymmetricDiagonalCe;
+use crate::loss::{LossConfig, LossKind};
+use crate::model::{BN_EPSILON, Encoder, EncoderConfig, HostDropout};
+use crate::optim::Adam;
+use kernels::{Mat, column_sums, matmul, relu_dropout, relu_dropout_backward, repeat_rows, row_dots};
+
+/// The fused step for one run: the objective and host copies of the constant inputs.
+pub struct CpuStep {
+    encoder: EncoderConfig,
+    loss: LossConfig,
+    /// `[num_tracks, F]` standardised features.
+    features: Vec<f32>,
+    /// `log q` per track when the contrastive loss is logQ-corrected.
+    logq: Option<Vec<f32>>,
+}
+
+/// What one batch's forward and backward pass produce.
+pub struct StepOutput {
+    pub loss: f32,
+    /// In [`crate::model::TRAINABLE_NAMES`] order.
+    pub gradients: Vec<Vec<f32>>,
+    /// BatchNorm's batch mean and biased variance.
+    pub batch_mean: Vec<f32>,
+    pub batch_variance: Vec<f32>,
+}
+
+impl CpuStep {
+    /// `features`: `[num_tracks, F]` f32 on the CPU; `logq`: `[num_tracks]` f32, when used.
+    pub fn new(
+        encoder: EncoderConfig,
+        loss: LossConfig,
+        features: &Tensor,
+        logq: Option<&Tensor>,
+    ) -> candle_core::Result<Self> {
+        let features = host_values(features)?;
+        let logq = logq.map(host_values).transpose()?;
+        Ok(Self { encoder, loss, features, logq })
+    }
+
+    /// Trains one batch of pairs (`ta[i]`, `tb[i]` track indices): forward, backward, Adam, then
+    /// BatchNorm's moving statistics — what the autograd path does. Returns the batch's loss.
+    pub fn train_batch(
+        &self,
+        encoder: &Encoder,
+        optimizer: &mut Adam,
+        ta: &[u32],
+        tb: &[u32],
+        masks: &HostDropout,
+    ) -> candle_core::Result<f32> {
+        let out = self.loss_and_gradients(encoder, ta, tb, masks)?;
+        optimizer.step_host(&out.gradients)?;
+        encoder.update_moving_stats_host(&out.batch_mean, &out.batch_variance)?;
+        Ok(out.loss)
+    }
+
+    /// The training-mode loss of a batch and its gradients with respect to every trainable tensor.
+    pub fn loss_and_gradients(
+        &self,
+        encoder: &Encoder,
+        ta: &[u32],
+        tb: &[u32],
+        masks: &HostDropout,
+    ) -> candle_core::Result<StepOutput> {
+        kernels::with_avx2(|| self.loss_and_gradients_inline(encoder, ta, tb, masks))
+    }
+
+    #[inline(always)]
+    fn loss_and_gradients_inline(
+        &self,
+        encoder: &Encoder,
+        ta: &[u32],
+        tb: &[u32],
+        masks: &HostDropout,
+    ) -> candle_core::Result<StepOutput> {
+        if ta.len() != tb.len() {
+            candle_core::bail!("{} anchors for {} partners", ta.len(), tb.len());
+        }
+        let (b, f, e) = (ta.len(), NUM_FEATURES, self.encoder.embedding_size);
+        let (n, h1, h2) = (2 * b, 2 * e, e);
+        let w =
+            encoder.trainable().iter().map(|v| host_values(v.as_tensor())).collect::<candle_core::Result<Vec<_>>>()?;
+        let (gamma, beta, k1, b1, k2, b2, k3, b3) = (&w[0], &w[1], &w[2], &w[3], &w[4], &w[5], &w[6], &w[7]);
+        let (mask1, mask2) = (masks.hidden1.as_deref(), masks.hidden2.as_deref());
+
+        // Forward. BatchNorm on the batch's statistics (the inputs are data: no gradient to them).
+        let mut x = Vec::with_capacity(n * f);
+        for &t in ta.iter().chain(tb) {
+            let t = t as usize * f;
+            let row = self
+                .features
+                .get(t..t + f)
+                .ok_or_else(|| candle_core::Error::Msg("track index out of range".into()))?;
+            x.extend_from_slice(row);
+        }
+        let mean: Vec<f32> = column_sums(&x, f).iter().map(|s| s / n as f32).collect();
+        let mut xhat: Vec<f32> = x.chunks_exact(f).flat_map(|row| row.iter().zip(&mean).map(|(v, m)| v - m)).collect();
+        let variance: Vec<f32> =
+            column_sums(&xhat.iter().map(|c| c * c).collect::<Vec<_>>(), f).iter().map(|s| s / n as f32).collect();
+        let inv_std: Vec<f32> = variance.iter().map(|v| 1.0 / (v + BN_EPSILON as f32).sqrt()).collect();
+        for row in xhat.chunks_exact_mut(f) {
+            row.iter_mut().zip(&inv_std).for_each(|(c, s)| *c *= s);
+        }
+        let y: Vec<f32> = xhat
+            .chunks_exact(f)
+            .flat_map(|row| row.iter().zip(gamma).zip(beta).map(|((v, g), bt)| v * g + bt))
+            .collect();
+        let mut a1 = repeat_rows(b1, n);
+        matmul(&mut a1, Mat::new(&y, n, f), Mat::new(k1, f, h1), 1.0, true);
+        relu_dropout(&mut a1, mask1);
+        let mut a2 = repeat_rows(b2, n);
+        matmul(&mut a2, Mat::new(&a1, n, h1), Mat::new(k2, h1, h2), 1.0, true);
+        relu_dropout(&mut a2, mask2);
+        let mut h = repeat_rows(b3, n);
+        matmul(&mut h, Mat::new(&a2, n, h2), Mat::new(k3, h2, e), 1.0, true);
+        h.iter_mut().for_each(|v| *v = kernels::fast_tanh(*v));
+        // L2 normalisation, clamping the squared norm as `model::l2_normalize` does.
+        let sq_norms = row_dots(&h, &h, e);
+        let norms: Vec<f32> = sq_norms.iter().map(|s| s.max(1e-24).sqrt()).collect();
+        let mut z = h.clone();
+        for (row, nrm) in z.chunks_exact_mut(e).zip(&norms) {
+            row.iter_mut().for_each(|v| *v /= nrm);
+        }
+
+        // The objective and its gradient with respect to z.
+        let (loss, dz) = self.objective(&z, ta, tb, e)?;
+
+        // Backward through L2 normalisation: dh = (dz − z·(dz·z)) / ‖h‖ (only dz/‖h‖ where clamped).
+        let dots = row_dots(&dz, &z, e);
+        let mut dh = dz;
+        for (((g, zr), (&dot, &nrm)), &s) in
+            dh.chunks_exact_mut(e).zip(z.chunks_exact(e)).zip(dots.iter().zip(&norms)).zip(&sq_norms)
+        {
+            let dot = if s > 1e-24 { dot } else { 0.0 };
+            g.iter_mut().zip(zr).for_each(|(g, z)| *g = (*g - z * dot) / nrm);
+        }
+        // tanh, then the three Dense layers.
+        dh.iter_mut().zip(&h).for_each(|(g, t)| *g *= 1.0 - t * t);
+        let dz3 = dh;
+        let mut dk3 = vec![0.0; h2 * e];
+        matmul(&mut dk3, Mat::new(&a2, n, h2).t(), Mat::new(&dz3, n, e), 1.0, false);
+        let db3 = column_sums(&dz3, e);
+        let mut dz2 = vec![0.0; n * h2];
+        matmul(&mut dz2, Mat::new(&dz3, n, e), Mat::new(k3, h2, e).t(), 1.0, false);
+        relu_dropout_backward(&mut dz2, &a2, mask2);
+        let mut dk2 = vec![0.0; h1 * h2];
+        matmul(&mut dk2, Mat::new(&a1, n, h1).t(), Mat::new(&dz2, n, h2), 1.0, false);
+        let db2 = column_sums(&dz2, h2);
+        let mut dz1 = vec![0.0; n * h1];
+        matmul(&mut dz1, Mat::new(&dz2, n, h2), Mat::new(k2, h1, h2).t(), 1.0, false);
+        relu_dropout_backward(&mut dz1, &a1, mask1);
+        let mut dk1 = vec![0.0; f * h1];
+        matmul(&mut dk1, Mat::new(&y, n, f).t(), Mat::new(&dz1, n, h1), 1.0, false);
+        let db1 = column_sums(&dz1, h1);
+        let mut dy = vec![0.0; n * f];
+        matmul(&mut dy, Mat::new(&dz1, n, h1), Mat::new(k1, f, h1).t(), 1.0, false);
+        // BatchNorm's affine part: y = x̂·γ + β.
+        let dbeta = column_sums(&dy, f);
+        dy.iter_mut().zip(&xhat).for_each(|(g, v)| *g *= v);
+        let dgamma = column_sums(&dy, f);
+
+        Ok(StepOutput {
+            loss,
+            gradients: vec![dgamma, dbeta, dk1, db1, dk2, db2, dk3, db3],
+            batch_mean: mean,
+            batch_variance: variance,
+        })
+    }
+
+    /// The loss of normalised embeddings `z` (`[2B, E]`, anchors first) and its gradient.
+    #[inline(always)]
+    fn objective(&self, z: &[f32], ta: &[u32], tb: &[u32], e: usize) -> candle_core::Result<(f32, Vec<f32>)> {
+        let b = ta.len();
+        let (za, zb) = z.split_at(b * e);
+        let mut dz = vec![0.0f32; z.len()];
+        let mut loss = match self.loss.kind {
+            LossKind::Cosine => {
+                // −mean_i(a_i·b_i): d/da_i = −b_i / B, d/db_i = −a_i / B.
+                let (dza, dzb) = dz.split_at_mut(b * e);
+                dza.iter_mut().zip(zb).for_each(|(g, v)| *g = -v / b as f32);
+                dzb.iter_mut().zip(za).for_each(|(g, v)| *g = -v / b as f32);
+                -row_dots(za, zb, e).iter().sum::<f32>() / b as f32
+            }
+            LossKind::Contrastive => {
+                let inv_tau = (1.0 / self.loss.temperature) as f32;
+                let mut logits = vec![0.0f32; b * b];
+                matmul(&mut logits, Mat::new(za, b, e), Mat::new(zb, b, e).t(), inv_tau, false);
+                let pick = |ids: &[u32]| self.logq.as_ref().map(|lq| ids.iter().map(|&t| lq[t as usize]).collect());
+                let op = SymmetricDiagonalCe::new(ta.to_vec(), tb.to_vec(), pick(ta), pick(tb));
+                let (loss, dl) = op.loss_and_gradient(&logits, b, 0.5 / b as f32);
+                let (dza, dzb) = dz.split_at_mut(b * e);
+                matmul(dza, Mat::new(&dl, b, b), Mat::new(zb, b, e), inv_tau, false);
+                matmul(dzb, Mat::new(&dl, b, b).t(), Mat::new(za, b, e), inv_tau, false);
+                loss
+            }
+        };
+        let weight = self.loss.centering_weight as f32;
+        if weight > 0.0 && self.loss.kind == LossKind::Contrastive {
+            // w·‖mean_i z_i‖²: d/dz_i = 2w·mean / n.
+            let n = z.len() / e;
+            let mean: Vec<f32> = column_sums(z, e).iter().map(|s| s / n as f32).collect();
+            loss += weight * mean.iter().map(|m| m * m).sum::<f32>();
+            for row in dz.chunks_exact_mut(e) {
+                row.iter_mut().zip(&mean).for_each(|(g, m)| *g += 2.0 * weight * m / n as f32);
+            }
+        }
+        Ok((loss, dz))
+    }
+}
+
+/// A contiguous f32 CPU tensor's values.
+pub(crate) fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(cpu.as_slice::<f32>()?[start..end].to_vec()),
+        _ => candle_core::bail!("the fused CPU step needs contiguous f32 CPU tensors"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
