@@ -8,29 +8,12 @@ use gemm::Parallelism;
 
 use crate::loss::fused::fast_exp;
 
-/// Runs `f` compiled for AVX2 when this CPU has it, else as built (baseline x86-64 is SSE2: loops
-/// vectorise 4 floats wide instead of 8). Whatever `f` calls must be `#[inline(always)]` to be
-/// compiled into it. The results are the same bits either way: Rust never fuses `a·b + c` on its
-/// own, and every reduction here fixes its own order.
-#[inline(always)]
-pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2")]
-        fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, the one feature `run` is compiled for.
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
-
-/// Evaluates `$call` (a call of an `#[inline(always)]` function) inside a function compiled for
-/// AVX2 when this CPU has it — the dependable form of [`with_avx2`]: the call is inlined there by
-/// construction, not by the optimiser's choice.
+/// Evaluates `$call`, a call of an `#[inline(always)]` function, inside a function compiled for
+/// AVX2 when this CPU has it; else as built (baseline x86-64 is SSE2: loops vectorise 4 floats wide
+/// instead of 8). The results are the same bits either way: Rust never fuses `a·b + c` on its own,
+/// and every reduction here fixes its own order. Keep `$call`'s function small enough to inline
+/// (a row kernel): the optimiser may leave a huge one outside, compiled for the baseline — see
+/// `CpuStep::loss_and_gradients` for the explicit form.
 macro_rules! avx2_or_not {
     ($call:expr) => {{
         #[cfg(target_arch = "x86_64")]

@@ -81,7 +81,27 @@ impl CpuStep {
         tb: &[u32],
         masks: &HostDropout,
     ) -> candle_core::Result<StepOutput> {
-        kernels::with_avx2(|| self.loss_and_gradients_inline(encoder, ta, tb, masks))
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, the one feature the function is compiled for.
+            return unsafe { self.loss_and_gradients_avx2(encoder, ta, tb, masks) };
+        }
+        self.loss_and_gradients_inline(encoder, ta, tb, masks)
+    }
+
+    /// The step's element-wise loops 8 floats wide (the same bits as the baseline build: see
+    /// `kernels::avx2_or_not`). Written out rather than through that macro: a closure this large
+    /// is not reliably inlined into the AVX2 function.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn loss_and_gradients_avx2(
+        &self,
+        encoder: &Encoder,
+        ta: &[u32],
+        tb: &[u32],
+        masks: &HostDropout,
+    ) -> candle_core::Result<StepOutput> {
+        self.loss_and_gradients_inline(encoder, ta, tb, masks)
     }
 
     #[inline(always)]

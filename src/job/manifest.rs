@@ -2,7 +2,7 @@
 //! that `--resume <run-id>` rebuilds exactly the same run. It never holds a secret: the database URL
 //! is stored redacted, and the real one comes from the flag or `DATABASE_URL` again on resume.
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::TRAINER_VERSION;
@@ -99,8 +99,7 @@ impl RunManifest {
         device: DeviceChoice,
     ) -> Self {
         let now = Utc::now();
-        // Sortable by time; the uuid's random tail keeps two runs in one second apart.
-        let version = format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), &run_id.simple().to_string()[26..]);
+        let version = version_name(now, run_id);
         Self {
             run_id: run_id.to_string(),
             model: model.to_string(),
@@ -119,9 +118,40 @@ impl RunManifest {
     }
 }
 
+/// `YYYYMMDDTHHMMSSZ-xxxxxx`: the start time to the second, then six hex digits holding the
+/// milliseconds (10 bits) and 14 random bits of the run id. Versions sort as text in the order runs
+/// started, within a second too: `latest.json` only moves to a version that sorts after its own, and
+/// with a random suffix a run that started later in the same second could sort first (training
+/// became fast enough for two runs of one model to start within a second).
+fn version_name(start: DateTime<Utc>, run_id: uuid::Uuid) -> String {
+    let random = (run_id.as_u128() & 0x3fff) as u32;
+    let millis = start.timestamp_subsec_millis().min(999);
+    format!("{}-{:06x}", start.format("%Y%m%dT%H%M%SZ"), (millis << 14) | random)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_sort_in_start_order_within_a_second() {
+        let at = |ms: i64| DateTime::from_timestamp_millis(1_796_000_000_000 + ms).unwrap();
+        // The random bits at their most unfavourable: all ones for the earlier run, zero for the later.
+        let (early, late) = (uuid::Uuid::from_u128(0x3fff), uuid::Uuid::from_u128(0));
+        let versions: Vec<String> = [(0, early), (1, late), (998, early), (999, late), (1_000, early)]
+            .iter()
+            .map(|&(ms, id)| version_name(at(ms), id))
+            .collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        // ^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$
+        let pattern = |v: &str| {
+            let digits = |r: std::ops::Range<usize>| v[r].bytes().all(|b| b.is_ascii_digit());
+            let hex = v[17..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            v.len() == 23 && digits(0..8) && &v[8..9] == "T" && digits(9..15) && &v[15..17] == "Z-" && hex
+        };
+        assert!(versions.iter().all(|v| pattern(v)), "the published format (docs/asyncapi.yaml): {versions:?}");
+        assert_ne!(version_name(at(5), early), version_name(at(5), late), "two runs in one millisecond");
+    }
 
     #[test]
     fn shortfall_names_every_missing_size() {

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_step::kernels::{avx2_or_not, with_avx2};
+use crate::cpu_step::kernels::avx2_or_not;
 
 /// Rows per parallel block: a block's column accumulators are merged once, not per row.
 const BLOCK: usize = 64;
@@ -183,7 +183,7 @@ impl SymmetricDiagonalCe {
 
     /// [`Self::loss_and_gradient`] under the shared shift; `None` when it does not hold.
     fn shared_shift(&self, l: &[f32], b: usize, scale: f32) -> Option<(f32, Vec<f32>)> {
-        let shift = with_avx2(|| max(l));
+        let shift = avx2_or_not!(max(l));
         let factors = |logq: &[f32]| {
             let top = logq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(-x));
             logq.iter().map(|&x| fast_exp(-x - top)).collect::<Vec<f32>>()

@@ -212,7 +212,8 @@ async fn consumer_inputs(
 async fn a_burst_of_200_requests_across_3_workers_runs_at_most_twice_and_answers_every_request() {
     let _serial = serial().await;
     let setup = Setup::new().await;
-    let env = setup.env(&[("AUDOTICS_EPOCHS", "6")]);
+    // Long enough runs that the whole burst arrives within one (checked below, not assumed).
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "200")]);
     let events = Events::listen(&setup.vhost).await;
     let mut workers: Vec<Worker> = (1..=3).map(|i| env.spawn(&format!("w{i}"))).collect();
     for w in &mut workers {
@@ -224,8 +225,18 @@ async fn a_burst_of_200_requests_across_3_workers_runs_at_most_twice_and_answers
     for id in &requests {
         publisher.request(id).await;
     }
+    let publish_ms = started.elapsed().as_millis() as i64;
     events.wait_satisfied(&requests, 3 * MINUTE).await;
     let seconds = started.elapsed().as_secs_f64();
+    let shortest_run_ms = setup
+        .db
+        .count("SELECT (extract(epoch FROM min(finished_at - started_at)) * 1000)::bigint FROM audotics_trainer.training_runs")
+        .await;
+    assert!(
+        publish_ms < shortest_run_ms,
+        "the test's premise failed: publishing the burst took {publish_ms} ms, a run only {shortest_run_ms} ms \
+         (a burst longer than a run may rightly cause more runs); raise AUDOTICS_EPOCHS"
+    );
     let runs = setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs").await;
     assert!((1..=2).contains(&runs), "{runs} runs for one burst");
     assert_eq!(setup.overlapping_runs().await, 0, "two runs of the model overlapped");
@@ -240,7 +251,11 @@ async fn a_burst_of_200_requests_across_3_workers_runs_at_most_twice_and_answers
     }
     assert_eq!(queue_depth(&setup.vhost, audotics_trainer::broker::RETRAIN_QUEUE).await, 0);
     let ready = events.events("model-ready");
-    eprintln!("figures: 200 requests in, {} model-ready out, {runs} runs, {seconds:.1} s to answer all", ready.len());
+    eprintln!(
+        "figures: 200 requests in ({publish_ms} ms to publish), {} model-ready out, {runs} runs (shortest \
+         {shortest_run_ms} ms), {seconds:.1} s to answer all",
+        ready.len()
+    );
 }
 
 async fn queue_depth(vhost: &Vhost, queue: &str) -> u32 {
@@ -289,7 +304,7 @@ async fn the_same_request_delivered_twice_runs_once() {
 async fn a_killed_worker_s_run_is_resumed_from_its_checkpoint_by_another() {
     let _serial = serial().await;
     let setup = Setup::new().await;
-    let env = setup.env(&[("AUDOTICS_EPOCHS", "30"), ("WORKER_LEASE_SECONDS", "3")]);
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "300"), ("WORKER_LEASE_SECONDS", "3")]);
     let events = Events::listen(&setup.vhost).await;
     let (mut first, id, at) = run_until_checkpoint(&setup, &env, "kill-me", 3).await;
     first.signal("KILL");
@@ -310,7 +325,7 @@ async fn a_killed_worker_s_run_is_resumed_from_its_checkpoint_by_another() {
     let meta_url = ready[0]["artifacts"]["metadata"].as_str().unwrap();
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(meta_url.strip_prefix("file://").unwrap()).unwrap()).unwrap();
-    assert_eq!(meta["epochs_completed"], 30);
+    assert_eq!(meta["epochs_completed"], 300);
     eprintln!(
         "figures: killed after epoch {}, resumed from epoch {epoch}, model-ready {:.1} s after the second worker started",
         at.0,
@@ -322,7 +337,7 @@ async fn a_killed_worker_s_run_is_resumed_from_its_checkpoint_by_another() {
 async fn a_broker_restart_mid_run_is_recovered_and_the_model_published() {
     let _serial = serial().await;
     let setup = Setup::new().await;
-    let env = setup.env(&[("AUDOTICS_EPOCHS", "15")]);
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "150")]);
     let events = Events::listen(&setup.vhost).await;
     let mut worker = env.spawn("w1");
     worker.wait_ready(MINUTE).await;
@@ -437,7 +452,7 @@ async fn each_malformed_request_is_dead_lettered_with_its_reason_and_the_worker_
 async fn sigterm_mid_run_exits_cleanly_within_the_grace_period_and_the_run_completes_later() {
     let _serial = serial().await;
     let setup = Setup::new().await;
-    let env = setup.env(&[("AUDOTICS_EPOCHS", "40"), ("WORKER_GRACE_SECONDS", "20")]);
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "400"), ("WORKER_GRACE_SECONDS", "20")]);
     let events = Events::listen(&setup.vhost).await;
     let (mut first, id, _) = run_until_checkpoint(&setup, &env, "terminate-me", 2).await;
     let signalled = Instant::now();
@@ -631,7 +646,7 @@ async fn republish_dead_letter(vhost: &Vhost, letter: &Recorded) {
 async fn a_worker_paused_past_its_lease_loses_the_run_and_the_version_is_published_once() {
     let _serial = serial().await;
     let setup = Setup::new().await;
-    let env = setup.env(&[("AUDOTICS_EPOCHS", "30"), ("WORKER_LEASE_SECONDS", "3")]);
+    let env = setup.env(&[("AUDOTICS_EPOCHS", "300"), ("WORKER_LEASE_SECONDS", "3")]);
     let events = Events::listen(&setup.vhost).await;
     let (mut first, id, _) = run_until_checkpoint(&setup, &env, "pause-me", 3).await;
     first.signal("STOP");
