@@ -162,6 +162,15 @@ pub struct BatchStats {
     variance: Tensor,
 }
 
+impl BatchStats {
+    /// `(mean, variance)` as f32 values, for comparisons in tests.
+    #[cfg(test)]
+    pub(crate) fn to_vecs(&self) -> (Vec<f32>, Vec<f32>) {
+        let values = |t: &Tensor| t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        (values(&self.mean), values(&self.variance))
+    }
+}
+
 /// The encoder's variables. Trainable ones go to the optimiser; moving statistics are updated in
 /// place by [`Encoder::update_moving_stats`].
 pub struct Encoder {

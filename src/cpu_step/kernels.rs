@@ -137,29 +137,34 @@ pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
     sums
 }
 
-/// In place: `x = relu(x) · mask` (inverted dropout; no mask = no dropout).
+/// In place: `x = relu(x) · mask` (inverted dropout; no mask = no dropout). Returns each unit's
+/// derivative, `mask` where `x ≥ 0` before the ReLU and 0 below — candle's ReLU passes the gradient
+/// at exactly 0 (`x.ge(0)`), which the output alone cannot tell from a negative input (a zero bias
+/// and a zero input give exactly 0).
 #[inline(always)]
-pub fn relu_dropout(x: &mut [f32], mask: Option<&[f32]>) {
-    match mask {
-        Some(mask) => x.iter_mut().zip(mask).for_each(|(v, &m)| *v = v.max(0.0) * m),
-        None => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-    }
-}
-
-/// In place: the gradient through [`relu_dropout`] given its output `y`: `g · mask` where the unit
-/// was active (`y > 0`), else 0. (An active unit is one that ReLU passed and dropout kept.)
-#[inline(always)]
-pub fn relu_dropout_backward(grad: &mut [f32], y: &[f32], mask: Option<&[f32]>) {
-    // A multiply by a selected factor, not a branch per unit: this loop vectorises (the branchy one
-    // was 15 % of a batch-64 step).
+pub fn relu_dropout(x: &mut [f32], mask: Option<&[f32]>) -> Vec<f32> {
+    let mut derivative = vec![0.0f32; x.len()];
     match mask {
         Some(mask) => {
-            for ((g, &y), &m) in grad.iter_mut().zip(y).zip(mask) {
-                *g *= if y > 0.0 { m } else { 0.0 };
+            for ((v, d), &m) in x.iter_mut().zip(&mut derivative).zip(mask) {
+                *d = if *v >= 0.0 { m } else { 0.0 };
+                *v = v.max(0.0) * m;
             }
         }
-        None => grad.iter_mut().zip(y).for_each(|(g, &y)| *g *= if y > 0.0 { 1.0 } else { 0.0 }),
+        None => {
+            for (v, d) in x.iter_mut().zip(&mut derivative) {
+                *d = if *v >= 0.0 { 1.0 } else { 0.0 };
+                *v = v.max(0.0);
+            }
+        }
     }
+    derivative
+}
+
+/// In place: the gradient through [`relu_dropout`], given the derivative it returned.
+#[inline(always)]
+pub fn scale_by(grad: &mut [f32], derivative: &[f32]) {
+    grad.iter_mut().zip(derivative).for_each(|(g, d)| *g *= d);
 }
 
 /// `tanh` for f32 within a few ulp, branch-free so that loops over it vectorise (libm's `tanhf` is
@@ -236,11 +241,14 @@ mod tests {
     fn relu_dropout_and_its_gradient() {
         let mut x = vec![-1.0, 2.0, 3.0, 0.5];
         let mask = [1.25, 0.0, 1.25, 1.25];
-        relu_dropout(&mut x, Some(&mask));
+        let derivative = relu_dropout(&mut x, Some(&mask));
         assert_eq!(x, vec![0.0, 0.0, 3.75, 0.625]);
-        let mut g = vec![1.0; 4];
-        relu_dropout_backward(&mut g, &x, Some(&mask));
-        assert_eq!(g, vec![0.0, 0.0, 1.25, 1.25]);
+        assert_eq!(derivative, vec![0.0, 0.0, 1.25, 1.25]);
+        let mut zero = vec![0.0, -0.0, -1e-30];
+        assert_eq!(relu_dropout(&mut zero, None), vec![1.0, 1.0, 0.0], "at 0 the gradient passes, as candle's");
+        let mut g = vec![2.0; 4];
+        scale_by(&mut g, &derivative);
+        assert_eq!(g, vec![0.0, 0.0, 2.5, 2.5]);
         assert_eq!(column_sums(&[1.0, 2.0, 3.0, 4.0], 2), vec![4.0, 6.0]);
         assert_eq!(repeat_rows(&[1.0, 2.0], 2), vec![1.0, 2.0, 1.0, 2.0]);
         assert_eq!(row_dots(&[1.0, 2.0, 3.0, 4.0], &[1.0, 1.0, 2.0, 0.5], 2), vec![3.0, 8.0]);

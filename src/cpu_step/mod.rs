@@ -5,7 +5,7 @@
 //! L2 normalisation, the loss, their backward ops, then Adam's ~10 ops per variable), each
 //! allocating its output and dispatching through the op graph. At batch 64 that per-op overhead was
 //! most of the step (BENCHMARKS.md). This module computes exactly the same function and gradients
-//! with the model's backward pass written out by hand: 13 `gemm` calls (the microkernels candle
+//! with the model's backward pass written out by hand: 12 `gemm` calls (9 for the cosine loss; the microkernels candle
 //! itself uses) and a few element-wise loops. The autograd path stays the reference: the tests
 //! compare this step with it (loss, all eight gradients, the weights after Adam, the moving
 //! statistics), and it is what runs on a GPU.
@@ -22,7 +22,7 @@ use crate::loss::fused::SymmetricDiagonalCe;
 use crate::loss::{LossConfig, LossKind};
 use crate::model::{BN_EPSILON, Encoder, EncoderConfig, HostDropout};
 use crate::optim::Adam;
-use kernels::{Mat, column_sums, matmul, relu_dropout, relu_dropout_backward, repeat_rows, row_dots};
+use kernels::{Mat, column_sums, matmul, relu_dropout, repeat_rows, row_dots, scale_by};
 
 /// The fused step for one run: the objective and host copies of the constant inputs.
 pub struct CpuStep {
@@ -112,8 +112,12 @@ impl CpuStep {
         tb: &[u32],
         masks: &HostDropout,
     ) -> candle_core::Result<StepOutput> {
-        if ta.len() != tb.len() {
-            candle_core::bail!("{} anchors for {} partners", ta.len(), tb.len());
+        if ta.len() != tb.len() || ta.is_empty() {
+            candle_core::bail!(
+                "{} anchors for {} partners: a batch needs at least one pair, each with both",
+                ta.len(),
+                tb.len()
+            );
         }
         let (b, f, e) = (ta.len(), NUM_FEATURES, self.encoder.embedding_size);
         let (n, h1, h2) = (2 * b, 2 * e, e);
@@ -146,10 +150,10 @@ impl CpuStep {
             .collect();
         let mut a1 = repeat_rows(b1, n);
         matmul(&mut a1, Mat::new(&y, n, f), Mat::new(k1, f, h1), 1.0, true);
-        relu_dropout(&mut a1, mask1);
+        let relu1 = relu_dropout(&mut a1, mask1);
         let mut a2 = repeat_rows(b2, n);
         matmul(&mut a2, Mat::new(&a1, n, h1), Mat::new(k2, h1, h2), 1.0, true);
-        relu_dropout(&mut a2, mask2);
+        let relu2 = relu_dropout(&mut a2, mask2);
         let mut h = repeat_rows(b3, n);
         matmul(&mut h, Mat::new(&a2, n, h2), Mat::new(k3, h2, e), 1.0, true);
         h.iter_mut().for_each(|v| *v = kernels::fast_tanh(*v));
@@ -181,13 +185,13 @@ impl CpuStep {
         let db3 = column_sums(&dz3, e);
         let mut dz2 = vec![0.0; n * h2];
         matmul(&mut dz2, Mat::new(&dz3, n, e), Mat::new(k3, h2, e).t(), 1.0, false);
-        relu_dropout_backward(&mut dz2, &a2, mask2);
+        scale_by(&mut dz2, &relu2);
         let mut dk2 = vec![0.0; h1 * h2];
         matmul(&mut dk2, Mat::new(&a1, n, h1).t(), Mat::new(&dz2, n, h2), 1.0, false);
         let db2 = column_sums(&dz2, h2);
         let mut dz1 = vec![0.0; n * h1];
         matmul(&mut dz1, Mat::new(&dz2, n, h2), Mat::new(k2, h1, h2).t(), 1.0, false);
-        relu_dropout_backward(&mut dz1, &a1, mask1);
+        scale_by(&mut dz1, &relu1);
         let mut dk1 = vec![0.0; f * h1];
         matmul(&mut dk1, Mat::new(&y, n, f).t(), Mat::new(&dz1, n, h1), 1.0, false);
         let db1 = column_sums(&dz1, h1);

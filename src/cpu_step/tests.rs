@@ -67,12 +67,15 @@ fn loss_gradients_and_batch_statistics_match_autograd() {
 
             let (ta, tb) = (track_tensor(&c.ta, &Device::Cpu).unwrap(), track_tensor(&c.tb, &Device::Cpu).unwrap());
             let tensor_masks = masks.to_tensors(&config, 2 * b, &Device::Cpu, DType::F32).unwrap();
-            let (reference, _) =
+            let (reference, stats) =
                 training_loss(&encoder, &c.features, &ta, &tb, &tensor_masks, &loss, logq_tensor).unwrap();
             let grads = reference.backward().unwrap();
             let reference = reference.to_scalar::<f32>().unwrap();
 
             let what = format!("{kind} logq {logq} B {b} dropout {dropout}");
+            let (mean, variance) = stats.to_vecs();
+            assert!(relative_error(&fused.batch_mean, &mean) < 1e-5, "{what}: batch mean");
+            assert!(relative_error(&fused.batch_variance, &variance) < 1e-5, "{what}: batch variance");
             assert!(
                 (fused.loss - reference).abs() <= 1e-5 * reference.abs().max(1.0),
                 "{what}: loss {} vs {reference}",
@@ -134,6 +137,32 @@ fn training_steps_match_autograd_steps_with_adam_and_moving_statistics() {
     }
 }
 
+/// A unit whose input to ReLU is exactly 0 (a zero kernel column and a zero bias, as initialised):
+/// candle's ReLU passes the gradient there (`x ≥ 0`), so the fused step must too.
+#[test]
+fn relu_at_exactly_zero_passes_the_gradient_as_autograd_does() {
+    let c = case(20, 3);
+    let config = EncoderConfig { embedding_size: 4, dropout: 0.0 };
+    let encoder = Encoder::new(config, &mut ChaCha8Rng::seed_from_u64(2), &Device::Cpu, DType::F32).unwrap();
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        encoder.named_tensors().into_iter().map(|(n, t)| (n.to_string(), t.copy().unwrap())).collect();
+    let mut k1 = values(&tensors["dense.kernel"]);
+    k1.iter_mut().step_by(8).for_each(|v| *v = 0.0); // column 0 of the [11, 8] kernel
+    tensors.insert("dense.kernel".into(), Tensor::from_vec(k1, (NUM_FEATURES, 8), &Device::Cpu).unwrap());
+    encoder.load(&tensors).unwrap();
+    let loss = loss_config(LossKind::Contrastive, false);
+    let step = CpuStep::new(config, loss.clone(), &c.features, None).unwrap();
+    let none = HostDropout { hidden1: None, hidden2: None };
+    let fused = step.loss_and_gradients(&encoder, &c.ta, &c.tb, &none).unwrap();
+    let (ta, tb) = (track_tensor(&c.ta, &Device::Cpu).unwrap(), track_tensor(&c.tb, &Device::Cpu).unwrap());
+    let masks = none.to_tensors(&config, 40, &Device::Cpu, DType::F32).unwrap();
+    let (reference, _) = training_loss(&encoder, &c.features, &ta, &tb, &masks, &loss, None).unwrap();
+    let grads = reference.backward().unwrap();
+    let want = values(grads.get(encoder.trainable()[3].as_tensor()).unwrap()); // dense.bias
+    assert!(want[0].abs() > 1e-6, "autograd passes a gradient to the unit at 0: {want:?}");
+    assert!(relative_error(&fused.gradients[3], &want) < 2e-4, "{:?} vs {want:?}", fused.gradients[3]);
+}
+
 #[test]
 fn bad_batches_are_errors_not_panics() {
     let c = case(4, 1);
@@ -145,4 +174,6 @@ fn bad_batches_are_errors_not_panics() {
     assert!(err.to_string().contains("2 anchors for 1 partners"), "{err}");
     let err = step.loss_and_gradients(&encoder, &[1, TRACKS as u32], &[3, 4], &none).err().unwrap();
     assert!(err.to_string().contains("track index out of range"), "{err}");
+    let err = step.loss_and_gradients(&encoder, &[], &[], &none).err().unwrap();
+    assert!(err.to_string().contains("at least one pair"), "{err}");
 }

@@ -260,7 +260,9 @@ mod tests {
                 (0..b).map(|_| rng.random_range(0..b as u32 / 3 + 2)).collect::<Vec<u32>>()
             };
             let (ta, tb) = (ids(&mut rng), ids(&mut rng));
-            let logq: Vec<f32> = (0..b).map(|_| rng.random_range(-12.0..-2.0)).collect();
+            // Different corrections per side, so that swapping them cannot pass.
+            let logq_a: Vec<f32> = (0..b).map(|_| rng.random_range(-12.0..-2.0)).collect();
+            let logq_b: Vec<f32> = (0..b).map(|_| rng.random_range(-9.0..-1.0)).collect();
             let mut l: Vec<f32> = (0..b * b).map(|_| rng.random_range(-20.0..20.0)).collect();
             if wide {
                 l[0] = 100.0;
@@ -268,7 +270,7 @@ mod tests {
             }
             let hits = Hits::of(&ta, &tb).count();
             assert!(hits > 0, "B {b}: no accidental hits, a weak check of the masks");
-            let op = SymmetricDiagonalCe::new(ta, tb, Some(logq.clone()), Some(logq));
+            let op = SymmetricDiagonalCe::new(ta, tb, Some(logq_a), Some(logq_b));
             let (loss, stats) = op.forward(&l, b);
             let want = op.backward(&l, b, 0.5 / b as f32, &stats);
             assert_eq!(op.shared_shift(&l, b, 0.5 / b as f32).is_none(), wide, "B {b}: one pass taken?");
@@ -278,5 +280,24 @@ mod tests {
             let err = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(err <= 1e-5 * scale, "B {b}: gradient off by {err} (scale {scale})");
         }
+    }
+
+    #[test]
+    fn loss_and_gradient_are_the_same_bits_on_one_thread_or_three() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let b = 300; // several blocks, and above the parallel threshold
+        let ids = |rng: &mut rand_chacha::ChaCha8Rng| (0..b).map(|_| rng.random_range(0..60)).collect::<Vec<u32>>();
+        let (ta, tb) = (ids(&mut rng), ids(&mut rng));
+        let logq: Vec<f32> = (0..b).map(|_| rng.random_range(-9.0..-2.0)).collect();
+        let l: Vec<f32> = (0..b * b).map(|_| rng.random_range(-20.0..20.0)).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let op = SymmetricDiagonalCe::new(ta.clone(), tb.clone(), Some(logq.clone()), None);
+                let (loss, grad) = op.shared_shift(&l, b, 0.5 / b as f32).expect("the shared shift holds here");
+                (loss.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 }
