@@ -277,7 +277,7 @@ impl<'a> Trainer<'a> {
         anyhow::ensure!(!pairs.is_empty(), "no training pairs: every user has fewer than two positive training tracks");
         observer.epoch_started(state.epoch + 1, pairs.len());
         let device = self.data.features.device();
-        let (anchors, partners) = split_pairs(&pairs, device)?;
+        let (anchors, partners): (Vec<u32>, Vec<u32>) = pairs.iter().map(|p| (p[0], p[1])).unzip();
         let trained_before = cursor.trained;
         let steps = pairs.len().div_ceil(self.config.batch_size);
         while cursor.next_step < steps {
@@ -287,16 +287,14 @@ impl<'a> Trainer<'a> {
             if len < 2 && self.config.loss.kind == LossKind::Contrastive {
                 continue; // a single pair has no in-batch negatives
             }
+            let (ta, tb) = (&anchors[start..start + len], &partners[start..start + len]);
             let loss = match &self.cpu_step {
                 Some(step) => {
-                    let batch = &pairs[start..start + len];
-                    let (ta, tb): (Vec<u32>, Vec<u32>) = batch.iter().map(|p| (p[0], p[1])).unzip();
                     let masks = HostDropout::sample(&self.config.encoder, 2 * len, &mut state.rng);
-                    step.train_batch(&state.encoder, &mut state.optimizer, &ta, &tb, &masks)?
+                    step.train_batch(&state.encoder, &mut state.optimizer, ta, tb, &masks)?
                 }
                 None => {
-                    let ta = anchors.narrow(0, start, len)?;
-                    let tb = partners.narrow(0, start, len)?;
+                    let (ta, tb) = (loss::track_tensor(ta, device)?, loss::track_tensor(tb, device)?);
                     let masks =
                         DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
                     let (loss, stats) = training_loss(
@@ -513,8 +511,8 @@ mod tests {
         state.encoder.named_tensors().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     }
 
-    #[test]
-    fn a_run_stopped_inside_an_epoch_resumes_to_exactly_the_uninterrupted_model() {
+    /// A small synthetic dataset and a run over it of a few dozen batches per epoch.
+    fn small_run() -> (Dataset, TrainConfig) {
         let spec =
             crate::data::synthetic::SyntheticSpec { tracks: 300, users: 40, interactions: 2_000, genres: 4, seed: 3 };
         let dataset = crate::data::synthetic::generate(&spec);
@@ -536,6 +534,40 @@ mod tests {
             eval_users: 20,
             max_validation_pairs: 100,
         };
+        (dataset, config)
+    }
+
+    /// On the CPU the fused step trains; the autograd step (what a GPU runs) must train the same
+    /// model, up to float rounding: the same pairs, masks and updates, step by step.
+    #[test]
+    fn the_autograd_step_trains_the_same_model_as_the_fused_one() {
+        let (dataset, config) = small_run();
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let train = |trainer: Trainer| {
+            let mut state = TrainingState::new(&config, &Device::Cpu).unwrap();
+            let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+            assert!(trainer.run(&mut state, &mut never).unwrap());
+            (weights(&state), state.history.loss)
+        };
+        let fused = Trainer::new(&config, &data).unwrap();
+        assert_eq!(fused.step_name(), "fused");
+        let autograd = Trainer::new(&config, &data).unwrap().use_autograd();
+        assert_eq!(autograd.step_name(), "autograd");
+        let initial = weights(&TrainingState::new(&config, &Device::Cpu).unwrap());
+        let ((fused_weights, fused_loss), (autograd_weights, autograd_loss)) = (train(fused), train(autograd));
+        for ((f, a), i) in fused_weights.iter().zip(&autograd_weights).zip(&initial) {
+            let moved = a.iter().zip(i).fold(0.0f32, |m, (a, i)| m.max((a - i).abs()));
+            let apart = f.iter().zip(a).fold(0.0f32, |m, (f, a)| m.max((f - a).abs()));
+            assert!(moved > 1e-3 && apart < 1e-2 * moved, "moved {moved}, the two steps {apart} apart");
+        }
+        for (f, a) in fused_loss.iter().zip(&autograd_loss) {
+            assert!((f - a).abs() < 1e-4 * a.abs(), "epoch losses {fused_loss:?} vs {autograd_loss:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_stopped_inside_an_epoch_resumes_to_exactly_the_uninterrupted_model() {
+        let (dataset, config) = small_run();
         let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
         let trainer = Trainer::new(&config, &data).unwrap();
         let steps_per_epoch = trainer.pairs_per_epoch().div_ceil(config.batch_size);

@@ -331,6 +331,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
             let cpu: Option<f64> =
                 if later.is_empty() { None } else { later.iter().map(|m| m.train_cpu_seconds).sum() };
             let pairs: usize = later.iter().map(|m| m.pairs).sum();
+            let flops_per_pair = roofline::flops_per_pair(args.embedding_size, batch_size, loss);
             let result = BenchResult {
                 tracks: args.tracks,
                 users: args.users,
@@ -341,10 +342,8 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
                 cpu_threads: candle_core::utils::get_num_threads(),
                 step: trainer.step_name().to_string(),
                 pairs_per_epoch: trainer.pairs_per_epoch(),
-                mflop_per_pair: roofline::flops_per_pair(args.embedding_size, batch_size, loss) / 1e6,
-                achieved_gflops: median_pairs_per_second
-                    * roofline::flops_per_pair(args.embedding_size, batch_size, loss)
-                    / 1e9,
+                mflop_per_pair: flops_per_pair / 1e6,
+                achieved_gflops: median_pairs_per_second * flops_per_pair / 1e9,
                 median_pairs_per_second,
                 cpu_seconds_per_million_pairs: cpu.map(|c| c / pairs as f64 * 1e6),
                 peak_rss_mib: procstat::peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64),

@@ -120,7 +120,7 @@ impl CpuStep {
             );
         }
         let (b, f, e) = (ta.len(), NUM_FEATURES, self.encoder.embedding_size);
-        let (n, h1, h2) = (2 * b, 2 * e, e);
+        let n = 2 * b;
         let w =
             encoder.trainable().iter().map(|v| host_values(v.as_tensor())).collect::<candle_core::Result<Vec<_>>>()?;
         let (gamma, beta, k1, b1, k2, b2, k3, b3) = (&w[0], &w[1], &w[2], &w[3], &w[4], &w[5], &w[6], &w[7]);
@@ -148,14 +148,11 @@ impl CpuStep {
             .chunks_exact(f)
             .flat_map(|row| row.iter().zip(gamma).zip(beta).map(|((v, g), bt)| v * g + bt))
             .collect();
-        let mut a1 = repeat_rows(b1, n);
-        matmul(&mut a1, Mat::new(&y, n, f), Mat::new(k1, f, h1), 1.0, true);
+        let mut a1 = dense(&y, n, k1, b1);
         let relu1 = relu_dropout(&mut a1, mask1);
-        let mut a2 = repeat_rows(b2, n);
-        matmul(&mut a2, Mat::new(&a1, n, h1), Mat::new(k2, h1, h2), 1.0, true);
+        let mut a2 = dense(&a1, n, k2, b2);
         let relu2 = relu_dropout(&mut a2, mask2);
-        let mut h = repeat_rows(b3, n);
-        matmul(&mut h, Mat::new(&a2, n, h2), Mat::new(k3, h2, e), 1.0, true);
+        let mut h = dense(&a2, n, k3, b3);
         h.iter_mut().for_each(|v| *v = kernels::fast_tanh(*v));
         // L2 normalisation, clamping the squared norm as `model::l2_normalize` does.
         let sq_norms = row_dots(&h, &h, e);
@@ -179,24 +176,14 @@ impl CpuStep {
         }
         // tanh, then the three Dense layers.
         dh.iter_mut().zip(&h).for_each(|(g, t)| *g *= 1.0 - t * t);
-        let dz3 = dh;
-        let mut dk3 = vec![0.0; h2 * e];
-        matmul(&mut dk3, Mat::new(&a2, n, h2).t(), Mat::new(&dz3, n, e), 1.0, false);
-        let db3 = column_sums(&dz3, e);
-        let mut dz2 = vec![0.0; n * h2];
-        matmul(&mut dz2, Mat::new(&dz3, n, e), Mat::new(k3, h2, e).t(), 1.0, false);
+        let layer3 = dense_backward(&a2, n, k3, &dh);
+        let mut dz2 = layer3.input;
         scale_by(&mut dz2, &relu2);
-        let mut dk2 = vec![0.0; h1 * h2];
-        matmul(&mut dk2, Mat::new(&a1, n, h1).t(), Mat::new(&dz2, n, h2), 1.0, false);
-        let db2 = column_sums(&dz2, h2);
-        let mut dz1 = vec![0.0; n * h1];
-        matmul(&mut dz1, Mat::new(&dz2, n, h2), Mat::new(k2, h1, h2).t(), 1.0, false);
+        let layer2 = dense_backward(&a1, n, k2, &dz2);
+        let mut dz1 = layer2.input;
         scale_by(&mut dz1, &relu1);
-        let mut dk1 = vec![0.0; f * h1];
-        matmul(&mut dk1, Mat::new(&y, n, f).t(), Mat::new(&dz1, n, h1), 1.0, false);
-        let db1 = column_sums(&dz1, h1);
-        let mut dy = vec![0.0; n * f];
-        matmul(&mut dy, Mat::new(&dz1, n, h1), Mat::new(k1, f, h1).t(), 1.0, false);
+        let layer1 = dense_backward(&y, n, k1, &dz1);
+        let mut dy = layer1.input;
         // BatchNorm's affine part: y = x̂·γ + β.
         let dbeta = column_sums(&dy, f);
         dy.iter_mut().zip(&xhat).for_each(|(g, v)| *g *= v);
@@ -204,7 +191,16 @@ impl CpuStep {
 
         Ok(StepOutput {
             loss,
-            gradients: vec![dgamma, dbeta, dk1, db1, dk2, db2, dk3, db3],
+            gradients: vec![
+                dgamma,
+                dbeta,
+                layer1.kernel,
+                layer1.bias,
+                layer2.kernel,
+                layer2.bias,
+                layer3.kernel,
+                layer3.bias,
+            ],
             batch_mean: mean,
             batch_variance: variance,
         })
@@ -249,6 +245,35 @@ impl CpuStep {
         }
         Ok((loss, dz))
     }
+}
+
+/// `x·kernel + bias` for `rows` rows of `x` (a Dense layer before its activation).
+#[inline(always)]
+fn dense(x: &[f32], rows: usize, kernel: &[f32], bias: &[f32]) -> Vec<f32> {
+    let (outputs, inputs) = (bias.len(), kernel.len() / bias.len());
+    let mut out = repeat_rows(bias, rows);
+    matmul(&mut out, Mat::new(x, rows, inputs), Mat::new(kernel, inputs, outputs), 1.0, true);
+    out
+}
+
+/// A Dense layer's gradients given `dz`, the gradient at its output before the activation.
+struct DenseGradients {
+    kernel: Vec<f32>,
+    bias: Vec<f32>,
+    /// At the layer's input `x`.
+    input: Vec<f32>,
+}
+
+/// The backward pass of [`dense`]: `xᵀ·dz`, the column sums of `dz`, and `dz·kernelᵀ`.
+#[inline(always)]
+fn dense_backward(x: &[f32], rows: usize, kernel: &[f32], dz: &[f32]) -> DenseGradients {
+    let outputs = dz.len() / rows;
+    let inputs = kernel.len() / outputs;
+    let mut kernel_grad = vec![0.0; inputs * outputs];
+    matmul(&mut kernel_grad, Mat::new(x, rows, inputs).t(), Mat::new(dz, rows, outputs), 1.0, false);
+    let mut input = vec![0.0; rows * inputs];
+    matmul(&mut input, Mat::new(dz, rows, outputs), Mat::new(kernel, inputs, outputs).t(), 1.0, false);
+    DenseGradients { kernel: kernel_grad, bias: column_sums(dz, outputs), input }
 }
 
 /// A contiguous f32 CPU tensor's values.

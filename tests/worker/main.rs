@@ -344,6 +344,10 @@ async fn a_broker_restart_mid_run_is_recovered_and_the_model_published() {
     let id = Publisher::new(&setup.vhost).await.request("survive-restart").await;
     let store = setup.store.path().to_path_buf();
     eventually(2 * MINUTE, "the run's first checkpoint", || async { newest_checkpoint(&store) }).await;
+    assert!(
+        events.events("model-ready").is_empty(),
+        "the test's premise: the run is still going when the broker stops"
+    );
     let started = Instant::now();
     // Down longer than a reconnect's backoff: once, a connection lapin's own recovery revived late
     // kept a second consumer that nobody read (found by the fault suite).

@@ -17,6 +17,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu_step::kernels::fast_exp;
+
 mod shared_shift;
 
 /// Rows per parallel block: a block's column accumulators are merged once, not per row.
@@ -259,68 +261,5 @@ impl CustomOp1 for SymmetricDiagonalCe {
         let l: Vec<f32> = arg.flatten_all()?.to_vec1()?;
         let scale = 0.5 * grad_res.to_scalar::<f32>()? / b as f32;
         Ok(Some(Tensor::from_vec(self.backward(&l, b, scale, &stats), (b, b), arg.device())?))
-    }
-}
-
-/// `eˣ` for f32 to within ~2 ulp, branch-free so that loops over it vectorise (libm's `expf` is a
-/// call per element). Inputs are clamped to the finite range; the callers' arguments are ≤ 0 for
-/// every entry they keep.
-#[inline(always)]
-#[allow(clippy::excessive_precision)] // Cephes' constants, as published
-pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    // e^r on [−ln2/2, ln2/2] (Cephes expf's polynomial).
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * e
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn loss_and_gradient_are_the_same_bits_on_one_thread_or_three() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let b = 300; // several blocks
-        let ids = |rng: &mut rand_chacha::ChaCha8Rng| (0..b).map(|_| rng.random_range(0..50)).collect::<Vec<u32>>();
-        let (ta, tb) = (ids(&mut rng), ids(&mut rng));
-        let logq: Vec<f32> = (0..b).map(|_| rng.random_range(-9.0..-2.0)).collect();
-        let l: Vec<f32> = (0..b * b).map(|_| rng.random_range(-20.0..20.0)).collect();
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let op = SymmetricDiagonalCe::new(ta.clone(), tb.clone(), Some(logq.clone()), Some(logq.clone()));
-                let (loss, stats) = op.forward(&l, b);
-                (loss.to_bits(), op.backward(&l, b, 0.5, &stats).iter().map(|g| g.to_bits()).collect::<Vec<_>>())
-            })
-        };
-        assert_eq!(run(1), run(3));
-    }
-
-    #[test]
-    fn fast_exp_is_within_a_few_ulp_of_exp_and_finite_at_the_ends() {
-        let mut worst = 0.0f32;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (got, want) = (fast_exp(x), x.exp());
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.0137;
-        }
-        assert!(worst < 5e-7, "relative error up to {worst}");
-        assert!(fast_exp(-1e9) >= 0.0 && fast_exp(-1e9) < 1e-37);
-        assert!(fast_exp(1e9).is_finite());
     }
 }

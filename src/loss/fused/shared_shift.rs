@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use super::{BLOCK, LANES, Scratch, SymmetricDiagonalCe, fast_exp, max, parallel};
-use crate::cpu_step::kernels::avx2_or_not;
+use super::{BLOCK, LANES, Scratch, SymmetricDiagonalCe, max, parallel};
+use crate::cpu_step::kernels::{avx2_or_not, fast_exp};
 
 /// Smallest sum of exponentials [`SymmetricDiagonalCe::loss_and_gradient`] accepts under its shared
 /// shift: above it, an entry `fast_exp` clamps at e⁻⁸⁷ weighs < 1e-16 of the sum.
@@ -34,13 +34,7 @@ impl SymmetricDiagonalCe {
 
     /// [`Self::loss_and_gradient`] under the shared shift; `None` when it does not hold.
     fn shared_shift(&self, l: &[f32], b: usize, scale: f32) -> Option<(f32, Vec<f32>)> {
-        let shift = avx2_or_not!(max(l));
-        let factors = |logq: &[f32]| {
-            let top = logq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(-x));
-            logq.iter().map(|&x| fast_exp(-x - top)).collect::<Vec<f32>>()
-        };
-        let (w, u) = (factors(&self.logq_b), factors(&self.logq_a));
-        let hits = Hits::of(&self.ta, &self.tb);
+        let shared = Shared::new(self, l);
         let chunk = b * BLOCK;
         // Read 1: row sums, and per block of rows its share of the column sums.
         let sums_of_block = |(block, rows): (usize, &[f32])| {
@@ -48,7 +42,7 @@ impl SymmetricDiagonalCe {
             let (mut row_sum, mut col_sum) = (Vec::with_capacity(BLOCK), vec![0.0f32; b]);
             for (r, row) in rows.chunks(b).enumerate() {
                 let i = block * BLOCK + r;
-                row_sum.push(self.row_sums(i, row, shift, &w, u[i], &hits, &mut scratch, &mut col_sum));
+                row_sum.push(shared.row_sums(i, row, &mut scratch, &mut col_sum));
             }
             (row_sum, col_sum)
         };
@@ -73,8 +67,7 @@ impl SymmetricDiagonalCe {
             let mut scratch = Scratch::new(b);
             for (r, (out, row)) in out.chunks_mut(b).zip(rows.chunks(b)).enumerate() {
                 let i = block * BLOCK + r;
-                let factors = RowFactors { shift, row: scale / row_sum[i], u: u[i], w: &w, col: &col_factor };
-                self.row_gradient(i, row, out, &factors, &hits, &mut scratch);
+                shared.row_gradient(i, row, out, scale / row_sum[i], &col_factor, &mut scratch);
                 out[i] -= 2.0 * scale;
             }
         };
@@ -86,73 +79,73 @@ impl SymmetricDiagonalCe {
         // loss_row(k) = −ln(E[k,k]·w[k] / rowsum[k]), with ln E[k,k] = l[k,k] − shift.
         let mut total = 0.0f64;
         for k in 0..b {
-            let d = (l[k * b + k] - shift) as f64;
-            total += -(d + (w[k] as f64).ln() - (row_sum[k] as f64).ln());
-            total += -(d + (u[k] as f64).ln() - (col_sum[k] as f64).ln());
+            let d = (l[k * b + k] - shared.shift) as f64;
+            total += -(d + (shared.w[k] as f64).ln() - (row_sum[k] as f64).ln());
+            total += -(d + (shared.u[k] as f64).ln() - (col_sum[k] as f64).ln());
         }
         Some((0.5 * total as f32 / b as f32, grad))
     }
 }
 
-/// What [`SymmetricDiagonalCe::row_gradient`] scales row `i`'s exponentials by.
-struct RowFactors<'a> {
+/// What both reads share: the shift, the per-column and per-row factors, and the hit lists.
+struct Shared {
+    /// `max l`: every `E[i,j] = exp(l[i,j] − shift)` is ≤ 1.
     shift: f32,
-    /// `scale / rowsum[i]`.
-    row: f32,
-    /// `u[i]`.
-    u: f32,
-    w: &'a [f32],
-    /// `scale / colsum[j]`.
-    col: &'a [f32],
+    /// `w[j] = exp(−logq_b[j] − max(−logq_b))`, the row direction's factor.
+    w: Vec<f32>,
+    /// `u[i]` alike from `logq_a`, the column direction's.
+    u: Vec<f32>,
+    hits: Hits,
 }
 
-// The two per-row kernels of `shared_shift`, compiled for AVX2 when the CPU has it (`avx2_or_not!`),
-// else for the baseline; the same bits either way.
-impl SymmetricDiagonalCe {
+// The two per-row kernels, compiled for AVX2 when the CPU has it (`avx2_or_not!`), else for the
+// baseline; the same bits either way.
+impl Shared {
+    fn new(op: &SymmetricDiagonalCe, l: &[f32]) -> Self {
+        let factors = |logq: &[f32]| {
+            let top = logq.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(-x));
+            logq.iter().map(|&x| fast_exp(-x - top)).collect::<Vec<f32>>()
+        };
+        Self {
+            shift: avx2_or_not!(max(l)),
+            w: factors(&op.logq_b),
+            u: factors(&op.logq_a),
+            hits: Hits::of(&op.ta, &op.tb),
+        }
+    }
+
     /// Row `i`'s exponentials: adds its column-direction entries to `col_sum` and returns its
     /// row-direction sum.
-    #[allow(clippy::too_many_arguments)]
-    fn row_sums(
-        &self,
-        i: usize,
-        row: &[f32],
-        shift: f32,
-        w: &[f32],
-        ui: f32,
-        hits: &Hits,
-        s: &mut Scratch,
-        col_sum: &mut [f32],
-    ) -> f32 {
-        avx2_or_not!(self.row_sums_inline(i, row, shift, w, ui, hits, s, col_sum))
+    fn row_sums(&self, i: usize, row: &[f32], s: &mut Scratch, col_sum: &mut [f32]) -> f32 {
+        avx2_or_not!(self.row_sums_inline(i, row, s, col_sum))
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn row_sums_inline(
-        &self,
-        i: usize,
-        row: &[f32],
-        shift: f32,
-        w: &[f32],
-        ui: f32,
-        hits: &Hits,
-        s: &mut Scratch,
-        col_sum: &mut [f32],
-    ) -> f32 {
-        shifted_exp(&mut s.row, row, shift);
+    fn row_sums_inline(&self, i: usize, row: &[f32], s: &mut Scratch, col_sum: &mut [f32]) -> f32 {
+        shifted_exp(&mut s.row, row, self.shift);
         // Masked entries are set to 0 around each sum (never subtracted after it: a masked entry
         // can be the largest of its row by far, and subtracting it would cancel the rest).
-        let saved: Vec<(usize, f32)> = hits.col[i].iter().map(|&j| (j as usize, s.row[j as usize])).collect();
+        let (masked_row, masked_col) = (&self.hits.row[i], &self.hits.col[i]);
+        let saved: Vec<(usize, f32)> = masked_col.iter().map(|&j| (j as usize, s.row[j as usize])).collect();
         saved.iter().for_each(|&(j, _)| s.row[j] = 0.0);
-        add_weighted(col_sum, &s.row, ui);
+        add_weighted(col_sum, &s.row, self.u[i]);
         saved.iter().for_each(|&(j, e)| s.row[j] = e);
-        hits.row[i].iter().for_each(|&j| s.row[j as usize] = 0.0);
-        weighted_sum(&s.row, w)
+        masked_row.iter().for_each(|&j| s.row[j as usize] = 0.0);
+        weighted_sum(&s.row, &self.w)
     }
 
-    /// Row `i` of the gradient, less the diagonal term.
-    fn row_gradient(&self, i: usize, row: &[f32], out: &mut [f32], f: &RowFactors, hits: &Hits, s: &mut Scratch) {
-        avx2_or_not!(self.row_gradient_inline(i, row, out, f, hits, s))
+    /// Row `i` of the gradient, less the diagonal term: `E[i,j]·(w[j]·row_factor + u[i]·col_factor[j])`
+    /// with `row_factor = scale / rowsum[i]`, `col_factor[j] = scale / colsum[j]`.
+    fn row_gradient(
+        &self,
+        i: usize,
+        row: &[f32],
+        out: &mut [f32],
+        row_factor: f32,
+        col_factor: &[f32],
+        s: &mut Scratch,
+    ) {
+        avx2_or_not!(self.row_gradient_inline(i, row, out, row_factor, col_factor, s))
     }
 
     #[inline(always)]
@@ -161,21 +154,22 @@ impl SymmetricDiagonalCe {
         i: usize,
         row: &[f32],
         out: &mut [f32],
-        f: &RowFactors,
-        hits: &Hits,
+        row_factor: f32,
+        col_factor: &[f32],
         s: &mut Scratch,
     ) {
-        shifted_exp(&mut s.row, row, f.shift);
-        let (row_factor, ui) = (f.row, f.u);
-        for (((o, &e), &wj), &cf) in out.iter_mut().zip(&s.row).zip(f.w).zip(f.col) {
+        shifted_exp(&mut s.row, row, self.shift);
+        let ui = self.u[i];
+        for (((o, &e), &wj), &cf) in out.iter_mut().zip(&s.row).zip(&self.w).zip(col_factor) {
             *o = e * (wj * row_factor + ui * cf);
         }
         // The few masked entries, recomputed with their masks (not corrected by subtraction).
-        for &j in hits.row[i].iter().chain(&hits.col[i]) {
+        let (masked_row, masked_col) = (&self.hits.row[i], &self.hits.col[i]);
+        for &j in masked_row.iter().chain(masked_col) {
+            let keep_row = !masked_row.contains(&j) as u8 as f32;
+            let keep_col = !masked_col.contains(&j) as u8 as f32;
             let j = j as usize;
-            let keep_row = !hits.row[i].contains(&(j as u32)) as u8 as f32;
-            let keep_col = !hits.col[i].contains(&(j as u32)) as u8 as f32;
-            out[j] = s.row[j] * (keep_row * f.w[j] * row_factor + keep_col * ui * f.col[j]);
+            out[j] = s.row[j] * (keep_row * self.w[j] * row_factor + keep_col * ui * col_factor[j]);
         }
     }
 }
@@ -282,20 +276,25 @@ mod tests {
         }
     }
 
+    /// Float sums depend on their order, and a resumed run must repeat the run that never stopped
+    /// bit for bit: both the exact passes and the shared-shift path merge blocks in block order.
     #[test]
-    fn loss_and_gradient_are_the_same_bits_on_one_thread_or_three() {
+    fn both_paths_give_the_same_bits_on_one_thread_or_three() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
         let b = 300; // several blocks, and above the parallel threshold
         let ids = |rng: &mut rand_chacha::ChaCha8Rng| (0..b).map(|_| rng.random_range(0..60)).collect::<Vec<u32>>();
         let (ta, tb) = (ids(&mut rng), ids(&mut rng));
         let logq: Vec<f32> = (0..b).map(|_| rng.random_range(-9.0..-2.0)).collect();
         let l: Vec<f32> = (0..b * b).map(|_| rng.random_range(-20.0..20.0)).collect();
+        let bits = |loss: f32, grad: Vec<f32>| (loss.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>());
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let op = SymmetricDiagonalCe::new(ta.clone(), tb.clone(), Some(logq.clone()), None);
+                let (loss, stats) = op.forward(&l, b);
+                let exact = bits(loss, op.backward(&l, b, 0.5 / b as f32, &stats));
                 let (loss, grad) = op.shared_shift(&l, b, 0.5 / b as f32).expect("the shared shift holds here");
-                (loss.to_bits(), grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>())
+                (exact, bits(loss, grad))
             })
         };
         assert_eq!(run(1), run(3));
