@@ -173,6 +173,50 @@ impl ModelStore {
         .await
     }
 
+    /// Reads `key` with its entity tag, for a later [`Self::put_if_unchanged`].
+    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Option<String>), StoreError> {
+        self.retrying(key, || async {
+            let result = self.store.get(&Path::from(key)).await.map_err(|e| classify(key, e))?;
+            let e_tag = result.meta.e_tag.clone();
+            Ok((result.bytes().await.map_err(|e| classify(key, e))?, e_tag))
+        })
+        .await
+    }
+
+    /// Writes `bytes` at `key` only if it is still as read: absent when `read` is `None`, else
+    /// carrying the entity tag `read` (a conditional PUT: `If-None-Match: *` / `If-Match`). Returns
+    /// false when someone wrote it in between. The check is the server's, at write time, so a
+    /// writer paused between its read and its write cannot overwrite a newer object.
+    ///
+    /// A local filesystem store has no conditional overwrite (object_store's `PutMode::Update`):
+    /// there, an existing object is overwritten without the check — one machine, no such race
+    /// between separate workers in practice.
+    pub async fn put_if_unchanged(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        read: Option<Option<String>>,
+    ) -> Result<bool, StoreError> {
+        self.retrying(key, || async {
+            let mode = match &read {
+                None => PutMode::Create,
+                Some(e_tag) => PutMode::Update(object_store::UpdateVersion { e_tag: e_tag.clone(), version: None }),
+            };
+            let options = PutOptions { mode, ..Default::default() };
+            let path = Path::from(key);
+            match self.store.put_opts(&path, PutPayload::from_bytes(bytes.clone()), options).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+                Err(object_store::Error::NotImplemented { .. }) => {
+                    self.store.put(&path, PutPayload::from_bytes(bytes.clone())).await.map_err(|e| classify(key, e))?;
+                    Ok(true)
+                }
+                Err(e) => Err(classify(key, e)),
+            }
+        })
+        .await
+    }
+
     async fn put_immutable_multipart(&self, key: &str, bytes: &Bytes) -> Result<(), StoreError> {
         let path = Path::from(key);
         match self.store.head(&path).await {

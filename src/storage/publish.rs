@@ -151,20 +151,34 @@ async fn advance_latest(
     manifest_sha256: &str,
 ) -> anyhow::Result<bool> {
     // latest.json only moves forward (versions sort by creation time); rolling back is an explicit
-    // operator action, not a side effect of a late publish.
-    let current = read_latest(store, info.model).await?;
-    let is_latest = match &current {
-        Some(latest) if latest.version.as_str() > info.version => {
-            warn!(newer = %latest.version, "a newer version is already latest; leaving latest.json alone");
-            false
+    // operator action, not a side effect of a late publish. Read, compare, then write only if
+    // latest.json is still what was read: a worker paused between the two (the fault suite's
+    // SIGSTOP) once moved it back over a newer version.
+    const ATTEMPTS: usize = 10;
+    let key = layout::latest(info.model);
+    for _ in 0..ATTEMPTS {
+        let read = match store.get_versioned(&key).await {
+            Ok((bytes, e_tag)) => {
+                Some((serde_json::from_slice::<Latest>(&bytes).context("latest.json is not valid")?, e_tag))
+            }
+            Err(super::StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e).context("reading latest.json"),
+        };
+        match &read {
+            Some((latest, _)) if latest.version.as_str() > info.version => {
+                warn!(newer = %latest.version, "a newer version is already latest; leaving latest.json alone");
+                return Ok(false);
+            }
+            Some((latest, _)) if latest.version == info.version => return Ok(true),
+            _ => {}
         }
-        Some(latest) if latest.version == info.version => true,
-        _ => {
-            write_latest(store, info.model, info.version, manifest_key, manifest_sha256).await?;
-            true
+        let bytes = latest_json(info.model, info.version, manifest_key, manifest_sha256)?;
+        if store.put_if_unchanged(&key, bytes, read.map(|(_, e_tag)| e_tag)).await.context("writing latest.json")? {
+            return Ok(true);
         }
-    };
-    Ok(is_latest)
+        warn!("latest.json changed between its read and its write; comparing again");
+    }
+    anyhow::bail!("latest.json changed under every one of {ATTEMPTS} attempts to advance it")
 }
 
 /// Points `<model>/latest.json` at a version whose manifest exists.
@@ -175,6 +189,12 @@ pub async fn write_latest(
     manifest_key: &str,
     manifest_sha256: &str,
 ) -> anyhow::Result<()> {
+    let bytes = latest_json(model, version, manifest_key, manifest_sha256)?;
+    store.put(&layout::latest(model), bytes).await.context("writing latest.json")?;
+    Ok(())
+}
+
+fn latest_json(model: &str, version: &str, manifest_key: &str, manifest_sha256: &str) -> anyhow::Result<Bytes> {
     let latest = Latest {
         model: model.to_string(),
         version: version.to_string(),
@@ -182,8 +202,7 @@ pub async fn write_latest(
         manifest_sha256: manifest_sha256.to_string(),
         updated_at: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
     };
-    store.put(&layout::latest(model), serde_json::to_vec_pretty(&latest)?).await.context("writing latest.json")?;
-    Ok(())
+    Ok(Bytes::from(serde_json::to_vec_pretty(&latest)?))
 }
 
 /// `<model>/latest.json`, if any.

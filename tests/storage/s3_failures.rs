@@ -157,3 +157,23 @@ async fn train_publishes_a_whole_version_to_s3() {
     assert!(manifest.metrics["final"]["recall_at_10"].as_f64().is_some());
     assert_eq!(manifest.watermark.interactions, 6000);
 }
+
+/// The write that advances `latest.json` is conditional: a writer that read it, then stalled while
+/// another wrote it (the fault suite caught a paused worker moving it back), is refused by the server.
+#[tokio::test]
+async fn a_write_conditioned_on_a_stale_read_is_refused() {
+    let server = S3Server::start();
+    let store = server.store("cas");
+    let key = "m/latest.json";
+    assert!(store.put_if_unchanged(key, Bytes::from_static(b"v1"), None).await.unwrap(), "created when absent");
+    assert!(!store.put_if_unchanged(key, Bytes::from_static(b"v1'"), None).await.unwrap(), "not created twice");
+    let (bytes, stale) = store.get_versioned(key).await.unwrap();
+    assert_eq!(&bytes[..], b"v1");
+    assert!(stale.is_some(), "S3 returns an entity tag");
+    assert!(store.put_if_unchanged(key, Bytes::from_static(b"v2"), Some(stale.clone())).await.unwrap());
+    assert!(
+        !store.put_if_unchanged(key, Bytes::from_static(b"v3"), Some(stale)).await.unwrap(),
+        "a write conditioned on the old entity tag must fail after v2"
+    );
+    assert_eq!(&store.get(key).await.unwrap()[..], b"v2");
+}
