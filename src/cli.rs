@@ -137,6 +137,9 @@ pub struct SeedArgs {
     /// Seed of the synthetic generator.
     #[arg(long, env = "AUDOTICS_SEED", default_value_t = 42)]
     pub seed: u64,
+    /// Seed even when the platform's tables already hold rows (refused otherwise).
+    #[arg(long, default_value_t = false)]
+    pub force: bool,
     #[command(flatten)]
     pub synthetic: SyntheticArgs,
 }
@@ -452,12 +455,12 @@ async fn seed(args: SeedArgs) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let path = path.clone();
             let rows = tokio::task::spawn_blocking(move || crate::seed::SeedRows::from_spotify_csv(&path)).await??;
-            crate::seed::seed(&pool, rows).await?
+            crate::seed::seed(&pool, rows, args.force).await?
         }
         None => {
             let spec = args.synthetic.spec(args.seed);
             let dataset = tokio::task::spawn_blocking(move || crate::data::synthetic::generate(&spec)).await?;
-            crate::seed::seed(&pool, crate::seed::SeedRows::from_synthetic(&dataset)).await?
+            crate::seed::seed(&pool, crate::seed::SeedRows::from_synthetic(&dataset), args.force).await?
         }
     };
     println!("{}", serde_json::to_string(&report)?);
@@ -492,6 +495,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         quality_tolerance: None,
         show_progress: !args.no_progress,
         stop,
+        memory_budget: crate::resources::MemoryBudget::detect(None),
     };
     match job::run(&store, job).await? {
         RunOutcome::Published(p) => {
@@ -518,6 +522,10 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         RunOutcome::Rejected(r) => {
             println!("not published (run {}): {}", r.run_id, r.reason);
             Ok(ExitCode::from(4))
+        }
+        RunOutcome::ResourceLimit(r) => {
+            println!("not trained (run {}): {}", r.run_id, r.reason());
+            Ok(ExitCode::from(5))
         }
         RunOutcome::Stopped { run_id, epochs_completed } => {
             println!(
@@ -574,12 +582,15 @@ fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() { Err("must not be empty".into()) } else { Ok(s.to_string()) }
 }
 
-/// Model keys become object-store folders and routing-key segments: keep them simple.
+/// Model keys become object-store folders and routing-key segments. One rule for flags and requests
+/// alike ([`crate::worker::request::is_model_key`]): a worker must never serve a key every request
+/// for it would be dead-lettered for.
 pub(crate) fn model_key(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok { Ok(s.to_string()) } else { Err("must be 1-64 characters of a-z, 0-9, '-' or '_'".into()) }
+    if crate::worker::request::is_model_key(s) {
+        Ok(s.to_string())
+    } else {
+        Err(crate::worker::request::MODEL_KEY_RULE.to_string())
+    }
 }
 
 #[cfg(test)]
@@ -606,6 +617,26 @@ mod tests {
         assert_eq!(threads(&["t", "bench", "--batch-sizes", "64"]), Some(1));
         assert_eq!(threads(&["t", "bench", "--batch-sizes", "64,1024"]), None, "each child decides");
         assert_eq!(threads(&["t", "--cpu-threads", "3", "worker"]), Some(3));
+    }
+
+    #[test]
+    fn worker_models_follow_the_request_model_key_rule() {
+        let models = |value: &str| match Cli::try_parse_from(["t", "worker", &format!("--models={value}")]) {
+            Ok(Cli { command: Command::Worker(w), .. }) => Ok(w.models),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(models("content-based,cf-2").unwrap(), ["content-based", "cf-2"]);
+        for bad in ["content_based", "-lead", "Upper", &"x".repeat(64)] {
+            let error = models(bad).unwrap_err();
+            assert!(error.contains("1-63 characters"), "{bad}: {error}");
+            assert!(
+                crate::worker::request::parse(format!(r#"{{"model":"{bad}"}}"#).as_bytes(), None, &[bad.to_string()])
+                    .is_err(),
+                "a request for {bad} is dead-lettered, so the flag must refuse it too"
+            );
+        }
+        assert!(models(&"x".repeat(63)).is_ok());
     }
 
     #[test]

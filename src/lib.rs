@@ -18,7 +18,7 @@
 //!   client and topology; [`db::coord`] holds its Postgres coordination (requests, leases, outbox).
 //! - [`ops`]: operator commands — `rollback` and `replay-dead-letters`.
 //! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
-//!   and the throughput benchmark.
+//!   and the throughput benchmark; [`resources`]: a run's memory estimate and the process's budget.
 
 pub mod artifacts;
 pub mod bench;
@@ -41,6 +41,7 @@ pub mod ops;
 pub mod optim;
 pub mod pairs;
 pub mod procstat;
+pub mod resources;
 pub mod seed;
 pub mod signals;
 pub mod spotify;

@@ -11,6 +11,11 @@ pub fn rss_bytes() -> Option<u64> {
     status_kib("VmRSS:").map(|kib| kib * 1024)
 }
 
+/// Address space in use (VmSize) in bytes: what `RLIMIT_AS` counts.
+pub fn virtual_bytes() -> Option<u64> {
+    status_kib("VmSize:").map(|kib| kib * 1024)
+}
+
 /// User + system CPU time of the whole process (all threads), in seconds.
 pub fn cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;

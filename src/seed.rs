@@ -46,9 +46,31 @@ pub struct SeedReport {
 }
 
 /// Creates the platform's tables where absent (Prisma's DDL), then inserts `rows`.
-pub async fn seed(pool: &PgPool, rows: SeedRows<'_>) -> anyhow::Result<SeedReport> {
+///
+/// Refuses a database whose platform tables already hold rows unless `force`: seeding adds demo
+/// users, tracks and listens beside real ones, and training would then learn from both.
+pub async fn seed(pool: &PgPool, rows: SeedRows<'_>, force: bool) -> anyhow::Result<SeedReport> {
     let mut conn = pool.acquire().await.context("cannot get a database connection")?;
     sqlx::raw_sql(DDL).execute(&mut *conn).await.context("creating the platform's tables")?;
+    if !force {
+        let held: Vec<(String, bool)> = sqlx::query_as(
+            r#"SELECT 'User', EXISTS (SELECT 1 FROM "User") UNION ALL
+               SELECT 'Track', EXISTS (SELECT 1 FROM "Track") UNION ALL
+               SELECT 'TrackInteraction', EXISTS (SELECT 1 FROM "TrackInteraction") UNION ALL
+               SELECT 'Playlist', EXISTS (SELECT 1 FROM "Playlist")"#,
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .context("checking whether the platform's tables are empty")?;
+        let non_empty: Vec<String> =
+            held.into_iter().filter(|(_, any)| *any).map(|(t, _)| format!("\"{t}\"")).collect();
+        anyhow::ensure!(
+            non_empty.is_empty(),
+            "refusing to seed: the platform's tables {} already hold rows (is this the platform's real database?); \
+             demo rows would be mixed into them. Pass --force to add them anyway",
+            non_empty.join(", ")
+        );
+    }
     let mut tx = conn.begin().await?;
     let report = SeedReport {
         users: insert(&mut tx, "User", r#""id","email","name","createdAt","updatedAt""#, rows.users).await?,

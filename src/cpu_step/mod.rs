@@ -222,11 +222,16 @@ impl CpuStep {
             }
             LossKind::Contrastive => {
                 let inv_tau = (1.0 / self.loss.temperature) as f32;
-                let mut logits = vec![0.0f32; b * b];
+                // The step's two [B, B] buffers, allocated fallibly: a batch too large for memory
+                // fails the attempt with a message instead of aborting the process.
+                let square = |what| crate::resources::try_zeroed(b * b, what).map_err(candle_core::Error::Msg);
+                let mut logits = square("the [B, B] logits")?;
+                let mut dl = square("the [B, B] logit gradient")?;
                 matmul(&mut logits, Mat::new(za, b, e), Mat::new(zb, b, e).t(), inv_tau, false);
                 let pick = |ids: &[u32]| self.logq.as_ref().map(|lq| ids.iter().map(|&t| lq[t as usize]).collect());
                 let op = SymmetricDiagonalCe::new(ta.to_vec(), tb.to_vec(), pick(ta), pick(tb));
-                let (loss, dl) = op.loss_and_gradient(&logits, b, 0.5 / b as f32);
+                let loss = op.loss_and_gradient(&logits, b, 0.5 / b as f32, &mut dl);
+                drop(logits);
                 let (dza, dzb) = dz.split_at_mut(b * e);
                 matmul(dza, Mat::new(&dl, b, b), Mat::new(zb, b, e), inv_tau, false);
                 matmul(dzb, Mat::new(&dl, b, b).t(), Mat::new(za, b, e), inv_tau, false);

@@ -28,10 +28,15 @@ pub struct Claim {
     pub run_id: Uuid,
     pub model: String,
     pub params: Option<Params>,
-    /// 1 for the first attempt.
+    /// 1 for the first attempt. A takeover counts one: the owner before it vanished mid-attempt.
     pub attempt: i32,
-    /// The run was taken over from a worker whose lease expired (or that stopped).
+    /// The run was taken over from a worker whose lease expired without a clean release (a crash,
+    /// an out-of-memory kill, a pause past the lease).
     pub taken_over: bool,
+    /// How many owners of this run vanished that way so far (this takeover included).
+    pub crashes: i32,
+    /// The owner whose lease this claim took over, when `taken_over`.
+    pub previous_owner: Option<String>,
     pub token: Uuid,
 }
 
@@ -161,15 +166,15 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
         "UPDATE audotics_trainer.run_jobs j
          SET state = 'running', lease_owner = $2, lease_token = $3,
              lease_expires_at = now() + make_interval(secs => $4),
-             attempts = j.attempts + CASE WHEN j.state = 'retry' THEN 1 ELSE 0 END,
+             attempts = j.attempts + 1,
              takeovers = j.takeovers + CASE WHEN j.state = 'running' THEN 1 ELSE 0 END
-         FROM (SELECT run_id, state AS old_state FROM audotics_trainer.run_jobs
+         FROM (SELECT run_id, state AS old_state, lease_owner AS old_owner FROM audotics_trainer.run_jobs
                WHERE model = ANY($1)
                  AND ((state = 'running' AND lease_expires_at < now())
                    OR (state = 'retry' AND available_at <= now()))
                ORDER BY available_at LIMIT 1 FOR UPDATE SKIP LOCKED) due
          WHERE j.run_id = due.run_id
-         RETURNING j.run_id, j.model, j.params, j.attempts, due.old_state",
+         RETURNING j.run_id, j.model, j.params, j.attempts, j.takeovers, due.old_state, due.old_owner",
     )
     .bind(models)
     .bind(owner)
@@ -185,6 +190,8 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
             params: params_of(row.get("params")),
             attempt: row.get("attempts"),
             taken_over: old_state == "running",
+            crashes: row.get("takeovers"),
+            previous_owner: row.get("old_owner"),
             token,
         };
         tx.commit().await?;
@@ -241,7 +248,16 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(Claim { run_id, model, params: params_of(params), attempt: 1, taken_over: false, token }))
+    Ok(Some(Claim {
+        run_id,
+        model,
+        params: params_of(params),
+        attempt: 1,
+        taken_over: false,
+        crashes: 0,
+        previous_owner: None,
+        token,
+    }))
 }
 
 fn params_of(v: Option<Value>) -> Option<Params> {

@@ -62,14 +62,29 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 
 /// `url` with any password replaced by `***`, for logs, errors and stored settings.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable URL>".to_string(),
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<unparseable URL>".to_string();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    // libpq and sqlx also take secrets as query parameters (`?password=`, `sslpassword=`, …).
+    if parsed.query_pairs().any(|(k, _)| is_secret_parameter(&k)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if is_secret_parameter(&k) { "***".to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "passwd", "secret", "token", "credential"].iter().any(|s| name.contains(s))
 }
 
 #[cfg(test)]
@@ -81,5 +96,13 @@ mod tests {
         assert_eq!(redact_url("postgres://app:s3cr%3At@db:5432/audotics"), "postgres://app:***@db:5432/audotics");
         assert_eq!(redact_url("postgres://postgres@127.0.0.1/test"), "postgres://postgres@127.0.0.1/test");
         assert_eq!(redact_url("not a url with secret"), "<unparseable URL>");
+        assert_eq!(
+            redact_url("postgres://app@db/audotics?sslmode=require&password=hunter2&sslpassword=k3y"),
+            "postgres://app@db/audotics?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("amqp://u@h/%2f?auth_token=abc&heartbeat=10"),
+            "amqp://u@h/%2f?auth_token=***&heartbeat=10"
+        );
     }
 }

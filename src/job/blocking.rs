@@ -12,6 +12,7 @@ use crate::checkpoint;
 use crate::data::Dataset;
 use crate::device;
 use crate::export::{HostWeights, keras, model_card, tfjs};
+use crate::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
 use crate::storage::publish::{VersionInfo, apply_retention, publish_version};
 use crate::storage::{ModelStore, layout};
 use crate::telemetry::EpochProgress;
@@ -26,12 +27,14 @@ pub(super) struct BlockingRun {
     pub resume_from: Option<((usize, usize), bytes::Bytes)>,
     pub show_progress: bool,
     pub stop: StopFlag,
+    pub memory_budget: Option<MemoryBudget>,
 }
 
 pub(super) enum Trained {
     Done(Box<VersionFiles>),
     Stopped { epochs_completed: usize },
     InsufficientData { reason: String },
+    OverBudget { estimate: MemoryEstimate, budget: MemoryBudget },
 }
 
 /// The serialised artifacts of a finished run, in upload order (metadata last).
@@ -63,6 +66,27 @@ impl BlockingRun {
             (trainer.pairs_per_epoch() == 0).then(|| "no user has two distinct positive tracks to pair".to_string())
         }) {
             return Ok(Trained::InsufficientData { reason });
+        }
+        if let Some(budget) = self.memory_budget {
+            let sizes = DataSizes {
+                tracks: data.num_tracks(),
+                pairs_per_epoch: trainer.pairs_per_epoch(),
+                validation_pairs: data.validation_pairs.len(),
+            };
+            let estimate = resources::estimate(config, sizes, budget.in_use_now());
+            info!(
+                peak_mib = estimate.peak_bytes >> 20,
+                in_use_mib = estimate.in_use_bytes >> 20,
+                train_step_mib = estimate.train_step_bytes >> 20,
+                validation_mib = estimate.validation_bytes >> 20,
+                evaluate_and_export_mib = estimate.evaluate_and_export_bytes >> 20,
+                budget_mib = budget.bytes >> 20,
+                budget_source = budget.source.as_str(),
+                "memory estimate"
+            );
+            if estimate.peak_bytes > budget.bytes {
+                return Ok(Trained::OverBudget { estimate, budget });
+            }
         }
         let baselines = trainer.baselines()?;
         info!(

@@ -21,6 +21,7 @@ use crate::checkpoint;
 use crate::data::{Dataset, synthetic};
 use crate::db::{self, ledger, load::LoadOptions};
 use crate::device::DeviceChoice;
+use crate::resources::{MemoryBudget, MemoryEstimate, human};
 use crate::storage::{ModelStore, layout};
 use crate::train::TrainConfig;
 use blocking::{BlockingRun, Trained};
@@ -70,6 +71,8 @@ pub struct TrainJob {
     pub trigger: &'static str,
     pub show_progress: bool,
     pub stop: StopFlag,
+    /// Refuse to train when the run's estimated peak memory exceeds this (`None`: unbounded).
+    pub memory_budget: Option<MemoryBudget>,
 }
 
 /// How a run ended.
@@ -83,6 +86,31 @@ pub enum RunOutcome {
     InsufficientData { run_id: String, reason: String },
     /// Trained, but the quality gate kept the current version; nothing was uploaded.
     Rejected(Box<Rejected>),
+    /// The run would need more memory than the budget; nothing was trained. Retrying cannot help.
+    ResourceLimit(Box<ResourceRefusal>),
+}
+
+/// A run refused before training because its estimated peak memory exceeds the budget.
+#[derive(Debug, Clone)]
+pub struct ResourceRefusal {
+    pub run_id: String,
+    pub estimate: MemoryEstimate,
+    pub budget: MemoryBudget,
+}
+
+impl ResourceRefusal {
+    pub fn reason(&self) -> String {
+        format!(
+            "estimated peak memory {} (data and process {}, training step {}, validation {}, evaluation and export {}) exceeds the worker's memory budget {} ({}); lower params.batch_size or raise WORKER_MEMORY_LIMIT",
+            human(self.estimate.peak_bytes),
+            human(self.estimate.in_use_bytes),
+            human(self.estimate.train_step_bytes),
+            human(self.estimate.validation_bytes),
+            human(self.estimate.evaluate_and_export_bytes),
+            human(self.budget.bytes),
+            self.budget.source.as_str(),
+        )
+    }
 }
 
 /// A version the quality gate refused.
@@ -191,6 +219,7 @@ async fn execute(
         resume_from,
         show_progress: job.show_progress,
         stop: job.stop.clone(),
+        memory_budget: job.memory_budget,
     };
     let span = tracing::Span::current();
     let trained = tokio::task::spawn_blocking(move || span.in_scope(|| context.train(dataset)))
@@ -204,6 +233,11 @@ async fn execute(
         Trained::InsufficientData { reason } => {
             warn!(%reason, "insufficient data: nothing trained");
             Ok(RunOutcome::InsufficientData { run_id: manifest.run_id.clone(), reason })
+        }
+        Trained::OverBudget { estimate, budget } => {
+            let refusal = ResourceRefusal { run_id: manifest.run_id.clone(), estimate, budget };
+            warn!(reason = %refusal.reason(), "resource limit: nothing trained");
+            Ok(RunOutcome::ResourceLimit(Box::new(refusal)))
         }
         Trained::Done(files) => {
             if let Some(tolerance) = job.quality_tolerance
@@ -301,6 +335,9 @@ async fn record_end(
         ),
         Ok(RunOutcome::InsufficientData { reason, .. }) => {
             (ledger::RunStatus::InsufficientData, ledger::RunEnd { error: Some(reason.clone()), ..Default::default() })
+        }
+        Ok(RunOutcome::ResourceLimit(r)) => {
+            (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(r.reason()), ..Default::default() })
         }
         Err(e) => (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(format!("{e:#}")), ..Default::default() }),
     };

@@ -127,7 +127,9 @@ fn state_of(connection: &lapin::Connection) -> &'static str {
 /// One delivery: dead-letter it, or record it and then ack it.
 async fn handle(shared: &Arc<Shared>, delivery: Delivery) {
     let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
-    match request::parse(&delivery.data, message_id.as_deref(), &shared.args.models) {
+    let parsed = request::parse(&delivery.data, message_id.as_deref(), &shared.args.models)
+        .and_then(|r| request::check_batch_fits(r, shared.memory_budget, shared.args.train.loss));
+    match parsed {
         Err(rejected) => {
             metrics::counter!("audotics_retrain_requests_total", "outcome" => "dead_lettered").increment(1);
             metrics::counter!("audotics_dead_letters_total", "reason" => rejected.reason.as_str()).increment(1);

@@ -76,6 +76,12 @@ pub struct WorkerArgs {
     /// Exit non-zero when RabbitMQ stays unreachable this long (the orchestrator restarts the pod).
     #[arg(long, env = "BROKER_MAX_OUTAGE_SECONDS", default_value_t = 600, value_parser = crate::cli::at_least_one)]
     pub broker_max_outage_seconds: usize,
+    /// Memory this worker's runs may use (`3GiB`, `512MiB`, `2G`); default: the cgroup's memory
+    /// limit, else `RLIMIT_AS`, else physical memory. A run whose estimated peak exceeds it is
+    /// refused (`model-failed`, outcome `resource_limit`); a request whose batch alone exceeds it is
+    /// dead-lettered (`invalid_params`).
+    #[arg(long, env = "WORKER_MEMORY_LIMIT", value_parser = crate::resources::parse_bytes)]
+    pub memory_limit: Option<u64>,
     /// Address of the health and metrics server.
     #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
@@ -101,6 +107,8 @@ pub(crate) struct Shared {
     pub outbox_wake: Notify,
     /// The stop flag of the run in progress.
     pub run_stop: std::sync::Mutex<Option<StopFlag>>,
+    /// What every run and request is checked against before it trains.
+    pub memory_budget: Option<crate::resources::MemoryBudget>,
 }
 
 impl Shared {
@@ -144,6 +152,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         http = %listener.local_addr()?,
         "worker starting"
     );
+    let memory_budget = crate::resources::MemoryBudget::detect(args.memory_limit);
+    match memory_budget {
+        Some(b) => {
+            info!(budget_mib = b.bytes >> 20, source = b.source.as_str(), "memory budget for runs");
+            metrics::gauge!("audotics_memory_budget_bytes", "source" => b.source.as_str()).set(b.bytes as f64);
+        }
+        None => warn!("no memory limit can be read (no cgroup, RLIMIT_AS or /proc/meminfo): runs are not bounded"),
+    }
     let (shutdown, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         args,
@@ -158,6 +174,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         scheduler_wake: Notify::new(),
         outbox_wake: Notify::new(),
         run_stop: std::sync::Mutex::new(None),
+        memory_budget,
     });
     spawn_signal_handler(shared.clone());
     tokio::spawn(http::serve(listener, shared.clone(), metrics));

@@ -181,7 +181,7 @@ pub fn parse(body: &[u8], message_id: Option<&str>, models: &[String]) -> Result
         Some(Value::String(m)) => {
             return Err(reject(
                 RejectReason::InvalidField,
-                format!("model {m:?} is not a model key ([a-z0-9-], ≤ 63)"),
+                format!("model {m:?} is not a model key: it {MODEL_KEY_RULE}"),
             ));
         }
         Some(other) => return Err(reject(RejectReason::InvalidField, format!("model must be a string, got {other}"))),
@@ -231,6 +231,32 @@ pub fn parse(body: &[u8], message_id: Option<&str>, models: &[String]) -> Result
     })
 }
 
+/// Dead-letters (`invalid_params`) a request whose batch alone — the contrastive loss's `[B, B]`
+/// logits and gradient at `params.batch_size` — exceeds the worker's memory `budget`: it could never
+/// run here. Whether the whole run fits is checked again once its data is loaded.
+pub fn check_batch_fits(
+    request: RetrainRequest,
+    budget: Option<crate::resources::MemoryBudget>,
+    loss: crate::loss::LossKind,
+) -> Result<RetrainRequest, Rejected> {
+    let (Some(budget), Some(batch)) = (budget, request.params.as_ref().and_then(|p| p.batch_size)) else {
+        return Ok(request);
+    };
+    let floor = crate::resources::batch_floor_bytes(batch, loss == crate::loss::LossKind::Contrastive);
+    if floor <= budget.bytes {
+        return Ok(request);
+    }
+    Err(reject(
+        RejectReason::InvalidParams,
+        format!(
+            "params.batch_size = {batch} needs {} for the [B, B] logits and their gradient alone; this worker's memory budget is {} ({})",
+            crate::resources::human(floor),
+            crate::resources::human(budget.bytes),
+            budget.source.as_str()
+        ),
+    ))
+}
+
 fn timestamp(name: &str, v: Option<Value>) -> Result<Option<DateTime<Utc>>, Rejected> {
     match v {
         None | Some(Value::Null) => Ok(None),
@@ -242,6 +268,9 @@ fn timestamp(name: &str, v: Option<Value>) -> Result<Option<DateTime<Utc>>, Reje
         }
     }
 }
+
+/// The rule of [`is_model_key`], as error messages state it.
+pub const MODEL_KEY_RULE: &str = "must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'";
 
 /// Model keys: lowercase letters, digits and dashes, as in routing keys and store folders.
 pub fn is_model_key(s: &str) -> bool {
@@ -315,6 +344,22 @@ mod tests {
         assert_eq!(reason_of(r#"{"model":"content-based","params":[1]}"#), RejectReason::InvalidParams);
         let big = format!(r#"{{"model":"content-based","reason":"{}"}}"#, "x".repeat(MAX_BODY_BYTES));
         assert_eq!(reason_of(&big), RejectReason::Oversized);
+    }
+
+    #[test]
+    fn a_batch_that_cannot_fit_the_budget_is_invalid_params_and_others_pass() {
+        use crate::loss::LossKind;
+        use crate::resources::{BudgetSource, MemoryBudget};
+        let budget = Some(MemoryBudget { bytes: 3 << 30, source: BudgetSource::AddressSpaceLimit });
+        let request = |batch: usize| {
+            parse_str(&format!(r#"{{"model":"content-based","params":{{"batch_size":{batch}}}}}"#)).unwrap()
+        };
+        let refused = check_batch_fits(request(32_768), budget, LossKind::Contrastive).unwrap_err();
+        assert_eq!(refused.reason, RejectReason::InvalidParams);
+        assert!(refused.detail.contains("8.00 GiB") && refused.detail.contains("3.00 GiB"), "{}", refused.detail);
+        assert!(check_batch_fits(request(16_384), budget, LossKind::Contrastive).is_ok(), "2 GiB fits 3 GiB");
+        assert!(check_batch_fits(request(32_768), budget, LossKind::Cosine).is_ok(), "no [B, B] buffers");
+        assert!(check_batch_fits(request(32_768), None, LossKind::Contrastive).is_ok());
     }
 
     #[test]

@@ -42,7 +42,21 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
     async {
         if claim.taken_over {
             metrics::counter!("audotics_lease_takeovers_total", "model" => claim.model.clone()).increment(1);
-            warn!("took over a run whose lease had expired");
+            warn!(
+                crashes = claim.crashes,
+                previous_owner = claim.previous_owner.as_deref().unwrap_or(""),
+                "took over a run whose lease had expired"
+            );
+        }
+        if claim.crashes > 1 {
+            metrics::counter!("audotics_repeatedly_crashed_runs_taken_over_total", "model" => claim.model.clone())
+                .increment(1);
+            warn!(crashes = claim.crashes, "this run's owners have vanished before: it may be what crashes them");
+        }
+        if claim.attempt as usize > shared.args.max_attempts {
+            let status = give_up_crashed(shared, &claim).await;
+            metrics::counter!("audotics_runs_total", "model" => claim.model.clone(), "status" => status).increment(1);
+            return;
         }
         info!(params = ?claim.params, "run claimed");
         metrics::counter!("audotics_runs_total", "model" => claim.model.clone(), "status" => "started").increment(1);
@@ -93,6 +107,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         trigger: "worker",
         show_progress: false,
         stop,
+        memory_budget: shared.memory_budget,
     }
 }
 
@@ -119,6 +134,37 @@ async fn heartbeat(shared: Arc<Shared>, claim: Claim, stop: StopFlag, lost: Arc<
     metrics::counter!("audotics_leases_lost_total", "model" => claim.model.clone()).increment(1);
     lost.store(true, Ordering::SeqCst);
     stop.request();
+}
+
+/// Ends a run whose owners vanished mid-attempt (lease expired without a release) on every one of
+/// its `RUN_MAX_ATTEMPTS` attempts, without training it again: whatever it does — run out of
+/// memory, say — kills the worker, and every request behind it would wait forever.
+async fn give_up_crashed(shared: &Shared, claim: &Claim) -> &'static str {
+    let attempts = claim.attempt - 1;
+    let message = format!(
+        "the run's owner vanished without releasing its lease on {} of its {attempts} attempts \
+         (a crash, an out-of-memory kill, or a pause past the lease; last owner {}): not tried again",
+        claim.crashes,
+        claim.previous_owner.as_deref().unwrap_or("unknown"),
+    );
+    error!(crashes = claim.crashes, attempts, "run failed for good: it keeps crashing its workers");
+    metrics::counter!("audotics_crashed_runs_failed_total", "model" => claim.model.clone()).increment(1);
+    let end = crate::db::ledger::RunEnd { error: Some(message.clone()), ..Default::default() };
+    let ledger = crate::db::ledger::record_end(
+        &shared.pool,
+        claim.run_id,
+        crate::db::ledger::RunStatus::Failed,
+        &end,
+        Some(claim.token),
+    );
+    if let Err(e) = ledger.await {
+        warn!(error.message = %e, "cannot record the crashed run's end in the training_runs ledger");
+    }
+    let mut event = events::model_failed(&claim.model, claim.run_id, "crashed", &message, attempts);
+    event.body["crashes"] = claim.crashes.into();
+    let finish =
+        Finish { state: "failed", answer: "model-failed", version: None, error: Some(message), event, published: None };
+    record_finish(shared, claim, finish, "crashed").await
 }
 
 /// Records how the run ended (retrying while the database is unreachable); returns the status.
@@ -173,6 +219,24 @@ async fn conclude(
             };
             ("insufficient_data", finish)
         }
+        Ok(RunOutcome::ResourceLimit(r)) => {
+            let reason = r.reason();
+            metrics::counter!("audotics_runs_over_budget_total", "model" => claim.model.clone()).increment(1);
+            let mut event = events::model_failed(model, claim.run_id, "resource_limit", &reason, claim.attempt);
+            event.body["estimate"] = serde_json::to_value(&r.estimate).unwrap_or_default();
+            event.body["estimate_bytes"] = r.estimate.peak_bytes.into();
+            event.body["budget_bytes"] = r.budget.bytes.into();
+            event.body["budget_source"] = r.budget.source.as_str().into();
+            let finish = Finish {
+                state: "failed",
+                answer: "model-failed",
+                version: None,
+                error: Some(reason),
+                event,
+                published: None,
+            };
+            ("resource_limit", finish)
+        }
         Ok(RunOutcome::Stopped { epochs_completed, .. }) => {
             let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
             info!(epochs_completed, released, "run stopped for shutdown; lease released for another worker");
@@ -201,6 +265,12 @@ async fn conclude(
             }
         }
     };
+    record_finish(shared, claim, finish, status).await
+}
+
+/// Ends the run in one transaction with its answers and outbox event; `status`, or `lease_lost`
+/// when another worker took the run over first.
+async fn record_finish(shared: &Shared, claim: &Claim, finish: Finish, status: &'static str) -> &'static str {
     let recorded = with_retry(shared, || Box::pin(coord::finish(&shared.pool, claim, finish.clone()))).await;
     if recorded {
         shared.outbox_wake.notify_one();

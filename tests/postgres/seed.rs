@@ -45,7 +45,22 @@ async fn seed_creates_the_platforms_tables_and_is_idempotent() {
     }
 
     let before = db.count(r#"SELECT count(*) FROM "TrackInteraction""#).await;
-    let second = db.seed_synthetic(SMALL);
+    // Tables with rows may be the platform's real ones: refused, and nothing changes.
+    let mut args = vec!["seed", "--database-url", &db.url];
+    args.extend_from_slice(SMALL);
+    let refused = run(&args);
+    assert_eq!(refused.status.code(), Some(1), "seeding a database with rows must be refused");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(r#"refusing to seed: the platform's tables "User", "Track", "TrackInteraction""#)
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(db.count(r#"SELECT count(*) FROM "TrackInteraction""#).await, before);
+    args.push("--force");
+    let forced = run(&args);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
+    let second: serde_json::Value = serde_json::from_slice(forced.stdout.trim_ascii()).unwrap();
     for table in ["users", "tracks", "track_features", "interactions", "playlists", "playlist_tracks"] {
         assert_eq!(second[table], 0, "second seed inserted {table}: {second}");
     }
@@ -105,7 +120,7 @@ t1,\"Song, \"\"One\"\"\",Artist A,66,a1,Album,2019-06-14,Rock,p2,rock,hard rock,
         sqlx::query_scalar(r#"SELECT name FROM "Track" WHERE "spotifyId" = 't1'"#).fetch_one(&db.pool).await.unwrap();
     assert_eq!(name, r#"Song, "One""#);
     assert_eq!(db.count(r#"SELECT count(*) FROM "TrackInteraction" WHERE type = 'play'"#).await, 3);
-    let again = run(&args);
+    let again = run(&[&args[..], &["--force"]].concat());
     let report: serde_json::Value = serde_json::from_slice(again.stdout.trim_ascii()).unwrap();
     assert_eq!(report["interactions"], 0);
     assert_eq!(report["tracks"], 0);

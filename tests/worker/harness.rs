@@ -300,6 +300,8 @@ pub struct WorkerEnv {
     pub store: String,
     pub logs: PathBuf,
     pub extra: Vec<(String, String)>,
+    /// A command the worker runs under (`prlimit --as=N --`, a cgroup's `sh -c … exec`); empty: none.
+    pub wrapper: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -321,7 +323,14 @@ impl WorkerEnv {
         let http = free_port();
         let log = self.logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("worker")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -529,4 +538,71 @@ pub fn via_port(url: &str, port: u16) -> String {
     let mut u = url::Url::parse(url).unwrap();
     u.set_port(Some(port)).unwrap();
     u.to_string()
+}
+
+/// A cgroup (v1 memory controller) of the test's own with a memory limit: a process in it that
+/// touches more is killed by the kernel's OOM killer, as a pod over its limit is. Removed when
+/// dropped.
+pub struct MemoryCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(limit_bytes: u64) -> Self {
+        let dir =
+            PathBuf::from("/sys/fs/cgroup/memory").join(format!("audotics-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("these tests need a writable cgroup v1 memory controller: {e}"));
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit_bytes.to_string()).unwrap();
+        Self { dir }
+    }
+
+    /// A wrapper that moves the worker into this cgroup before it starts (no window outside it).
+    pub fn wrapper(&self) -> Vec<String> {
+        let procs = self.dir.join("cgroup.procs");
+        vec!["sh".into(), "-c".into(), format!("echo $$ > {} && exec \"$@\"", procs.display()), "sh".into()]
+    }
+
+    /// How many times the kernel's OOM killer acted in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let control = std::fs::read_to_string(self.dir.join("memory.oom_control")).unwrap_or_default();
+        control.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A worker restarted one second after each exit, as a Deployment restarts a pod's container.
+pub struct Restarting {
+    env: WorkerEnv,
+    name: String,
+    pub worker: Worker,
+    /// Every exit so far, with its log.
+    pub exits: Vec<(ExitStatus, String)>,
+    restart_at: Option<Instant>,
+}
+
+impl Restarting {
+    pub fn start(env: &WorkerEnv, name: &str) -> Self {
+        let worker = env.spawn(&format!("{name}-0"));
+        Self { env: env.clone(), name: name.to_string(), worker, exits: Vec::new(), restart_at: None }
+    }
+
+    /// Notices an exit and restarts the worker when its second is up.
+    pub fn tend(&mut self) {
+        if self.restart_at.is_none()
+            && let Ok(Some(status)) = self.worker.child.try_wait()
+        {
+            self.exits.push((status, self.worker.log_text()));
+            self.restart_at = Some(Instant::now() + Duration::from_secs(1));
+        }
+        if self.restart_at.is_some_and(|at| Instant::now() >= at) {
+            self.restart_at = None;
+            self.worker = self.env.spawn(&format!("{}-{}", self.name, self.exits.len()));
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 mod chaos;
 mod harness;
+mod limits;
 #[allow(dead_code)]
 #[path = "../postgres/helpers.rs"]
 mod pg;
@@ -41,6 +42,7 @@ impl Setup {
             store: self.store.path().to_str().unwrap().to_string(),
             logs: self.logs.path().to_path_buf(),
             extra: extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: Vec::new(),
         }
     }
 

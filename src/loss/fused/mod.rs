@@ -142,8 +142,14 @@ impl SymmetricDiagonalCe {
 
     /// `d loss / d l`, times `scale · 2b` (the op's own backward passes `½·upstream / b`).
     pub(crate) fn backward(&self, l: &[f32], b: usize, scale: f32, s: &Stats) -> Vec<f32> {
-        let col_factor: Vec<f32> = s.col_sum.iter().map(|x| scale / x).collect();
         let mut grad = vec![0f32; b * b];
+        self.backward_into(l, b, scale, s, &mut grad);
+        grad
+    }
+
+    /// [`Self::backward`] written over `grad` (`b·b` entries, every one written).
+    pub(crate) fn backward_into(&self, l: &[f32], b: usize, scale: f32, s: &Stats, grad: &mut [f32]) {
+        let col_factor: Vec<f32> = s.col_sum.iter().map(|x| scale / x).collect();
         grad.par_chunks_mut(b * BLOCK).zip(l.par_chunks(b * BLOCK)).enumerate().for_each(|(block, (out, rows))| {
             let mut scratch = Scratch::new(b);
             for (r, (out, row)) in out.chunks_mut(b).zip(rows.chunks(b)).enumerate() {
@@ -159,7 +165,6 @@ impl SymmetricDiagonalCe {
                 out[i] -= 2.0 * scale;
             }
         });
-        grad
     }
 }
 

@@ -25,15 +25,19 @@ impl SymmetricDiagonalCe {
     /// `grad[i,j] = scale·E[i,j]·(keep_row·w[j]/rowsum[i] + keep_col·u[i]/colsum[j]) − 2·scale·[i = j]`.
     /// When a sum under the shared shift is so small that clamped entries could matter (logits spread
     /// over more than ~50 nats), it falls back to the exact passes.
-    pub(crate) fn loss_and_gradient(&self, l: &[f32], b: usize, scale: f32) -> (f32, Vec<f32>) {
-        self.shared_shift(l, b, scale).unwrap_or_else(|| {
+    ///
+    /// The gradient is written over `grad` (`b·b` entries, every one written): the caller allocates
+    /// it, fallibly, so that a batch too large for memory is an error rather than an abort.
+    pub(crate) fn loss_and_gradient(&self, l: &[f32], b: usize, scale: f32, grad: &mut [f32]) -> f32 {
+        self.shared_shift(l, b, scale, grad).unwrap_or_else(|| {
             let (loss, stats) = self.forward(l, b);
-            (loss, self.backward(l, b, scale, &stats))
+            self.backward_into(l, b, scale, &stats, grad);
+            loss
         })
     }
 
     /// [`Self::loss_and_gradient`] under the shared shift; `None` when it does not hold.
-    fn shared_shift(&self, l: &[f32], b: usize, scale: f32) -> Option<(f32, Vec<f32>)> {
+    fn shared_shift(&self, l: &[f32], b: usize, scale: f32, grad: &mut [f32]) -> Option<f32> {
         let shared = Shared::new(self, l);
         let chunk = b * BLOCK;
         // Read 1: row sums, and per block of rows its share of the column sums.
@@ -62,7 +66,6 @@ impl SymmetricDiagonalCe {
         }
         // Read 2: the gradient.
         let col_factor: Vec<f32> = col_sum.iter().map(|s| scale / s).collect();
-        let mut grad = vec![0f32; b * b];
         let grad_of_block = |(block, (out, rows)): (usize, (&mut [f32], &[f32]))| {
             let mut scratch = Scratch::new(b);
             for (r, (out, row)) in out.chunks_mut(b).zip(rows.chunks(b)).enumerate() {
@@ -83,7 +86,7 @@ impl SymmetricDiagonalCe {
             total += -(d + (shared.w[k] as f64).ln() - (row_sum[k] as f64).ln());
             total += -(d + (shared.u[k] as f64).ln() - (col_sum[k] as f64).ln());
         }
-        Some((0.5 * total as f32 / b as f32, grad))
+        Some(0.5 * total as f32 / b as f32)
     }
 }
 
@@ -267,8 +270,10 @@ mod tests {
             let op = SymmetricDiagonalCe::new(ta, tb, Some(logq_a), Some(logq_b));
             let (loss, stats) = op.forward(&l, b);
             let want = op.backward(&l, b, 0.5 / b as f32, &stats);
-            assert_eq!(op.shared_shift(&l, b, 0.5 / b as f32).is_none(), wide, "B {b}: one pass taken?");
-            let (got_loss, got) = op.loss_and_gradient(&l, b, 0.5 / b as f32);
+            let mut got = vec![f32::NAN; b * b];
+            assert_eq!(op.shared_shift(&l, b, 0.5 / b as f32, &mut got).is_none(), wide, "B {b}: one pass taken?");
+            got.fill(f32::NAN); // every entry must be written
+            let got_loss = op.loss_and_gradient(&l, b, 0.5 / b as f32, &mut got);
             assert!((got_loss - loss).abs() <= 1e-5 * loss.abs(), "B {b}: {got_loss} vs {loss}");
             let scale = want.iter().fold(0.0f32, |m, g| m.max(g.abs()));
             let err = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
@@ -293,7 +298,8 @@ mod tests {
                 let op = SymmetricDiagonalCe::new(ta.clone(), tb.clone(), Some(logq.clone()), None);
                 let (loss, stats) = op.forward(&l, b);
                 let exact = bits(loss, op.backward(&l, b, 0.5 / b as f32, &stats));
-                let (loss, grad) = op.shared_shift(&l, b, 0.5 / b as f32).expect("the shared shift holds here");
+                let mut grad = vec![0f32; b * b];
+                let loss = op.shared_shift(&l, b, 0.5 / b as f32, &mut grad).expect("the shared shift holds here");
                 (exact, bits(loss, grad))
             })
         };

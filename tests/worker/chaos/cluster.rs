@@ -60,6 +60,7 @@ impl Cluster {
             store: "s3://models/chaos".to_string(),
             logs: logs.path().to_path_buf(),
             extra: extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            wrapper: Vec::new(),
         };
         let mut cluster = Self {
             vhost,

@@ -1,0 +1,175 @@
+//! One valid request must not take a model down: a run too large for the worker's memory is refused
+//! before it trains, and a run that kills every worker that takes it is failed after
+//! `RUN_MAX_ATTEMPTS` — in both cases the request behind it is published. Real worker processes
+//! under real memory limits (`RLIMIT_AS` through `prlimit`, a cgroup's OOM killer), restarted one
+//! second after each exit as a Deployment restarts pods.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+/// A history with 30,707 training pairs per epoch, so that a batch of 20,000 is not clamped by the data.
+async fn setup() -> Setup {
+    let db = TestDb::new().await;
+    db.seed_synthetic(&["--synthetic-tracks", "2000", "--synthetic-users", "200", "--synthetic-interactions", "20000"]);
+    Setup { vhost: Vhost::new(), db, store: tempfile::tempdir().unwrap(), logs: tempfile::tempdir().unwrap() }
+}
+
+fn retrain(event_id: &str, params: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"model": "content-based", "event_id": event_id, "params": params})).unwrap()
+}
+
+/// Tends `workers` until every id in `answered` is satisfied and `dead` dead letters arrived, or
+/// fails after `limit`.
+async fn tend_until(workers: &mut [Restarting], events: &Events, answered: &[String], dead: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        workers.iter_mut().for_each(Restarting::tend);
+        let all = events.all();
+        let done = satisfied(&all);
+        if answered.iter().all(|id| done.contains(id)) && events.dead_letters().len() >= dead {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let exits: Vec<String> = workers.iter().flat_map(|w| w.exits.iter().map(|(s, _)| s.to_string())).collect();
+            panic!("not answered after {limit:?}; exits {exits:?}; recorded {all:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn answer_of<'a>(events: &'a [serde_json::Value], id: &str) -> &'a serde_json::Value {
+    events
+        .iter()
+        .find(|e| e["satisfies"].as_array().is_some_and(|s| s.iter().any(|v| v == id)))
+        .unwrap_or_else(|| panic!("no event answers {id}: {events:#?}"))
+}
+
+#[tokio::test]
+async fn runs_too_large_for_the_address_space_limit_are_refused_and_the_request_behind_them_is_published() {
+    let _serial = serial().await;
+    let setup = setup().await;
+    let events = Events::listen(&setup.vhost).await;
+    let mut env = setup.env(&[]);
+    // What the issue reproduced: 3 GiB of address space per worker, no WORKER_MEMORY_LIMIT (the
+    // budget is read from the limit itself).
+    env.wrapper = vec!["prlimit".into(), format!("--as={}", 3 * GIB), "--".into()];
+    let mut workers = vec![Restarting::start(&env, "a"), Restarting::start(&env, "b")];
+    for w in &mut workers {
+        w.worker.wait_ready(MINUTE).await;
+    }
+    let publisher = Publisher::new(&setup.vhost).await;
+    // 8 GiB of [B, B] buffers: can never run here, dead-lettered on arrival.
+    publisher
+        .raw("retrain.content-based", &retrain("never-fits", serde_json::json!({"batch_size": 32768})), "never-fits")
+        .await;
+    // 2.98 GiB of [B, B] buffers passes intake; with the activations and the process it does not fit.
+    publisher
+        .raw("retrain.content-based", &retrain("over-budget", serde_json::json!({"batch_size": 20000})), "over-budget")
+        .await;
+    let over = "over-budget".to_string();
+    tend_until(&mut workers, &events, std::slice::from_ref(&over), 1, 3 * MINUTE).await;
+    let ordinary = publisher.request("ordinary-after-poison").await;
+    let started = Instant::now();
+    tend_until(&mut workers, &events, std::slice::from_ref(&ordinary), 1, 3 * MINUTE).await;
+
+    let dead = events.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].message_id.as_deref(), Some("never-fits"));
+    assert_eq!(dead[0].headers["x-audotics-dead-letter-reason"], "invalid_params");
+    let detail = &dead[0].headers["x-audotics-dead-letter-detail"];
+    assert!(detail.contains("8.00 GiB") && detail.contains("3.00 GiB (rlimit_as)"), "{detail}");
+
+    let failed = events.events("model-failed");
+    let refusal = answer_of(&failed, "over-budget");
+    assert_eq!(refusal["outcome"], "resource_limit", "{refusal:#}");
+    assert_eq!(refusal["budget_bytes"], 3 * GIB);
+    assert_eq!(refusal["budget_source"], "rlimit_as");
+    let estimate = refusal["estimate_bytes"].as_u64().unwrap();
+    assert!(estimate > 3 * GIB, "{refusal:#}");
+    assert!(refusal["estimate"]["train_step_bytes"].as_u64().unwrap() >= 2 * 20000 * 20000 * 4, "{refusal:#}");
+
+    let ready = events.events("model-ready");
+    assert_eq!(answer_of(&ready, &ordinary)["model"], "content-based");
+    let exits: Vec<_> = workers.iter().flat_map(|w| w.exits.iter()).collect();
+    assert!(exits.is_empty(), "no worker may exit: {exits:#?}");
+    assert_eq!(
+        setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs WHERE state = 'failed' AND attempts = 1").await,
+        1,
+        "refused on its first attempt, not retried"
+    );
+    eprintln!(
+        "figures: estimate {:.2} GiB vs budget 3 GiB; the ordinary request published {:.1} s after it was sent",
+        estimate as f64 / GIB as f64,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn a_run_the_oom_killer_ends_on_every_attempt_is_failed_as_crashed_and_the_next_request_proceeds() {
+    let _serial = serial().await;
+    let setup = setup().await;
+    let events = Events::listen(&setup.vhost).await;
+    let cgroup = MemoryCgroup::new(GIB);
+    // The budget is set above the cgroup's real limit (a misconfiguration, or memory the estimate
+    // does not see): the run passes its check, and the kernel kills whichever worker trains it.
+    let mut env = setup.env(&[("WORKER_MEMORY_LIMIT", "16GiB"), ("RUN_MAX_ATTEMPTS", "3")]);
+    env.wrapper = cgroup.wrapper();
+    let mut workers = vec![Restarting::start(&env, "a"), Restarting::start(&env, "b")];
+    for w in &mut workers {
+        w.worker.wait_ready(MINUTE).await;
+    }
+    let publisher = Publisher::new(&setup.vhost).await;
+    let started = Instant::now();
+    publisher
+        .raw("retrain.content-based", &retrain("poison", serde_json::json!({"batch_size": 16384})), "poison")
+        .await;
+    // Sent once the poison run is claimed, the ordinary request waits behind it (not coalesced into it).
+    eventually(MINUTE, "the poison run claimed", || async {
+        (setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs").await == 1).then_some(())
+    })
+    .await;
+    let ordinary = publisher.request("ordinary-behind-poison").await;
+    let ids = ["poison".to_string(), ordinary.clone()];
+    tend_until(&mut workers, &events, &ids, 0, 4 * MINUTE).await;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let failed = events.events("model-failed");
+    let crashed = answer_of(&failed, "poison");
+    assert_eq!(crashed["outcome"], "crashed", "{crashed:#}");
+    assert_eq!(crashed["crashes"], 3, "{crashed:#}");
+    assert_eq!(crashed["attempts"], 3, "{crashed:#}");
+    assert!(crashed["error"].as_str().unwrap().contains("vanished without releasing its lease"), "{crashed:#}");
+    let ready = events.events("model-ready");
+    assert_eq!(answer_of(&ready, &ordinary)["model"], "content-based");
+    assert_ne!(answer_of(&ready, &ordinary)["run_id"], crashed["run_id"], "the next request got a run of its own");
+
+    let exits: Vec<_> = workers.iter().flat_map(|w| w.exits.iter()).collect();
+    assert_eq!(
+        exits.len(),
+        3,
+        "one crash per attempt, then no more: {:#?}",
+        exits.iter().map(|e| &e.0).collect::<Vec<_>>()
+    );
+    assert!(
+        exits.iter().all(|(status, _)| std::os::unix::process::ExitStatusExt::signal(status) == Some(9)),
+        "OOM-killed"
+    );
+    assert_eq!(cgroup.oom_kills(), 3);
+    let takeover_logs: usize = workers
+        .iter()
+        .map(|w| w.worker.log_lines("this run's owners have vanished before: it may be what crashes them").len())
+        .sum::<usize>()
+        + exits.iter().map(|(_, log)| log.matches("this run's owners have vanished before").count()).sum::<usize>();
+    assert!(takeover_logs >= 2, "the third and fourth owners say the run crashed others before");
+    assert_eq!(
+        setup.db.count("SELECT count(*) FROM audotics_trainer.run_jobs WHERE state = 'failed' AND takeovers = 3").await,
+        1
+    );
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'failed'").await, 1);
+    eprintln!(
+        "figures: poison failed as crashed after 3 OOM kills; both requests answered {seconds:.1} s after sending"
+    );
+}
