@@ -229,6 +229,9 @@ pub struct TrainArgs {
     /// with the checkpoints of finished runs except the newest run's.
     #[arg(long, env = "AUDOTICS_KEEP_VERSIONS", default_value_t = 10, value_parser = at_least_one)]
     pub keep_versions: usize,
+    /// Checkpoints a run keeps while it trains (the newest; older ones are deleted as new ones land).
+    #[arg(long, env = "AUDOTICS_KEEP_CHECKPOINTS", default_value_t = 2, value_parser = at_least_one)]
+    pub keep_checkpoints: usize,
     /// Continue this run (by run id) from its newest checkpoint, with its stored settings.
     #[arg(long, env = "AUDOTICS_RESUME")]
     pub resume: Option<String>,
@@ -488,6 +491,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         minimums: MinimumSizes { tracks: args.min_tracks, users: args.min_users, interactions: args.min_interactions },
         trigger: "cli",
         keep_versions: args.keep_versions,
+        keep_checkpoints: args.keep_checkpoints,
         device: args.device,
         resume: args.resume.clone(),
         run_id: None,

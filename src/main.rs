@@ -26,12 +26,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(audotics_trainer::cli::run(cli)) {
+    let code = match runtime.block_on(audotics_trainer::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error.message = %e, error.cause_chain = ?e, "command failed");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking task, and one may be mid-way through a
+    // phase that does not look at the stop flag (evaluation, export): the command has decided to
+    // exit — a worker past its grace period, say — so wait only briefly.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }

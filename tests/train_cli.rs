@@ -155,7 +155,7 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
     assert_eq!(weights["dense_2.kernel"].dims(), &[16, 16]);
     assert_eq!(weights["batch_normalization.moving_variance"].dims(), &[11]);
 
-    // One checkpoint per epoch under the run.
+    // A checkpoint per epoch under the run, of which the newest two (--keep-checkpoints) are kept.
     let runs: Vec<PathBuf> =
         std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 1);
@@ -164,7 +164,7 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     checkpoints.sort();
-    assert_eq!(checkpoints, ["epoch-0001.safetensors", "epoch-0002.safetensors", "epoch-0003.safetensors"]);
+    assert_eq!(checkpoints, ["epoch-0002.safetensors", "epoch-0003.safetensors"]);
 }
 
 #[test]
@@ -200,11 +200,11 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     // testing nothing.
     let mut child =
         trainer(&train_args(dir.path(), &epochs)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let second = wait_for_checkpoint(dir.path(), 2, &mut child);
+    wait_for_checkpoint(dir.path(), 2, &mut child);
     assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(second.exists());
+    assert!(newest_checkpoint_epoch(dir.path()).is_some_and(|e| e >= 2), "the checkpoints survive the kill");
     assert!(!dir.path().join("content-based/versions").exists(), "a killed run publishes nothing");
 
     let run_dir = std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
@@ -227,19 +227,23 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     );
 }
 
-/// Polls the run's checkpoint folder (the observable effect of the epoch) until epoch `epoch`'s
-/// file exists, failing if the process exits first or two minutes pass.
-fn wait_for_checkpoint(dir: &Path, epoch: usize, child: &mut std::process::Child) -> PathBuf {
+/// The newest checkpoint's completed epochs, over every run in `dir`.
+fn newest_checkpoint_epoch(dir: &Path) -> Option<usize> {
+    std::fs::read_dir(dir.join("content-based/runs"))
+        .ok()?
+        .flatten()
+        .flat_map(|run| std::fs::read_dir(run.path().join("checkpoints")).into_iter().flatten().flatten())
+        .filter_map(|f| audotics_trainer::checkpoint::position_of(f.file_name().to_str()?))
+        .map(|(epoch, _)| epoch)
+        .max()
+}
+
+/// Polls the run's checkpoint folder (the observable effect of the epoch) until a checkpoint of
+/// epoch `epoch` or later exists (older ones are pruned), failing if the process exits first or
+/// two minutes pass.
+fn wait_for_checkpoint(dir: &Path, epoch: usize, child: &mut std::process::Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(runs) = std::fs::read_dir(dir.join("content-based/runs")) {
-            for run in runs.flatten() {
-                let path = run.path().join("checkpoints").join(format!("epoch-{epoch:04}.safetensors"));
-                if path.exists() {
-                    return path;
-                }
-            }
-        }
+    while newest_checkpoint_epoch(dir).is_none_or(|e| e < epoch) {
         assert!(child.try_wait().unwrap().is_none(), "the run exited before writing checkpoint {epoch}");
         assert!(Instant::now() < deadline, "no checkpoint {epoch} within two minutes");
         std::thread::sleep(Duration::from_millis(5));

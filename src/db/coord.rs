@@ -37,6 +37,8 @@ pub struct Claim {
     pub crashes: i32,
     /// The owner whose lease this claim took over, when `taken_over`.
     pub previous_owner: Option<String>,
+    /// How long ago the run was first claimed, by the database's clock (`RUN_MAX_SECONDS` counts from then).
+    pub age: Duration,
     pub token: Uuid,
 }
 
@@ -174,7 +176,8 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
                    OR (state = 'retry' AND available_at <= now()))
                ORDER BY available_at LIMIT 1 FOR UPDATE SKIP LOCKED) due
          WHERE j.run_id = due.run_id
-         RETURNING j.run_id, j.model, j.params, j.attempts, j.takeovers, due.old_state, due.old_owner",
+         RETURNING j.run_id, j.model, j.params, j.attempts, j.takeovers, due.old_state, due.old_owner,
+                   EXTRACT(EPOCH FROM now() - j.created_at)::float8 AS age_seconds",
     )
     .bind(models)
     .bind(owner)
@@ -192,6 +195,7 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
             taken_over: old_state == "running",
             crashes: row.get("takeovers"),
             previous_owner: row.get("old_owner"),
+            age: Duration::from_secs_f64(row.get::<f64, _>("age_seconds").max(0.0)),
             token,
         };
         tx.commit().await?;
@@ -256,6 +260,7 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
         taken_over: false,
         crashes: 0,
         previous_owner: None,
+        age: Duration::ZERO,
         token,
     }))
 }

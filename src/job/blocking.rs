@@ -28,6 +28,7 @@ pub(super) struct BlockingRun {
     pub show_progress: bool,
     pub stop: StopFlag,
     pub memory_budget: Option<MemoryBudget>,
+    pub keep_checkpoints: usize,
 }
 
 pub(super) enum Trained {
@@ -265,6 +266,12 @@ impl Checkpointer<'_> {
         self.saved_at = Some(saved_at);
         let key = layout::checkpoint_named(&run.manifest.model, &run.manifest.run_id, &checkpoint::file_name_of(state));
         run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
+        // Only the newest few are ever resumed from: 1000 epochs of E = 1024 would be ~38 GB.
+        let m = &run.manifest;
+        let pruned = crate::storage::publish::prune_checkpoints(&run.store, &m.model, &m.run_id, run.keep_checkpoints);
+        if let Err(e) = run.runtime.block_on(pruned) {
+            warn!(error.message = %format!("{e:#}"), "cannot delete the run's older checkpoints; retrying after the next");
+        }
         Ok(key)
     }
 }

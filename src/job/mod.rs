@@ -67,6 +67,8 @@ pub struct TrainJob {
     pub quality_tolerance: Option<f64>,
     /// Versions to keep in the store after a publish (`--keep-versions`).
     pub keep_versions: usize,
+    /// Checkpoints a run keeps while it trains (`--keep-checkpoints`).
+    pub keep_checkpoints: usize,
     /// Who asked: `cli` or `worker`, recorded in the ledger.
     pub trigger: &'static str,
     pub show_progress: bool,
@@ -220,6 +222,7 @@ async fn execute(
         show_progress: job.show_progress,
         stop: job.stop.clone(),
         memory_budget: job.memory_budget,
+        keep_checkpoints: job.keep_checkpoints,
     };
     let span = tracing::Span::current();
     let trained = tokio::task::spawn_blocking(move || span.in_scope(|| context.train(dataset)))

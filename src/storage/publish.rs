@@ -304,3 +304,19 @@ fn child_names(keys: &[String], parent: &str) -> Vec<String> {
     names.dedup();
     names
 }
+
+/// Deletes all but the newest `keep` checkpoints of a run (by position); returns how many went.
+pub async fn prune_checkpoints(store: &ModelStore, model: &str, run_id: &str, keep: usize) -> anyhow::Result<usize> {
+    let mut checkpoints: Vec<((usize, usize), String)> = store
+        .list(&layout::checkpoints_dir(model, run_id))
+        .await?
+        .into_iter()
+        .filter_map(|k| Some((crate::checkpoint::position_of(k.rsplit('/').next()?)?, k)))
+        .collect();
+    checkpoints.sort();
+    let excess = checkpoints.len().saturating_sub(keep);
+    for (_, key) in checkpoints.into_iter().take(excess) {
+        store.delete(&key).await?;
+    }
+    Ok(excess)
+}

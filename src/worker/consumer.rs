@@ -181,7 +181,7 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, message_id: Option<&s
 async fn record_and_ack(shared: &Arc<Shared>, delivery: Delivery, request: RetrainRequest) {
     let mut delay = Duration::from_millis(200);
     let recorded = loop {
-        match coord::record_request(&shared.pool, &request).await {
+        match super::runner::bounded(shared.lease(), coord::record_request(&shared.pool, &request)).await {
             Ok(r) => break r,
             Err(e) => {
                 metrics::counter!("audotics_database_errors_total", "operation" => "record_request").increment(1);

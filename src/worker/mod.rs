@@ -61,6 +61,10 @@ pub struct WorkerArgs {
     /// Attempts of a failing run before it is marked failed and announced.
     #[arg(long, env = "RUN_MAX_ATTEMPTS", default_value_t = 3, value_parser = crate::cli::at_least_one)]
     pub max_attempts: usize,
+    /// A run still going this long after it was first claimed (all attempts together) is stopped at
+    /// a batch boundary and failed (`model-failed`, outcome `deadline`).
+    #[arg(long, env = "RUN_MAX_SECONDS", default_value_t = 6 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub run_max_seconds: u64,
     /// Delay before retrying a failed attempt (doubled per attempt, jittered).
     #[arg(long, env = "RUN_RETRY_SECONDS", default_value_t = 30)]
     pub retry_seconds: u64,

@@ -18,7 +18,12 @@ pub(super) async fn run(shared: Arc<Shared>) {
         if shared.shutting_down() {
             return;
         }
-        match coord::claim(&shared.pool, &shared.worker_id, &shared.args.models, shared.lease()).await {
+        match bounded(
+            shared.lease(),
+            coord::claim(&shared.pool, &shared.worker_id, &shared.args.models, shared.lease()),
+        )
+        .await
+        {
             Ok(Some(claim)) => {
                 execute(&shared, claim).await;
                 continue;
@@ -53,8 +58,16 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
                 .increment(1);
             warn!(crashes = claim.crashes, "this run's owners have vanished before: it may be what crashes them");
         }
-        if claim.attempt as usize > shared.args.max_attempts {
-            let status = give_up_crashed(shared, &claim).await;
+        let remaining = Duration::from_secs(shared.args.run_max_seconds).saturating_sub(claim.age);
+        if claim.attempt as usize > shared.args.max_attempts || remaining.is_zero() {
+            let status = if remaining.is_zero() {
+                give_up_deadline(shared, &claim).await
+            } else {
+                give_up_crashed(shared, &claim).await
+            };
+            if status == "failed" {
+                delete_checkpoints(shared, &claim).await;
+            }
             metrics::counter!("audotics_runs_total", "model" => claim.model.clone(), "status" => status).increment(1);
             return;
         }
@@ -67,11 +80,21 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
         }
         let lease_lost = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), claim.clone(), stop.clone(), lease_lost.clone()));
+        let past_deadline = Arc::new(AtomicBool::new(false));
+        let deadline = tokio::spawn(deadline(remaining, stop.clone(), past_deadline.clone()));
         let started = Instant::now();
         let result = job::run(&shared.store, build_job(shared, &claim, stop)).await;
         heartbeat.abort();
+        deadline.abort();
         *shared.run_stop.lock().expect("run_stop lock") = None;
-        let status = conclude(shared, &claim, result, lease_lost.load(Ordering::SeqCst)).await;
+        let ended = RunEnded {
+            lease_lost: lease_lost.load(Ordering::SeqCst),
+            past_deadline: past_deadline.load(Ordering::SeqCst),
+        };
+        let status = conclude(shared, &claim, result, ended).await;
+        if matches!(status, "failed" | "rejected" | "insufficient_data" | "resource_limit") {
+            delete_checkpoints(shared, &claim).await;
+        }
         let labels = [("model", claim.model.clone()), ("status", status.to_string())];
         metrics::counter!("audotics_runs_total", &labels).increment(1);
         metrics::histogram!("audotics_run_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
@@ -104,6 +127,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         lease_token: Some(claim.token),
         quality_tolerance: Some(shared.args.quality_tolerance),
         keep_versions: t.keep_versions,
+        keep_checkpoints: t.keep_checkpoints,
         trigger: "worker",
         show_progress: false,
         stop,
@@ -111,20 +135,60 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
     }
 }
 
-/// Renews the lease every third of its length. When it is gone (taken over), or cannot be renewed
-/// for a whole lease length (so another worker may already hold it), the run is stopped.
+/// `call`, or an error once `limit` has passed without an answer.
+pub(super) async fn bounded<T>(limit: Duration, call: impl Future<Output = sqlx::Result<T>>) -> sqlx::Result<T> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the database did not answer within {limit:?}"),
+        )))
+    })
+}
+
+/// Stops the run at its next batch boundary once `remaining` has passed.
+async fn deadline(remaining: Duration, stop: StopFlag, past: Arc<AtomicBool>) {
+    tokio::time::sleep(remaining).await;
+    warn!(seconds = remaining.as_secs_f64(), "the run reached RUN_MAX_SECONDS; stopping it at the next batch boundary");
+    past.store(true, Ordering::SeqCst);
+    stop.request();
+}
+
+/// A run that ended for good without a version keeps no checkpoints: nothing will resume it.
+async fn delete_checkpoints(shared: &Shared, claim: &Claim) {
+    let run_id = claim.run_id.to_string();
+    match crate::storage::publish::prune_checkpoints(&shared.store, &claim.model, &run_id, 0).await {
+        Ok(n) if n > 0 => info!(checkpoints = n, "deleted the checkpoints of a run that ended without a version"),
+        Ok(_) => {}
+        Err(e) => warn!(error.message = %format!("{e:#}"), "cannot delete the ended run's checkpoints"),
+    }
+}
+
+/// What happened around the run while it trained.
+struct RunEnded {
+    lease_lost: bool,
+    past_deadline: bool,
+}
+
+/// Renews the lease every third of its length, each try bounded by what is left of the lease. When
+/// it is gone (taken over), or the next try could only end past the lease (so another worker may
+/// then hold it), the run is stopped.
 async fn heartbeat(shared: Arc<Shared>, claim: Claim, stop: StopFlag, lost: Arc<AtomicBool>) {
     let lease = shared.lease();
     let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(lease / 3).await;
-        match coord::heartbeat(&shared.pool, &claim, lease).await {
+        // Bounded by the renewal interval: a database that stops answering without closing the
+        // connection (packets dropped) must fail the heartbeat, not hang it past the lease.
+        let left = lease.saturating_sub(renewed.elapsed());
+        match bounded((lease / 3).min(left), coord::heartbeat(&shared.pool, &claim, lease)).await {
             Ok(true) => renewed = Instant::now(),
             Ok(false) => {
                 warn!("lease lost: another worker owns the run now; stopping");
                 break;
             }
-            Err(e) if renewed.elapsed() >= lease => {
+            // The next renewal could only land past the lease's end, when another worker may
+            // already own the run: stop now, inside the lease.
+            Err(e) if renewed.elapsed() + lease / 3 >= lease => {
                 warn!(error.message = %e, "cannot renew the lease for a whole lease length; stopping the run");
                 break;
             }
@@ -149,6 +213,31 @@ async fn give_up_crashed(shared: &Shared, claim: &Claim) -> &'static str {
     );
     error!(crashes = claim.crashes, attempts, "run failed for good: it keeps crashing its workers");
     metrics::counter!("audotics_crashed_runs_failed_total", "model" => claim.model.clone()).increment(1);
+    fail_run(shared, claim, "crashed", message, attempts, serde_json::json!({"crashes": claim.crashes})).await
+}
+
+/// Ends a run that has been going for longer than `RUN_MAX_SECONDS` (since it was first claimed).
+async fn give_up_deadline(shared: &Shared, claim: &Claim) -> &'static str {
+    let max = shared.args.run_max_seconds;
+    let message = format!(
+        "the run passed its deadline: RUN_MAX_SECONDS = {max} since it was first claimed, over {} attempts; stopped at a batch boundary",
+        claim.attempt
+    );
+    error!(run_max_seconds = max, "run failed for good: past its deadline");
+    metrics::counter!("audotics_runs_past_deadline_total", "model" => claim.model.clone()).increment(1);
+    fail_run(shared, claim, "deadline", message, claim.attempt, serde_json::json!({"run_max_seconds": max})).await
+}
+
+/// Fails the run for good with `outcome`: the ledger row, `model-failed` (with `extra` fields) to
+/// every request it claimed, in one transaction with the run's end.
+async fn fail_run(
+    shared: &Shared,
+    claim: &Claim,
+    outcome: &str,
+    message: String,
+    attempts: i32,
+    extra: serde_json::Value,
+) -> &'static str {
     let end = crate::db::ledger::RunEnd { error: Some(message.clone()), ..Default::default() };
     let ledger = crate::db::ledger::record_end(
         &shared.pool,
@@ -158,25 +247,27 @@ async fn give_up_crashed(shared: &Shared, claim: &Claim) -> &'static str {
         Some(claim.token),
     );
     if let Err(e) = ledger.await {
-        warn!(error.message = %e, "cannot record the crashed run's end in the training_runs ledger");
+        warn!(error.message = %e, "cannot record the failed run's end in the training_runs ledger");
     }
-    let mut event = events::model_failed(&claim.model, claim.run_id, "crashed", &message, attempts);
-    event.body["crashes"] = claim.crashes.into();
+    let mut event = events::model_failed(&claim.model, claim.run_id, outcome, &message, attempts);
+    if let serde_json::Value::Object(fields) = extra {
+        for (k, v) in fields {
+            event.body[k] = v;
+        }
+    }
     let finish =
         Finish { state: "failed", answer: "model-failed", version: None, error: Some(message), event, published: None };
-    record_finish(shared, claim, finish, "crashed").await
+    record_finish(shared, claim, finish, "failed").await
 }
 
 /// Records how the run ended (retrying while the database is unreachable); returns the status.
-async fn conclude(
-    shared: &Shared,
-    claim: &Claim,
-    result: anyhow::Result<RunOutcome>,
-    lease_lost: bool,
-) -> &'static str {
-    if lease_lost {
+async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutcome>, ended: RunEnded) -> &'static str {
+    if ended.lease_lost {
         warn!("the run's lease was lost; its new owner finishes it");
         return "lease_lost";
+    }
+    if ended.past_deadline && !matches!(result, Ok(RunOutcome::Published(_) | RunOutcome::Rejected(_))) {
+        return give_up_deadline(shared, claim).await;
     }
     let model = claim.model.as_str();
     let (status, finish) = match result {
@@ -290,7 +381,7 @@ where
     let started = Instant::now();
     let mut delay = Duration::from_millis(200);
     loop {
-        match f().await {
+        match bounded(shared.lease(), f()).await {
             Ok(done) => return done,
             Err(e) if started.elapsed() < shared.lease() * 2 => {
                 metrics::counter!("audotics_database_errors_total", "operation" => "conclude").increment(1);

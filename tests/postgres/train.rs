@@ -176,7 +176,15 @@ async fn a_resumed_postgres_run_ignores_interactions_that_arrived_after_it_start
             .and_then(|mut runs| runs.next())
             .and_then(|r| r.ok())
             .map(|r| r.path())
-            .filter(|p| p.join("checkpoints/epoch-0002.safetensors").exists());
+            .filter(|p| {
+                // Any checkpoint of epoch 2 or later: older ones are pruned as newer ones land.
+                std::fs::read_dir(p.join("checkpoints")).into_iter().flatten().flatten().any(|f| {
+                    f.file_name()
+                        .to_str()
+                        .and_then(audotics_trainer::checkpoint::position_of)
+                        .is_some_and(|(epoch, _)| epoch >= 2)
+                })
+            });
         if let Some(p) = found {
             break p;
         }

@@ -79,6 +79,14 @@ impl S3Server {
         }
     }
 
+    /// Sends `signal` (`STOP`: every request then hangs unanswered; `CONT`) to the server.
+    #[allow(dead_code)] // the worker suite's
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("the server is running").id().to_string();
+        let status = Command::new("kill").args(["-s", signal, &pid]).status().unwrap();
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
     #[allow(dead_code)] // the worker suite's
     pub fn running(&self) -> bool {
         self.child.is_some()

@@ -483,6 +483,9 @@ pub fn newest_checkpoint(store: &Path) -> Option<(usize, usize)> {
 pub struct Proxy {
     pub port: u16,
     up: Arc<tokio::sync::watch::Sender<bool>>,
+    /// While set, nothing is forwarded either way and nothing is closed: a network that drops
+    /// packets, not one that refuses them.
+    stalled: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Proxy {
@@ -493,6 +496,8 @@ impl Proxy {
         let (up, _) = tokio::sync::watch::channel(true);
         let up = Arc::new(up);
         let up2 = up.clone();
+        let stalled = Arc::new(tokio::sync::watch::channel(false).0);
+        let stalled2 = stalled.clone();
         tokio::spawn(async move {
             loop {
                 let mut watch = up2.subscribe();
@@ -508,11 +513,19 @@ impl Proxy {
                         accepted = listener.accept() => {
                             let Ok((mut client, _)) = accepted else { continue };
                             let mut cut = up2.subscribe();
+                            let mut stall = stalled2.subscribe();
                             tokio::spawn(async move {
+                                // A connection made while stalled waits, unanswered, for the end of it.
+                                let _ = stall.wait_for(|s| !*s).await.is_ok();
                                 let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
-                                tokio::select! {
-                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                                    _ = cut.wait_for(|u| !*u) => {}
+                                let stalled = tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                                    _ = cut.wait_for(|u| !*u) => false,
+                                    r = stall.wait_for(|s| *s) => r.is_ok(),
+                                };
+                                if stalled {
+                                    // Hold both ends open, silent, until the stall ends; then drop them.
+                                    let _ = stall.wait_for(|s| !*s).await.is_ok();
                                 }
                             });
                         }
@@ -521,7 +534,17 @@ impl Proxy {
                 }
             }
         });
-        Self { port, up }
+        Self { port, up, stalled }
+    }
+
+    /// Stops forwarding without closing anything (see `stalled`).
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Ends a stall: the held connections are closed, new ones forwarded again.
+    pub fn unstall(&self) {
+        self.stalled.send_replace(false);
     }
 
     pub fn cut(&self) {

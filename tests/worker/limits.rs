@@ -173,3 +173,108 @@ async fn a_run_the_oom_killer_ends_on_every_attempt_is_failed_as_crashed_and_the
         "figures: poison failed as crashed after 3 OOM kills; both requests answered {seconds:.1} s after sending"
     );
 }
+
+#[tokio::test]
+async fn a_run_past_run_max_seconds_is_stopped_failed_and_answered_and_its_checkpoints_deleted() {
+    let _serial = serial().await;
+    let (setup, events, _worker, publisher) =
+        one_worker(&[("AUDOTICS_EPOCHS", "1000"), ("RUN_MAX_SECONDS", "4"), ("AUDOTICS_KEEP_CHECKPOINTS", "3")]).await;
+    let started = Instant::now();
+    let id = publisher.request("too-slow").await;
+    // While it trains, checkpoints accumulate only up to the kept three.
+    let store = setup.store.path().to_path_buf();
+    eventually(MINUTE, "a few epochs checkpointed", || async {
+        newest_checkpoint(&store).filter(|(epoch, _)| *epoch >= 5)
+    })
+    .await;
+    let kept = checkpoint_files(&store);
+    assert!(kept.len() <= 3, "{kept:?}");
+    events.wait_satisfied(std::slice::from_ref(&id), 2 * MINUTE).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let failed = events.events("model-failed");
+    let answer = answer_of(&failed, &id);
+    assert_eq!(answer["outcome"], "deadline", "{answer:#}");
+    assert_eq!(answer["run_max_seconds"], 4);
+    assert!(events.events("model-ready").is_empty());
+    assert_eq!(setup.db.count("SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'failed'").await, 1);
+    assert!(checkpoint_files(&store).is_empty(), "a failed run keeps no checkpoints: {:?}", checkpoint_files(&store));
+    eprintln!("figures: RUN_MAX_SECONDS 4, answered model-failed/deadline {seconds:.1} s after the request");
+}
+
+fn checkpoint_files(store: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let runs = store.join("content-based/runs");
+    std::fs::read_dir(runs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|run| std::fs::read_dir(run.path().join("checkpoints")).into_iter().flatten().flatten())
+        .map(|f| f.path())
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_while_the_store_hangs_mid_checkpoint_exits_1_when_the_grace_period_ends() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let s3 = super::s3::S3Server::start();
+    let mut env = setup.env(&[("AUDOTICS_EPOCHS", "400"), ("WORKER_GRACE_SECONDS", "2")]);
+    env.store = "s3://models/published".into();
+    env.extra.extend(
+        [
+            ("AWS_ENDPOINT", s3.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", super::s3::ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", super::s3::SECRET_KEY.into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    let mut worker = env.spawn("w1");
+    worker.wait_ready(MINUTE).await;
+    Publisher::new(&setup.vhost).await.request("hung-store").await;
+    eventually(MINUTE, "two epochs trained", || async {
+        (worker.log_lines("epoch finished").len() >= 2).then_some(())
+    })
+    .await;
+    // The store stops answering (no error, no close): the training thread's next checkpoint write
+    // blocks inside a phase that cannot look at the stop flag.
+    s3.signal("STOP");
+    let signalled = Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(2 + 5)).await;
+    s3.signal("CONT");
+    let status =
+        status.unwrap_or_else(|| panic!("still running 5 s after its 2 s grace period:\n{}", worker.log_text()));
+    assert_eq!(status.code(), Some(1), "{}", worker.log_text());
+    assert_eq!(worker.log_lines("grace period over before the run stopped; exiting").len(), 1);
+    eprintln!("figures: grace 2 s, store hung: exit 1 after {:.2} s", signalled.elapsed().as_secs_f64());
+}
+
+#[tokio::test]
+async fn a_database_that_stops_answering_mid_run_stops_the_run_within_a_lease_and_it_completes_after() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let pg_port = url::Url::parse(&setup.db.url).unwrap().port().unwrap_or(5432);
+    let proxy = Proxy::start(pg_port).await;
+    let mut env = setup.env(&[("AUDOTICS_EPOCHS", "300"), ("WORKER_LEASE_SECONDS", "6")]);
+    env.database_url = via_port(&setup.db.url, proxy.port);
+    let events = Events::listen(&setup.vhost).await;
+    let (worker, id, _) = run_until_checkpoint(&setup, &env, "stalled-db", 2).await;
+    // Packets dropped, not connections closed: every database call now waits for an answer that
+    // never comes. The heartbeat must give up within one lease (6 s) and stop the run.
+    proxy.stall();
+    let stalled = Instant::now();
+    let line = "cannot renew the lease for a whole lease length; stopping the run";
+    // Within the lease of the last renewal (≤ 6 s from here), with 2 s for a busy machine.
+    eventually(Duration::from_secs(6 + 2), "the run stopped inside its lease", || async {
+        (!worker.log_lines(line).is_empty()).then_some(())
+    })
+    .await;
+    let stopped_after = stalled.elapsed().as_secs_f64();
+    proxy.unstall();
+    events.wait_satisfied(std::slice::from_ref(&id), 3 * MINUTE).await;
+    assert_eq!(events.events("model-ready").len(), 1);
+    eprintln!(
+        "figures: database stalled (no close); the run stopped {stopped_after:.1} s later (lease 6 s); published after"
+    );
+}
