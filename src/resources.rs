@@ -191,6 +191,18 @@ pub fn disk_estimate_bytes(config: &TrainConfig, tracks: usize, checkpoints_kept
     checkpoints_kept as u64 * checkpoint + 3 * tracks as u64 * e * F32 + 2 * parameters * F32
 }
 
+/// A configured memory limit in bytes; `None`: detect it (`auto`, or empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<u64>);
+
+/// `auto` or empty → detect; otherwise [`parse_bytes`].
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
+    match s.trim() {
+        "" | "auto" => Ok(Limit(None)),
+        other => parse_bytes(other).map(|b| Limit(Some(b))),
+    }
+}
+
 /// `"3GiB"`, `"512MiB"`, `"2G"`, `"1500000000"` → bytes (binary and decimal suffixes).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -276,6 +288,9 @@ mod tests {
         assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
         assert_eq!(parse_bytes("1.5Gi"), Ok(3 << 29));
         assert_eq!(parse_bytes("1234"), Ok(1234));
+        assert_eq!(parse_limit("auto"), Ok(Limit(None)));
+        assert_eq!(parse_limit(""), Ok(Limit(None)));
+        assert_eq!(parse_limit("1GiB"), Ok(Limit(Some(1 << 30))));
         assert!(parse_bytes("3 parsecs").unwrap_err().contains("unknown unit"));
         assert!(parse_bytes("lots").unwrap_err().contains("not a size"));
         assert!(parse_bytes("0").is_err());

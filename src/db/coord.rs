@@ -124,7 +124,6 @@ async fn answer_with_version(
     version: &str,
     mut event: Value,
 ) -> sqlx::Result<()> {
-    event["satisfies"] = Value::from(event_ids.to_vec());
     let event_id: Uuid = event["event_id"].as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
         sqlx::Error::Protocol(format!("model_versions holds an event for {version} without a valid event_id"))
     })?;
@@ -139,7 +138,26 @@ async fn answer_with_version(
     .bind(event_id)
     .execute(&mut **tx)
     .await?;
-    insert_outbox(tx, event_id, &routing_key, &event).await
+    insert_answers(tx, event_id, &routing_key, &mut event, event_ids).await
+}
+
+/// One outbox row per [`SATISFIES_PER_EVENT`] requests of `satisfies`, all with `event_id`.
+async fn insert_answers(
+    tx: &mut Transaction<'_, Postgres>,
+    event_id: Uuid,
+    routing_key: &str,
+    body: &mut Value,
+    satisfies: &[String],
+) -> sqlx::Result<()> {
+    for chunk in satisfies.chunks(SATISFIES_PER_EVENT) {
+        body["satisfies"] = Value::from(chunk.to_vec());
+        insert_outbox(tx, event_id, routing_key, body).await?;
+    }
+    if satisfies.is_empty() {
+        body["satisfies"] = Value::Array(vec![]);
+        insert_outbox(tx, event_id, routing_key, body).await?;
+    }
+    Ok(())
 }
 
 async fn insert_outbox(
@@ -359,8 +377,7 @@ pub async fn finish(pool: &PgPool, claim: &Claim, finish: Finish) -> sqlx::Resul
     .execute(&mut *tx)
     .await?;
     let mut body = finish.event.body.clone();
-    body["satisfies"] = Value::from(satisfies);
-    insert_outbox(&mut tx, finish.event.event_id, &finish.event.routing_key, &body).await?;
+    insert_answers(&mut tx, finish.event.event_id, &finish.event.routing_key, &mut body, &satisfies).await?;
     if let (Some(published), Some(version)) = (&finish.published, &finish.version) {
         let mut stored = finish.event.body.clone();
         stored["satisfies"] = Value::Array(vec![]);
@@ -407,7 +424,7 @@ pub struct OutboxEvent {
 pub async fn next_outbox(tx: &mut Transaction<'_, Postgres>, limit: i64) -> sqlx::Result<Vec<OutboxEvent>> {
     let rows = sqlx::query(
         "SELECT id, event_id, routing_key, body FROM audotics_trainer.outbox
-         WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+         WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut **tx)
@@ -431,14 +448,26 @@ pub async fn mark_published(tx: &mut Transaction<'_, Postgres>, id: i64) -> sqlx
         .map(|_| ())
 }
 
-pub async fn mark_publish_failed(pool: &PgPool, id: i64, error: &str) -> sqlx::Result<()> {
-    sqlx::query("UPDATE audotics_trainer.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1")
-        .bind(id)
-        .bind(error)
-        .execute(pool)
-        .await
-        .map(|_| ())
+/// Counts a failed publish of event `id`; after `max_attempts` the event is parked (no longer
+/// tried, so it stops blocking the events behind it). Returns whether it is parked now.
+pub async fn mark_publish_failed(pool: &PgPool, id: i64, error: &str, max_attempts: i32) -> sqlx::Result<bool> {
+    let parked: Option<bool> = sqlx::query_scalar(
+        "UPDATE audotics_trainer.outbox
+         SET attempts = attempts + 1, last_error = $2,
+             parked_at = CASE WHEN attempts + 1 >= $3 THEN now() END
+         WHERE id = $1 RETURNING parked_at IS NOT NULL",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(max_attempts)
+    .fetch_optional(pool)
+    .await?;
+    Ok(parked.unwrap_or(false))
 }
+
+/// Requests one event's `satisfies` lists at most: a burst coalesced into one run is announced in
+/// several messages (same `event_id`, disjoint `satisfies`), each far below the broker's message size.
+pub const SATISFIES_PER_EVENT: usize = 500;
 
 /// The newest version the worker published for `model`: (version, Recall@10).
 pub async fn newest_version(pool: &PgPool, model: &str) -> sqlx::Result<Option<(String, Option<f64>)>> {

@@ -6,12 +6,14 @@
 //!   number of workers may start at once.
 //! - [`load`] streams the platform's tables with binary COPY into the compact [`crate::data`] form.
 //! - [`ledger`] records every training run; [`platform`] holds the platform's DDL for `seed`.
+//! - [`prune`] keeps the worker's state tables to a horizon.
 
 pub mod coord;
 pub mod copy_binary;
 pub mod ledger;
 pub mod load;
 pub mod platform;
+pub mod prune;
 
 use std::time::Duration;
 

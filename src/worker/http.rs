@@ -63,7 +63,10 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, axum::Json<ser
     let probe = crate::storage::layout::latest(&shared.args.models[0]);
     let store =
         tokio::time::timeout(Duration::from_secs(2), shared.store.exists(&probe)).await.is_ok_and(|r| r.is_ok());
-    let ready = broker && database && store;
+    // The outbox's confirm channel: a connection can be up with its publishing channel closed.
+    let publisher = shared.publish_channel.read().await.as_ref().is_some_and(|c| c.status().connected());
+    let ready = broker && publisher && database && store;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(json!({"ready": ready, "broker": broker, "database": database, "store": store})))
+    let body = json!({"ready": ready, "broker": broker, "publisher": publisher, "database": database, "store": store});
+    (status, axum::Json(body))
 }

@@ -80,12 +80,20 @@ pub struct WorkerArgs {
     /// Exit non-zero when RabbitMQ stays unreachable this long (the orchestrator restarts the pod).
     #[arg(long, env = "BROKER_MAX_OUTAGE_SECONDS", default_value_t = 600, value_parser = crate::cli::at_least_one)]
     pub broker_max_outage_seconds: usize,
-    /// Memory this worker's runs may use (`3GiB`, `512MiB`, `2G`); default: the cgroup's memory
+    /// Memory this worker's runs may use (`3GiB`, `512MiB`, `2G`); `auto` (or empty): the cgroup's memory
     /// limit, else `RLIMIT_AS`, else physical memory. A run whose estimated peak exceeds it is
     /// refused (`model-failed`, outcome `resource_limit`); a request whose batch alone exceeds it is
     /// dead-lettered (`invalid_params`).
-    #[arg(long, env = "WORKER_MEMORY_LIMIT", value_parser = crate::resources::parse_bytes)]
-    pub memory_limit: Option<u64>,
+    #[arg(long, env = "WORKER_MEMORY_LIMIT", default_value = "auto", value_parser = crate::resources::parse_limit)]
+    pub memory_limit: crate::resources::Limit,
+    /// Failed publishes of one outbox event before it is parked (kept, with its error, for an
+    /// operator) so that it no longer blocks the events behind it.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10, value_parser = crate::cli::at_least_one)]
+    pub outbox_max_attempts: usize,
+    /// Days the worker's state tables keep what ended (answered requests, published events,
+    /// finished runs); older rows are pruned hourly. It is also the window `event_id` dedupes in.
+    #[arg(long, env = "STATE_RETENTION_DAYS", default_value_t = 30, value_parser = crate::cli::at_least_one)]
+    pub retention_days: usize,
     /// Address of the health and metrics server.
     #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
@@ -156,7 +164,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         http = %listener.local_addr()?,
         "worker starting"
     );
-    let memory_budget = crate::resources::MemoryBudget::detect(args.memory_limit);
+    let memory_budget = crate::resources::MemoryBudget::detect(args.memory_limit.0);
     match memory_budget {
         Some(b) => {
             info!(budget_mib = b.bytes >> 20, source = b.source.as_str(), "memory budget for runs");
@@ -183,6 +191,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     spawn_signal_handler(shared.clone());
     tokio::spawn(http::serve(listener, shared.clone(), metrics));
     let outbox = tokio::spawn(outbox::run(shared.clone()));
+    tokio::spawn(prune_state(shared.clone()));
     let runner = tokio::spawn(runner::run(shared.clone()));
     let consumer = consumer::run(shared.clone());
 
@@ -245,6 +254,37 @@ async fn connect_database(url: &str) -> anyhow::Result<sqlx::PgPool> {
         )
         .notify(|e, after| warn!(error.message = %format!("{e:#}"), retry_in = ?after, "database not ready"))
         .await
+}
+
+/// Prunes the state tables to `STATE_RETENTION_DAYS` at start and hourly; one worker at a time does
+/// (an advisory lock), the others skip that round.
+async fn prune_state(shared: Arc<Shared>) {
+    let horizon = Duration::from_secs(shared.args.retention_days as u64 * 24 * 3600);
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        match runner::bounded(Duration::from_secs(300), crate::db::prune::prune(&shared.pool, horizon)).await {
+            Ok(Some(pruned)) => {
+                for (table, n) in [
+                    ("retrain_requests", pruned.retrain_requests),
+                    ("outbox", pruned.outbox),
+                    ("run_jobs", pruned.run_jobs),
+                    ("training_runs", pruned.training_runs),
+                ] {
+                    metrics::counter!("audotics_state_rows_pruned_total", "table" => table).increment(n);
+                }
+                info!(?pruned, retention_days = shared.args.retention_days, "state tables pruned");
+            }
+            Ok(None) => info!("another worker is pruning the state tables"),
+            Err(e) => {
+                metrics::counter!("audotics_database_errors_total", "operation" => "prune").increment(1);
+                warn!(error.message = %e, "cannot prune the state tables; next round in an hour");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 fn default_worker_id() -> String {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::Shared;
 use crate::broker::{self, Delivered, EVENTS_EXCHANGE};
@@ -75,7 +75,17 @@ pub(super) async fn publish_pending(shared: &Shared) -> anyhow::Result<usize> {
                 Err(e) => {
                     // Keep what was confirmed, then note the failure (after the row lock is gone).
                     tx.commit().await?;
-                    let _ = coord::mark_publish_failed(&shared.pool, event.id, &e.to_string()).await;
+                    let max = shared.args.outbox_max_attempts as i32;
+                    if let Ok(true) = coord::mark_publish_failed(&shared.pool, event.id, &e.to_string(), max).await {
+                        metrics::counter!("audotics_outbox_parked_total", "kind" => kind.clone()).increment(1);
+                        error!(
+                            event_id = %event.event_id,
+                            routing_key = %event.routing_key,
+                            attempts = max,
+                            error.message = %e,
+                            "outbox event parked after OUTBOX_MAX_ATTEMPTS failed publishes; the events behind it go on"
+                        );
+                    }
                     return Err(e.into());
                 }
             }

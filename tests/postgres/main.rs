@@ -4,5 +4,7 @@
 
 mod helpers;
 mod load;
+mod outbox;
+mod prune;
 mod seed;
 mod train;

@@ -1,0 +1,88 @@
+use std::time::Duration;
+
+use audotics_trainer::db::coord::{self, EventDraft, Finish, SATISFIES_PER_EVENT};
+use audotics_trainer::worker::request::RetrainRequest;
+
+use crate::helpers::TestDb;
+
+fn request(event_id: String) -> RetrainRequest {
+    RetrainRequest {
+        event_id,
+        model: "m".into(),
+        requested_at: None,
+        interactions_until: None,
+        reason: None,
+        params: None,
+    }
+}
+
+#[tokio::test]
+async fn a_burst_coalesced_into_one_run_is_announced_in_bounded_messages_that_answer_every_request() {
+    let db = TestDb::new().await;
+    audotics_trainer::db::migrate(&db.pool).await.unwrap();
+    let n = 2 * SATISFIES_PER_EVENT + 17;
+    for i in 0..n {
+        coord::record_request(&db.pool, &request(format!("burst-{i}"))).await.unwrap();
+    }
+    let claim = coord::claim(&db.pool, "w", &["m".to_string()], Duration::from_secs(60)).await.unwrap().unwrap();
+    let event_id = uuid::Uuid::new_v4();
+    let event = EventDraft {
+        event_id,
+        routing_key: "model-failed.m".into(),
+        body: serde_json::json!({"event_id": event_id.to_string(), "outcome": "failed", "satisfies": []}),
+    };
+    let finish = Finish { state: "failed", answer: "model-failed", version: None, error: None, event, published: None };
+    assert!(coord::finish(&db.pool, &claim, finish).await.unwrap());
+    let bodies: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT body FROM audotics_trainer.outbox WHERE event_id = $1 ORDER BY id")
+            .bind(event_id)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(bodies.len(), 3, "{} requests in messages of at most {SATISFIES_PER_EVENT}", n);
+    let mut answered: Vec<String> = Vec::new();
+    for body in &bodies {
+        let satisfies = body["satisfies"].as_array().unwrap();
+        assert!(!satisfies.is_empty() && satisfies.len() <= SATISFIES_PER_EVENT);
+        assert!(serde_json::to_vec(body).unwrap().len() < 64 * 1024);
+        answered.extend(satisfies.iter().map(|v| v.as_str().unwrap().to_string()));
+    }
+    answered.sort();
+    let mut expected: Vec<String> = (0..n).map(|i| format!("burst-{i}")).collect();
+    expected.sort();
+    assert_eq!(answered, expected, "every request exactly once");
+}
+
+#[tokio::test]
+async fn an_event_that_keeps_failing_is_parked_and_the_events_behind_it_go_on() {
+    let db = TestDb::new().await;
+    audotics_trainer::db::migrate(&db.pool).await.unwrap();
+    db.exec(
+        "INSERT INTO audotics_trainer.outbox (event_id, routing_key, body) VALUES
+           (gen_random_uuid(), 'model-ready.m', '{\"n\": 1}'), (gen_random_uuid(), 'model-ready.m', '{\"n\": 2}')",
+    )
+    .await;
+    let next = |db: &TestDb| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let events = coord::next_outbox(&mut tx, 1).await.unwrap();
+            tx.commit().await.unwrap();
+            events.into_iter().next().map(|e| (e.id, e.body["n"].as_i64().unwrap()))
+        }
+    };
+    let (first, n) = next(&db).await.unwrap();
+    assert_eq!(n, 1);
+    for attempt in 1..3 {
+        assert!(!coord::mark_publish_failed(&db.pool, first, "frame too large", 3).await.unwrap(), "{attempt}");
+        assert_eq!(next(&db).await.unwrap().1, 1, "still first in line before it is parked");
+    }
+    assert!(coord::mark_publish_failed(&db.pool, first, "frame too large", 3).await.unwrap(), "parked at 3");
+    assert_eq!(next(&db).await.unwrap().1, 2, "the event behind it is next");
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM audotics_trainer.outbox WHERE parked_at IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, error.as_str()), (3, "frame too large"));
+}
