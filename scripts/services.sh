@@ -7,6 +7,8 @@
 #               with rabbitmqctl, which therefore must work for this user (root)
 #   s3s-fs      the S3-compatible server the storage tests start per test, on a free loopback
 #               port: installed here (cargo install s3s-fs 0.14.1; later versions need rustc 1.96)
+#   tools       prlimit and faketime (Debian's faketime), for the worker suite's memory-limit and
+#               clock-skew faults; the cgroup tests also need a writable cgroup v1 memory controller
 #
 # Usage: scripts/services.sh [postgres|rabbitmq|s3 ...]     (no argument: all)
 set -euo pipefail
@@ -92,13 +94,20 @@ up_s3() {
     cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked --quiet
 }
 
+up_tools() { # what the worker suite's faults need: prlimit (util-linux) and libfaketime
+    command -v prlimit >/dev/null || apt_install util-linux
+    command -v faketime >/dev/null || apt_install faketime
+    say "fault tools: $(command -v prlimit) $(command -v faketime)"
+}
+
 wanted=("$@")
-[ ${#wanted[@]} -eq 0 ] && wanted=(postgres rabbitmq s3)
+[ ${#wanted[@]} -eq 0 ] && wanted=(postgres rabbitmq s3 tools)
 for svc in "${wanted[@]}"; do
     case $svc in
         postgres) up_postgres ;;
         rabbitmq) up_rabbitmq ;;
         s3) up_s3 ;;
+        tools) up_tools ;;
         *) say "unknown service $svc"; exit 2 ;;
     esac
 done

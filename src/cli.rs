@@ -492,6 +492,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         trigger: "cli",
         keep_versions: args.keep_versions,
         keep_checkpoints: args.keep_checkpoints,
+        started_at: None,
         device: args.device,
         resume: args.resume.clone(),
         run_id: None,

@@ -39,6 +39,9 @@ pub struct Claim {
     pub previous_owner: Option<String>,
     /// How long ago the run was first claimed, by the database's clock (`RUN_MAX_SECONDS` counts from then).
     pub age: Duration,
+    /// When the run was first claimed, by the database's clock: its version is named from this, so
+    /// version order never depends on a worker's clock.
+    pub created_at: DateTime<Utc>,
     pub token: Uuid,
 }
 
@@ -195,7 +198,7 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
                ORDER BY available_at LIMIT 1 FOR UPDATE SKIP LOCKED) due
          WHERE j.run_id = due.run_id
          RETURNING j.run_id, j.model, j.params, j.attempts, j.takeovers, due.old_state, due.old_owner,
-                   EXTRACT(EPOCH FROM now() - j.created_at)::float8 AS age_seconds",
+                   EXTRACT(EPOCH FROM now() - j.created_at)::float8 AS age_seconds, j.created_at",
     )
     .bind(models)
     .bind(owner)
@@ -214,6 +217,7 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
             crashes: row.get("takeovers"),
             previous_owner: row.get("old_owner"),
             age: Duration::from_secs_f64(row.get::<f64, _>("age_seconds").max(0.0)),
+            created_at: row.get("created_at"),
             token,
         };
         tx.commit().await?;
@@ -243,11 +247,11 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
     .await?;
     let run_id = Uuid::now_v7();
     // The partial unique index makes this the exclusivity check: a concurrent claimer loses here.
-    let inserted = sqlx::query(
+    let created_at: Option<DateTime<Utc>> = sqlx::query_scalar(
         "INSERT INTO audotics_trainer.run_jobs
              (run_id, model, state, params, attempts, lease_owner, lease_token, lease_expires_at)
          VALUES ($1, $2, 'running', $3, 1, $4, $5, now() + make_interval(secs => $6))
-         ON CONFLICT DO NOTHING",
+         ON CONFLICT DO NOTHING RETURNING created_at",
     )
     .bind(run_id)
     .bind(&model)
@@ -255,12 +259,11 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
     .bind(owner)
     .bind(token)
     .bind(lease_secs)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(created_at) = created_at else {
         return Ok(None);
-    }
+    };
     sqlx::query(
         "UPDATE audotics_trainer.retrain_requests SET run_id = $2
          WHERE model = $1 AND run_id IS NULL AND answered_at IS NULL",
@@ -279,6 +282,7 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
         crashes: 0,
         previous_owner: None,
         age: Duration::ZERO,
+        created_at,
         token,
     }))
 }

@@ -98,7 +98,19 @@ impl RunManifest {
         minimums: MinimumSizes,
         device: DeviceChoice,
     ) -> Self {
-        let now = Utc::now();
+        Self::started_at(run_id, Utc::now(), model, config, data, minimums, device)
+    }
+
+    /// A new run with a given id that started at `now` (named after it).
+    pub fn started_at(
+        run_id: uuid::Uuid,
+        now: DateTime<Utc>,
+        model: &str,
+        config: TrainConfig,
+        data: DataSpec,
+        minimums: MinimumSizes,
+        device: DeviceChoice,
+    ) -> Self {
         let version = version_name(now, run_id);
         Self {
             run_id: run_id.to_string(),

@@ -69,6 +69,9 @@ pub struct TrainJob {
     pub keep_versions: usize,
     /// Checkpoints a run keeps while it trains (`--keep-checkpoints`).
     pub keep_checkpoints: usize,
+    /// When a new run started, for its version name: the database's clock at claim time for worker
+    /// runs (version order must not depend on a worker's clock); `None`: this process's clock.
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Who asked: `cli` or `worker`, recorded in the ledger.
     pub trigger: &'static str,
     pub show_progress: bool,
@@ -161,8 +164,16 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         }
         (None, id) => {
             let id = id.unwrap_or_else(uuid::Uuid::now_v7);
-            let m =
-                RunManifest::with_id(id, &job.model, job.config.clone(), job.data.clone(), job.minimums, job.device);
+            let started = job.started_at.unwrap_or_else(chrono::Utc::now);
+            let m = RunManifest::started_at(
+                id,
+                started,
+                &job.model,
+                job.config.clone(),
+                job.data.clone(),
+                job.minimums,
+                job.device,
+            );
             save_manifest(store, &m).await?;
             m
         }

@@ -50,6 +50,8 @@ pub fn model_ready(p: &Published) -> EventDraft {
             "model_card": artifact(crate::storage::layout::MODEL_CARD),
         },
         "manifest_sha256": p.manifest_sha256,
+        // Whether latest.json names this version now (false: a newer version was already latest).
+        "latest": p.is_latest,
         "metrics": metrics_json(m),
         "data": {
             "newest_interaction_at": m.data.watermark.newest_interaction_at,

@@ -128,6 +128,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         quality_tolerance: Some(shared.args.quality_tolerance),
         keep_versions: t.keep_versions,
         keep_checkpoints: t.keep_checkpoints,
+        started_at: Some(claim.created_at),
         trigger: "worker",
         show_progress: false,
         stop,

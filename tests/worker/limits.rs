@@ -1,8 +1,10 @@
-//! One valid request must not take a model down: a run too large for the worker's memory is refused
-//! before it trains, and a run that kills every worker that takes it is failed after
-//! `RUN_MAX_ATTEMPTS` — in both cases the request behind it is published. Real worker processes
-//! under real memory limits (`RLIMIT_AS` through `prlimit`, a cgroup's OOM killer), restarted one
-//! second after each exit as a Deployment restarts pods.
+//! No single request or fault can take a model down. A run too large for the worker's memory is
+//! refused before it trains, and a run that kills every worker that takes it is failed after
+//! `RUN_MAX_ATTEMPTS` — in both cases the request behind it is published (real worker processes
+//! under real memory limits: `RLIMIT_AS` through `prlimit`, a cgroup's OOM killer; restarted one
+//! second after each exit as a Deployment restarts pods). A run has a deadline; a stalled database
+//! stops a run inside its lease; shutdown keeps its grace period with the store hung; a worker's
+//! clock does not decide version order.
 
 use std::time::{Duration, Instant};
 
@@ -277,4 +279,37 @@ async fn a_database_that_stops_answering_mid_run_stops_the_run_within_a_lease_an
     eprintln!(
         "figures: database stalled (no close); the run stopped {stopped_after:.1} s later (lease 6 s); published after"
     );
+}
+
+#[tokio::test]
+async fn a_worker_whose_clock_is_a_day_ahead_cannot_hold_latest_back() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let events = Events::listen(&setup.vhost).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let mut ahead_env = setup.env(&[]);
+    ahead_env.wrapper = vec!["faketime".into(), "-f".into(), "+1d".into()];
+    let mut ahead = ahead_env.spawn("ahead");
+    ahead.wait_ready(MINUTE).await;
+    let first = publisher.request("from-tomorrow").await;
+    events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%d").to_string();
+    let started = &ahead.log_lines("worker starting")[0]["timestamp"];
+    assert!(started.as_str().unwrap().starts_with(&tomorrow), "the fault holds: its clock is a day ahead ({started})");
+    drop(ahead);
+    let mut normal = setup.env(&[]).spawn("normal");
+    normal.wait_ready(MINUTE).await;
+    let second = publisher.request("from-today").await;
+    events.wait_satisfied(std::slice::from_ref(&second), 2 * MINUTE).await;
+
+    let ready = events.events("model-ready");
+    let (v1, v2) = (answer_of(&ready, &first), answer_of(&ready, &second));
+    let (v1, v2, latest2) = (v1["version"].as_str().unwrap(), v2["version"].as_str().unwrap(), &v2["latest"]);
+    assert!(v1 < v2, "versions are named by the database's clock, in claim order: {v1} then {v2}");
+    let today = chrono::Utc::now().format("%Y%m%d").to_string();
+    assert!(v1.starts_with(&today), "the day-ahead worker's version is named for today: {v1}");
+    assert_eq!(latest2, true);
+    let latest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(setup.store.path().join("content-based/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["version"], v2, "latest.json names the newer version");
 }
