@@ -86,22 +86,11 @@ impl RunManifest {
     /// A new run of `model`: a fresh time-ordered id, and a version name fixed now so that a resumed
     /// run publishes under the same one.
     pub fn new(model: &str, config: TrainConfig, data: DataSpec, minimums: MinimumSizes, device: DeviceChoice) -> Self {
-        Self::with_id(uuid::Uuid::now_v7(), model, config, data, minimums, device)
+        Self::started_at(uuid::Uuid::now_v7(), Utc::now(), model, config, data, minimums, device)
     }
 
-    /// A new run with a given id (the worker's scheduler assigns run ids).
-    pub fn with_id(
-        run_id: uuid::Uuid,
-        model: &str,
-        config: TrainConfig,
-        data: DataSpec,
-        minimums: MinimumSizes,
-        device: DeviceChoice,
-    ) -> Self {
-        Self::started_at(run_id, Utc::now(), model, config, data, minimums, device)
-    }
-
-    /// A new run with a given id that started at `now` (named after it).
+    /// A new run with a given id (the worker's scheduler assigns run ids) that started at `now`, by
+    /// the clock that orders versions (the database's, for worker runs): the version is named after it.
     pub fn started_at(
         run_id: uuid::Uuid,
         now: DateTime<Utc>,

@@ -170,9 +170,9 @@ struct RunEnded {
     past_deadline: bool,
 }
 
-/// Renews the lease every third of its length, each try bounded by what is left of the lease. When
-/// it is gone (taken over), or the next try could only end past the lease (so another worker may
-/// then hold it), the run is stopped.
+/// Renews the lease every third of its length, each try bounded by a third. When it is gone (taken
+/// over), or the next try could only end past the lease (so another worker may then hold it), the
+/// run is stopped: within one lease of the last renewal.
 async fn heartbeat(shared: Arc<Shared>, claim: Claim, stop: StopFlag, lost: Arc<AtomicBool>) {
     let lease = shared.lease();
     let mut renewed = Instant::now();
@@ -180,8 +180,7 @@ async fn heartbeat(shared: Arc<Shared>, claim: Claim, stop: StopFlag, lost: Arc<
         tokio::time::sleep(lease / 3).await;
         // Bounded by the renewal interval: a database that stops answering without closing the
         // connection (packets dropped) must fail the heartbeat, not hang it past the lease.
-        let left = lease.saturating_sub(renewed.elapsed());
-        match bounded((lease / 3).min(left), coord::heartbeat(&shared.pool, &claim, lease)).await {
+        match bounded(lease / 3, coord::heartbeat(&shared.pool, &claim, lease)).await {
             Ok(true) => renewed = Instant::now(),
             Ok(false) => {
                 warn!("lease lost: another worker owns the run now; stopping");

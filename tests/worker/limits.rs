@@ -220,17 +220,7 @@ async fn sigterm_while_the_store_hangs_mid_checkpoint_exits_1_when_the_grace_per
     let setup = Setup::new().await;
     let s3 = super::s3::S3Server::start();
     let mut env = setup.env(&[("AUDOTICS_EPOCHS", "400"), ("WORKER_GRACE_SECONDS", "2")]);
-    env.store = "s3://models/published".into();
-    env.extra.extend(
-        [
-            ("AWS_ENDPOINT", s3.endpoint()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID", super::s3::ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", super::s3::SECRET_KEY.into()),
-        ]
-        .map(|(k, v)| (k.to_string(), v)),
-    );
+    use_s3(&mut env, &s3);
     let mut worker = env.spawn("w1");
     worker.wait_ready(MINUTE).await;
     Publisher::new(&setup.vhost).await.request("hung-store").await;

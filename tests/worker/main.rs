@@ -87,16 +87,8 @@ async fn one_worker(extra: &[(&str, &str)]) -> (Setup, Events, Worker, Publisher
     (setup, events, worker, publisher)
 }
 
-fn ids(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4())).collect()
-}
-
-#[tokio::test]
-async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load() {
-    let _serial = serial().await;
-    let setup = Setup::new().await;
-    let s3 = s3::S3Server::start();
-    let mut env = setup.env(&[]);
+/// Points `env`'s workers at `s3`, bucket `models`, prefix `published`.
+fn use_s3(env: &mut WorkerEnv, s3: &s3::S3Server) {
     env.store = "s3://models/published".into();
     env.extra.extend(
         [
@@ -108,6 +100,19 @@ async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load(
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4())).collect()
+}
+
+#[tokio::test]
+async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let s3 = s3::S3Server::start();
+    let mut env = setup.env(&[]);
+    use_s3(&mut env, &s3);
     let events = Events::listen(&setup.vhost).await;
     let mut worker = env.spawn("w1");
     worker.wait_ready(MINUTE).await;
