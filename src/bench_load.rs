@@ -51,6 +51,7 @@ pub async fn run(args: LoadBenchArgs) -> anyhow::Result<ExitCode> {
                 playlists: false,
                 positive_kinds: DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
                 interactions_until_ms: None,
+                tracks_until_ms: None,
             };
             let dataset = load(&pool, &options, "bench").await?;
             (dataset.catalogue.len(), dataset.interactions.len())

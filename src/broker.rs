@@ -3,19 +3,41 @@
 //! Topology (declared idempotently by every worker and by `retrain`):
 //! - exchange `audotics.events` (topic, durable): `retrain.<model>` in, `model-ready.<model>`,
 //!   `model-rejected.<model>`, `model-failed.<model>` out;
-//! - quorum queue `audotics.retrain` bound with `retrain.*`, with `x-delivery-limit` and
-//!   dead-lettering to exchange `audotics.dead-letter` (topic) → quorum queue `audotics.retrain.dead`.
+//! - exchange `audotics.retrain` (topic), bound to `audotics.events` with `retrain.*`, routes each
+//!   request by model to the quorum queue `audotics.retrain.model.<model>` that every worker serving
+//!   that model declares and consumes (so pods serving different model sets — a rolling update, CPU
+//!   and GPU pools — never receive each other's requests). A request for a model no worker has ever
+//!   declared goes to its alternate exchange `audotics.retrain.unrouted` (fanout) → quorum queue
+//!   `audotics.retrain.unrouted`, which every worker consumes and dead-letters as `unknown_model`;
+//! - every retrain queue has `x-delivery-limit` and dead-letters to exchange `audotics.dead-letter`
+//!   (topic) → quorum queue `audotics.retrain.dead`, bounded by `x-max-length` /
+//!   `x-max-length-bytes` with `x-overflow: drop-head` (a full dead-letter queue drops its oldest);
+//! - the queue of earlier releases, `audotics.retrain` (every model on one queue), is unbound from
+//!   `audotics.events` when found and drained: its requests are handled, or re-routed by model.
+//!
+//! Inbound size: lapin buffers a whole message body before delivering it and offers no limit, so the
+//! bound before buffering is the broker's `max_message_size` (set in `deploy/` and by
+//! `scripts/services.sh`); the worker refuses bodies over 64 KiB once received (`oversized`).
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 pub const EVENTS_EXCHANGE: &str = "audotics.events";
 pub const DEAD_LETTER_EXCHANGE: &str = "audotics.dead-letter";
-pub const RETRAIN_QUEUE: &str = "audotics.retrain";
+/// Routes requests by model (see the module's topology).
+pub const RETRAIN_EXCHANGE: &str = "audotics.retrain";
+/// Alternate exchange of [`RETRAIN_EXCHANGE`], and its queue: requests no worker's queue takes.
+pub const UNROUTED_EXCHANGE: &str = "audotics.retrain.unrouted";
+pub const UNROUTED_QUEUE: &str = "audotics.retrain.unrouted";
+/// The single retrain queue of earlier releases: drained, no longer bound.
+pub const LEGACY_RETRAIN_QUEUE: &str = "audotics.retrain";
 pub const DEAD_LETTER_QUEUE: &str = "audotics.retrain.dead";
+/// `x-max-length-bytes` of the dead-letter queue (its message bound is a setting).
+pub const DEAD_LETTER_MAX_BYTES: i64 = 512 << 20;
 pub const REASON_HEADER: &str = "x-audotics-dead-letter-reason";
 pub const DETAIL_HEADER: &str = "x-audotics-dead-letter-detail";
 
@@ -30,6 +52,8 @@ pub struct BrokerSettings {
     pub delivery_limit: i64,
     /// Unacknowledged deliveries per consumer.
     pub prefetch: u16,
+    /// `x-max-length` of the dead-letter queue; past it the oldest dead letter is dropped.
+    pub dead_letter_max_messages: i64,
     /// Name shown in the management UI.
     pub connection_name: String,
 }
@@ -55,14 +79,110 @@ pub async fn connect(settings: &BrokerSettings) -> Result<Connection, BrokerErro
         .map_err(|source| BrokerError::Connect { url: crate::db::redact_url(&settings.url), source })
 }
 
-/// Declares the contract's exchanges, queues and bindings (idempotent).
-pub async fn declare_topology(channel: &Channel, settings: &BrokerSettings) -> Result<(), BrokerError> {
+/// The queue of `model`'s requests.
+pub fn model_queue(model: &str) -> String {
+    format!("audotics.retrain.model.{model}")
+}
+
+/// What [`declare_topology`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// The earlier releases' single queue exists (and is now unbound): consume it until empty.
+    pub legacy_queue: bool,
+    /// The dead-letter queue has its length bound (false: an older one without it was found).
+    pub dead_letter_bounded: bool,
+}
+
+/// Declares the contract's exchanges, queues and bindings, and the queue of each of `models`
+/// (idempotent). On channels of its own: a refused declaration closes its channel.
+pub async fn declare_topology(
+    connection: &Connection,
+    settings: &BrokerSettings,
+    models: &[String],
+) -> Result<Topology, BrokerError> {
+    let channel = connection.create_channel().await?;
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    channel.exchange_declare(EVENTS_EXCHANGE.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
-    channel.exchange_declare(DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
-    let mut dead_args = FieldTable::default();
-    dead_args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    channel.queue_declare(DEAD_LETTER_QUEUE.into(), QueueDeclareOptions::durable(), dead_args).await?;
+    let none = FieldTable::default;
+    channel.exchange_declare(EVENTS_EXCHANGE.into(), ExchangeKind::Topic, durable, none()).await?;
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE.into(), ExchangeKind::Topic, durable, none()).await?;
+    channel.exchange_declare(UNROUTED_EXCHANGE.into(), ExchangeKind::Fanout, durable, none()).await?;
+    let mut alternate = FieldTable::default();
+    alternate.insert("alternate-exchange".into(), AMQPValue::LongString(UNROUTED_EXCHANGE.into()));
+    channel.exchange_declare(RETRAIN_EXCHANGE.into(), ExchangeKind::Topic, durable, alternate).await?;
+    channel
+        .exchange_bind(
+            RETRAIN_EXCHANGE.into(),
+            EVENTS_EXCHANGE.into(),
+            "retrain.*".into(),
+            ExchangeBindOptions::default(),
+            none(),
+        )
+        .await?;
+    let dead_letter_bounded = declare_dead_letter_queue(connection, &channel, settings).await?;
+    let channel = match dead_letter_bounded {
+        true => channel,
+        false => connection.create_channel().await?, // the refusal closed the first one
+    };
+    let bind = |queue: String, exchange: &'static str, key: String| {
+        let channel = channel.clone();
+        async move {
+            channel.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), none()).await
+        }
+    };
+    channel.queue_declare(UNROUTED_QUEUE.into(), QueueDeclareOptions::durable(), retrain_queue_args(settings)).await?;
+    bind(UNROUTED_QUEUE.into(), UNROUTED_EXCHANGE, String::new()).await?;
+    for model in models {
+        let queue = model_queue(model);
+        channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), retrain_queue_args(settings))
+            .await?;
+        bind(queue, RETRAIN_EXCHANGE, format!("retrain.{model}")).await?;
+    }
+    let _ = channel.close(200, "topology declared".into()).await;
+    let legacy_queue = unbind_legacy_queue(connection).await?;
+    Ok(Topology { legacy_queue, dead_letter_bounded })
+}
+
+fn retrain_queue_args(settings: &BrokerSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.delivery_limit));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()));
+    args
+}
+
+/// Declares the bounded dead-letter queue; false when one from an earlier release (unbounded)
+/// exists: RabbitMQ refuses to redeclare a queue with other arguments, and bounding that one takes
+/// an operator's policy (README, "Dead letters"). Either way the queue is bound.
+async fn declare_dead_letter_queue(
+    connection: &Connection,
+    channel: &Channel,
+    settings: &BrokerSettings,
+) -> Result<bool, BrokerError> {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(settings.dead_letter_max_messages));
+    args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(DEAD_LETTER_MAX_BYTES));
+    args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+    let bounded = match channel.queue_declare(DEAD_LETTER_QUEUE.into(), QueueDeclareOptions::durable(), args).await {
+        Ok(_) => true,
+        Err(e) if is_precondition_failed(&e) => {
+            metrics::counter!("audotics_dead_letter_queue_unbounded_total").increment(1);
+            tracing::warn!(
+                queue = DEAD_LETTER_QUEUE,
+                "the dead-letter queue exists with other arguments (an earlier release's, without a length limit, \
+                 or another DEAD_LETTER_MAX_MESSAGES); it is used as it is; to bound it, apply a policy: rabbitmqctl set_policy audotics-dead-letter '^audotics\\.retrain\\.dead$' \
+                 '{{\"max-length\":{},\"overflow\":\"drop-head\"}}' --apply-to queues",
+                settings.dead_letter_max_messages
+            );
+            false
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let channel = match bounded {
+        true => channel.clone(),
+        false => connection.create_channel().await?,
+    };
     channel
         .queue_bind(
             DEAD_LETTER_QUEUE.into(),
@@ -72,21 +192,39 @@ pub async fn declare_topology(channel: &Channel, settings: &BrokerSettings) -> R
             FieldTable::default(),
         )
         .await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(settings.delivery_limit));
-    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()));
-    channel.queue_declare(RETRAIN_QUEUE.into(), QueueDeclareOptions::durable(), args).await?;
+    Ok(bounded)
+}
+
+/// Unbinds the earlier releases' single queue from `audotics.events` if it exists (so new requests
+/// are routed by model); true when it exists.
+async fn unbind_legacy_queue(connection: &Connection) -> Result<bool, BrokerError> {
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    match channel.queue_declare(LEGACY_RETRAIN_QUEUE.into(), passive, FieldTable::default()).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
     channel
-        .queue_bind(
-            RETRAIN_QUEUE.into(),
-            EVENTS_EXCHANGE.into(),
-            "retrain.*".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
+        .queue_unbind(LEGACY_RETRAIN_QUEUE.into(), EVENTS_EXCHANGE.into(), "retrain.*".into(), FieldTable::default())
         .await?;
-    Ok(())
+    let _ = channel.close(200, "legacy queue unbound".into()).await;
+    Ok(true)
+}
+
+fn soft_error_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    soft_error_code(e) == Some(406)
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    soft_error_code(e) == Some(404)
 }
 
 /// A channel in confirm mode.

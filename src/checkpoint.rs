@@ -141,10 +141,28 @@ pub fn file_name_of(state: &TrainingState) -> String {
     }
 }
 
+/// The name of `state`'s checkpoint written by `owner` (a lease holder's fence,
+/// `epoch-NNNN[-step-SSSSSSSS].<owner>.safetensors`): two owners of one run never write the same
+/// object, so a worker that lost its lease cannot overwrite the checkpoint of the one that took
+/// the run over. Without an owner (a CLI run, which holds no lease) the plain name.
+pub fn owned_file_name_of(state: &TrainingState, owner: Option<&str>) -> String {
+    let name = file_name_of(state);
+    match owner {
+        Some(owner) => format!("{}.{owner}.safetensors", name.trim_end_matches(".safetensors")),
+        None => name,
+    }
+}
+
 /// Parses a checkpoint name into its position `(completed epochs, steps into the next)`; the
 /// newest checkpoint has the greatest position.
 pub fn position_of(file_name: &str) -> Option<(usize, usize)> {
     let stem = file_name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?;
+    // The owner, if any, does not order checkpoints: every owner trains the same run.
+    let stem = match stem.split_once('.') {
+        Some((position, owner)) if !owner.is_empty() && owner.chars().all(|c| c.is_ascii_alphanumeric()) => position,
+        Some(_) => return None,
+        None => stem,
+    };
     match stem.split_once("-step-") {
         Some((epoch, step)) => Some((epoch.parse().ok()?, step.parse().ok()?)),
         None => Some((stem.parse().ok()?, 0)),
@@ -223,5 +241,9 @@ mod tests {
         assert!(position_of(&partial_file_name(7, 1)) > position_of(&file_name(7)));
         assert!(position_of(&partial_file_name(7, 999)) < position_of(&file_name(8)));
         assert_eq!(position_of("epoch-0007.safetensors.tmp"), None);
+        assert_eq!(position_of("epoch-0007.4f1c2a9b.safetensors"), Some((7, 0)));
+        assert_eq!(position_of("epoch-0007-step-00000120.4f1c2a9b.safetensors"), Some((7, 120)));
+        assert_eq!(position_of("epoch-0007..safetensors"), None);
+        assert_eq!(position_of("epoch-0007.a.b.safetensors"), None);
     }
 }

@@ -85,9 +85,12 @@ pub struct RetrainArgs {
     /// Training overrides as a JSON object, e.g. '{"epochs": 5}' (bounded; see docs/asyncapi.yaml).
     #[arg(long)]
     pub params: Option<String>,
-    /// `x-delivery-limit` of the retrain queue, should this command be the one to declare it.
+    /// `x-delivery-limit` of the retrain queues, should this command be the one to declare them.
     #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = at_least_one)]
     pub delivery_limit: usize,
+    /// `x-max-length` of the dead-letter queue, should this command be the one to declare it.
+    #[arg(long, env = "DEAD_LETTER_MAX_MESSAGES", default_value_t = 100_000, value_parser = at_least_one)]
+    pub dead_letter_max_messages: usize,
 }
 
 #[derive(Debug, Args)]
@@ -114,9 +117,12 @@ pub struct ReplayArgs {
     /// Without it, a dry run: print them and leave them where they are.
     #[arg(long, default_value_t = false)]
     pub replay: bool,
-    /// `x-delivery-limit` of the retrain queue, should this command be the one to declare it.
+    /// `x-delivery-limit` of the retrain queues, should this command be the one to declare them.
     #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = at_least_one)]
     pub delivery_limit: usize,
+    /// `x-max-length` of the dead-letter queue, should this command be the one to declare it.
+    #[arg(long, env = "DEAD_LETTER_MAX_MESSAGES", default_value_t = 100_000, value_parser = at_least_one)]
+    pub dead_letter_max_messages: usize,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +219,10 @@ pub struct TrainArgs {
     /// PostgreSQL URL of the platform's database; without it, training uses synthetic data.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// How published metadata, run.json and the model card name the database the data came from.
+    /// Unset, they say only `postgres`: no host, user or database name leaves the trainer.
+    #[arg(long, env = "AUDOTICS_DATA_SOURCE_LABEL", default_value = "postgres", value_parser = non_empty)]
+    pub data_source_label: String,
     /// Also use playlist co-membership ("Playlist" / "_PlaylistToTrack") as co-occurrence: true or false.
     #[arg(long, env = "AUDOTICS_PLAYLISTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub playlists: bool,
@@ -357,6 +367,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = crate::broker::BrokerSettings {
                 url: args.amqp_url.clone(),
                 delivery_limit: args.delivery_limit as i64,
+                dead_letter_max_messages: args.dead_letter_max_messages as i64,
                 prefetch: 1,
                 connection_name: "audotics-trainer replay-dead-letters".into(),
             };
@@ -400,12 +411,14 @@ async fn retrain(args: RetrainArgs) -> anyhow::Result<ExitCode> {
     let settings = broker::BrokerSettings {
         url: args.amqp_url.clone(),
         delivery_limit: args.delivery_limit as i64,
+        dead_letter_max_messages: args.dead_letter_max_messages as i64,
         prefetch: 1,
         connection_name: "audotics-trainer retrain".into(),
     };
     let connection = broker::connect(&settings).await?;
+    // No model queue: a model no worker serves is dead-lettered (`unknown_model`), not kept waiting.
+    broker::declare_topology(&connection, &settings, &[]).await?;
     let channel = broker::confirm_channel(&connection).await?;
-    broker::declare_topology(&channel, &settings).await?;
     let event_id = body["event_id"].as_str().unwrap_or_default().to_string();
     let routing_key = format!("retrain.{}", args.model);
     let delivered =
@@ -427,8 +440,9 @@ async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCod
         playlists: args.train.playlists,
         positive_kinds: config.positive_kinds.clone(),
         interactions_until_ms: None,
+        tracks_until_ms: None,
     };
-    let dataset = crate::db::load::load(&pool, &options, &crate::db::redact_url(&url)).await?;
+    let dataset = crate::db::load::load(&pool, &options, &args.train.data_source_label).await?;
     let csv = args.spotify_csv.clone();
     let rows =
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(&'static str, crate::eval::RankingMetrics)>> {
@@ -475,10 +489,11 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let stop = StopFlag::default();
     spawn_signal_handler(stop.clone());
     let data = match &args.database_url {
-        Some(url) => DataSpec::Postgres(PostgresSpec {
-            database: crate::db::redact_url(url),
+        Some(_) => DataSpec::Postgres(PostgresSpec {
+            database: args.data_source_label.clone(),
             playlists: args.playlists,
             interactions_until_ms: None,
+            tracks_until_ms: None,
         }),
         None => DataSpec::Synthetic(args.synthetic.spec(args.seed)),
     };

@@ -75,8 +75,8 @@ pub async fn replay_dead_letters(
     replay: bool,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let connection = broker::connect(settings).await?;
+    broker::declare_topology(&connection, settings, &[]).await?;
     let channel = broker::confirm_channel(&connection).await?;
-    broker::declare_topology(&channel, settings).await?;
     let mut seen = Vec::new();
     let mut held = Vec::new();
     while seen.len() < limit {

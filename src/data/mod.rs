@@ -134,6 +134,10 @@ pub struct Watermark {
     /// The same instant in milliseconds since the Unix epoch.
     pub newest_interaction_ms: Option<i64>,
     pub interactions: usize,
+    /// The newest `"Track"."createdAt"` read (ms since the Unix epoch): the catalogue's pin. Absent
+    /// for synthetic data and for a database without tracks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_track_created_ms: Option<i64>,
 }
 
 impl Watermark {
@@ -144,6 +148,7 @@ impl Watermark {
             newest_interaction_at: newest.and_then(format_ms),
             newest_interaction_ms: newest,
             interactions: interactions.len(),
+            newest_track_created_ms: None,
         }
     }
 }
@@ -163,7 +168,7 @@ pub enum DataSource {
     Synthetic(synthetic::SyntheticSpec),
     /// Read from the platform's Postgres.
     Postgres {
-        /// The database URL with any password redacted.
+        /// The database's label (`--data-source-label`), never its URL.
         database: String,
         options: crate::db::load::LoadOptions,
         quality: crate::db::load::DataQuality,

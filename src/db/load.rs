@@ -40,6 +40,11 @@ pub struct LoadOptions {
     /// Read only interactions at or before this instant (ms since the Unix epoch): a resumed run
     /// re-reads exactly the history it started with.
     pub interactions_until_ms: Option<i64>,
+    /// Read only tracks created at or before this instant (`"Track"."createdAt"`, ms since the Unix
+    /// epoch); `None` pins it to the newest track there is now (see [`Watermark`]'s
+    /// `newest_track_created_ms`), so a resumed run's catalogue is the one it started with.
+    #[serde(default)]
+    pub tracks_until_ms: Option<i64>,
 }
 
 /// Dirty-data counts of one load.
@@ -90,22 +95,41 @@ impl DataQuality {
     }
 }
 
-const TRACKS_SQL: &str = r#"COPY (
+fn tracks_sql(created_until_ms: Option<i64>) -> String {
+    let filter = match created_until_ms {
+        Some(ms) => format!(r#" WHERE t."createdAt" <= {}"#, timestamp_of_ms(ms)),
+        None => String::new(),
+    };
+    format!(
+        r#"COPY (
     SELECT t."id", f."id",
            f."acousticness", f."danceability", f."energy", f."instrumentalness", f."key"::float8,
            f."liveness", f."loudness", f."mode"::float8, f."speechiness", f."tempo", f."valence"
-    FROM "Track" t LEFT JOIN "TrackFeatures" f ON f."trackId" = t."id"
+    FROM "Track" t LEFT JOIN "TrackFeatures" f ON f."trackId" = t."id"{filter}
     ORDER BY t."id" COLLATE "C"
-) TO STDOUT (FORMAT binary)"#;
+) TO STDOUT (FORMAT binary)"#
+    )
+}
+
+/// A SQL `TIMESTAMP` literal for `ms` since the Unix epoch. Integer arithmetic on a TIMESTAMP: exact to
+/// the millisecond, no time-zone conversion.
+fn timestamp_of_ms(ms: i64) -> String {
+    format!("(TIMESTAMP '1970-01-01 00:00:00' + {ms} * INTERVAL '1 millisecond')")
+}
+
+/// The newest `"Track"."createdAt"` in milliseconds since the Unix epoch; `None` without tracks.
+async fn newest_track_created_ms(pool: &PgPool) -> anyhow::Result<Option<i64>> {
+    sqlx::query_scalar(r#"SELECT floor(extract(epoch FROM max("createdAt")) * 1000)::int8 FROM "Track""#)
+        .fetch_one(pool)
+        .await
+        .context("cannot read the newest track's creation time")
+}
 
 /// `ORDER BY … COLLATE "C"` sorts by bytes, as Rust sorts `String`s: the catalogue order (and so the
 /// model) does not depend on the database's collation, and matches the in-memory path's.
 fn interactions_sql(until_ms: Option<i64>) -> String {
     let filter = match until_ms {
-        // Integer arithmetic on a TIMESTAMP: exact to the millisecond, no time-zone conversion.
-        Some(ms) => {
-            format!(r#" WHERE "timestamp" <= TIMESTAMP '1970-01-01 00:00:00' + {ms} * INTERVAL '1 millisecond'"#)
-        }
+        Some(ms) => format!(r#" WHERE "timestamp" <= {}"#, timestamp_of_ms(ms)),
         None => String::new(),
     };
     format!(
@@ -115,18 +139,23 @@ fn interactions_sql(until_ms: Option<i64>) -> String {
 
 const PLAYLISTS_SQL: &str = r#"COPY (SELECT "A", "B" FROM "_PlaylistToTrack") TO STDOUT (FORMAT binary)"#;
 
-/// Loads the platform's tracks, features and co-occurrences. `database` names the source (a redacted
-/// URL) in the dataset's [`DataSource`], which also carries the dirty-data counts.
+/// Loads the platform's tracks, features and co-occurrences. `database` names the source (its label,
+/// never its URL) in the dataset's [`DataSource`], which also carries the dirty-data counts.
 pub async fn load(pool: &PgPool, options: &LoadOptions, database: &str) -> anyhow::Result<Dataset> {
     check_tables(pool, options.playlists).await?;
     let mut quality = DataQuality::default();
-    let catalogue = load_tracks(pool, &mut quality).await?;
+    // Pinned before reading, so a track created while the catalogue streams is left for the next run.
+    let tracks_until_ms = match options.tracks_until_ms {
+        Some(ms) => Some(ms),
+        None => newest_track_created_ms(pool).await?,
+    };
+    let catalogue = load_tracks(pool, tracks_until_ms, &mut quality).await?;
     let track_index: HashMap<&str, u32> =
         catalogue.track_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i as u32)).collect();
     let mut users = UserInterner::default();
     let mut interactions = Interactions::default();
     load_interactions(pool, options, &track_index, &mut users, &mut interactions, &mut quality).await?;
-    let watermark = Watermark::of(&interactions);
+    let watermark = Watermark { newest_track_created_ms: tracks_until_ms, ..Watermark::of(&interactions) };
     if options.playlists {
         load_playlists(pool, &track_index, &mut users, &mut interactions, &mut quality).await?;
     }
@@ -187,10 +216,14 @@ async fn copy_rows(
     Ok(decoder.rows())
 }
 
-async fn load_tracks(pool: &PgPool, quality: &mut DataQuality) -> anyhow::Result<Catalogue> {
+async fn load_tracks(
+    pool: &PgPool,
+    created_until_ms: Option<i64>,
+    quality: &mut DataQuality,
+) -> anyhow::Result<Catalogue> {
     let mut catalogue = Catalogue::default();
     let mut clamped = [0u64; NUM_FEATURES];
-    let rows = copy_rows(pool, TRACKS_SQL, 2 + NUM_FEATURES, |row| {
+    let rows = copy_rows(pool, &tracks_sql(created_until_ms), 2 + NUM_FEATURES, |row| {
         let id = row.text(0)?.context("Track.id is NULL")?;
         if row.raw(1).is_none() {
             quality.tracks_without_features += 1;

@@ -29,6 +29,8 @@ pub(super) struct BlockingRun {
     pub stop: StopFlag,
     pub memory_budget: Option<MemoryBudget>,
     pub keep_checkpoints: usize,
+    /// The lease holder's fence in checkpoint names (see [`checkpoint::owned_file_name_of`]).
+    pub owner: Option<String>,
 }
 
 pub(super) enum Trained {
@@ -264,7 +266,11 @@ impl Checkpointer<'_> {
         let saved_at = Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
         let bytes = checkpoint::to_bytes(state, &run.manifest.config, &saved_at)?;
         self.saved_at = Some(saved_at);
-        let key = layout::checkpoint_named(&run.manifest.model, &run.manifest.run_id, &checkpoint::file_name_of(state));
+        let key = layout::checkpoint_named(
+            &run.manifest.model,
+            &run.manifest.run_id,
+            &checkpoint::owned_file_name_of(state, run.owner.as_deref()),
+        );
         run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
         // Only the newest few are ever resumed from: 1000 epochs of E = 1024 would be ~38 GB.
         let m = &run.manifest;

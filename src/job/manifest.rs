@@ -1,6 +1,7 @@
 //! `run.json`: a run's identity, settings and data specification, written before training starts so
-//! that `--resume <run-id>` rebuilds exactly the same run. It never holds a secret: the database URL
-//! is stored redacted, and the real one comes from the flag or `DATABASE_URL` again on resume.
+//! that `--resume <run-id>` rebuilds exactly the same run. It never holds a secret nor where the
+//! database is: it stores the database's label, and the URL comes from the flag or `DATABASE_URL`
+//! again on resume.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -23,13 +24,17 @@ pub enum DataSpec {
 /// What a run reads from Postgres.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PostgresSpec {
-    /// The database URL, password redacted (for the record only).
+    /// The database's label (`--data-source-label`; `postgres` unless configured): never its URL.
     pub database: String,
     /// Playlist co-membership as a second co-occurrence source.
     pub playlists: bool,
     /// Set from the first load's watermark: a resumed run reads interactions up to here only, so it
     /// trains on the same history it started with.
     pub interactions_until_ms: Option<i64>,
+    /// Set from the first load's catalogue: a resumed run reads tracks created up to here only, so
+    /// a track added since is not in its catalogue.
+    #[serde(default)]
+    pub tracks_until_ms: Option<i64>,
 }
 
 /// Below these sizes (after dirty data is dropped) a run ends as "insufficient data" rather than

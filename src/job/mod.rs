@@ -157,7 +157,7 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         }
         (None, None) => None,
     };
-    let mut manifest = match (&job.resume, job.run_id) {
+    let (mut manifest, manifest_tag) = match (&job.resume, job.run_id) {
         (Some(run_id), _) => load_manifest(store, &job.model, run_id).await?,
         (None, Some(id)) if store.exists(&layout::run_manifest(&job.model, &id.to_string())).await? => {
             load_manifest(store, &job.model, &id.to_string()).await?
@@ -174,8 +174,11 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
                 job.minimums,
                 job.device,
             );
-            save_manifest(store, &m).await?;
-            m
+            match save_manifest(store, &m, None).await? {
+                Some(tag) => (m, tag),
+                // Another owner of this run wrote it first: its manifest is the run's.
+                None => load_manifest(store, &job.model, &m.run_id).await?,
+            }
         }
     };
     anyhow::ensure!(
@@ -194,7 +197,7 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
                 .await
                 .context("cannot record the run in the training_runs ledger")?;
         }
-        let result = execute(store, &job, &mut manifest, pool.as_ref()).await;
+        let result = execute(store, &job, &mut manifest, manifest_tag, pool.as_ref()).await;
         if let Some(pool) = &pool {
             record_end(pool, run_id, &result, job.lease_token).await?;
         }
@@ -209,6 +212,7 @@ async fn execute(
     store: &ModelStore,
     job: &TrainJob,
     manifest: &mut RunManifest,
+    manifest_tag: Option<String>,
     pool: Option<&PgPool>,
 ) -> anyhow::Result<RunOutcome> {
     let resume_from = latest_checkpoint(store, manifest).await?;
@@ -216,9 +220,15 @@ async fn execute(
     if let DataSpec::Postgres(spec) = &mut manifest.data
         && spec.interactions_until_ms.is_none()
     {
-        // Pin the history this run trains on, so a resume reads the same rows.
+        // Pin the history and the catalogue this run trains on, so a resume reads the same rows.
         spec.interactions_until_ms = Some(dataset.watermark.newest_interaction_ms.unwrap_or(i64::MIN));
-        save_manifest(store, manifest).await?;
+        spec.tracks_until_ms = Some(dataset.watermark.newest_track_created_ms.unwrap_or(0));
+        anyhow::ensure!(
+            save_manifest(store, manifest, Some(manifest_tag)).await?.is_some(),
+            "{} changed since this worker read it: another worker took the run over (this one's lease \
+             was lost), so this one stops without writing the run's state",
+            layout::run_manifest(&manifest.model, &manifest.run_id)
+        );
     }
     info!(
         rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
@@ -234,6 +244,7 @@ async fn execute(
         stop: job.stop.clone(),
         memory_budget: job.memory_budget,
         keep_checkpoints: job.keep_checkpoints,
+        owner: job.lease_token.map(|t| t.simple().to_string()[..12].to_string()),
     };
     let span = tracing::Span::current();
     let trained = tokio::task::spawn_blocking(move || span.in_scope(|| context.train(dataset)))
@@ -368,18 +379,33 @@ async fn record_end(
     }
 }
 
-async fn save_manifest(store: &ModelStore, manifest: &RunManifest) -> anyhow::Result<()> {
+/// Writes `run.json` only if it is as this worker last read it (`read`: `None` when it must not
+/// exist yet, else its entity tag): the fence that keeps a worker whose lease was taken over from
+/// overwriting the new owner's manifest. `None` when someone else wrote it in between, else the
+/// new entity tag.
+pub async fn save_manifest(
+    store: &ModelStore,
+    manifest: &RunManifest,
+    read: Option<Option<String>>,
+) -> anyhow::Result<Option<Option<String>>> {
     let key = layout::run_manifest(&manifest.model, &manifest.run_id);
-    store.put(&key, serde_json::to_vec_pretty(manifest)?).await.with_context(|| format!("writing {key}"))
+    let bytes = serde_json::to_vec_pretty(manifest)?.into();
+    store.put_if_unchanged_tagged(&key, bytes, read).await.with_context(|| format!("writing {key}"))
 }
 
-async fn load_manifest(store: &ModelStore, model: &str, run_id: &str) -> anyhow::Result<RunManifest> {
+/// Reads `run.json` with its entity tag (for [`save_manifest`]).
+pub async fn load_manifest(
+    store: &ModelStore,
+    model: &str,
+    run_id: &str,
+) -> anyhow::Result<(RunManifest, Option<String>)> {
     let key = layout::run_manifest(model, run_id);
-    let bytes = store
-        .get(&key)
+    let (bytes, tag) = store
+        .get_versioned(&key)
         .await
         .with_context(|| format!("cannot resume run {run_id}: no {key} in {}", store.root_url()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run manifest"))
+    let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run manifest"))?;
+    Ok((manifest, tag))
 }
 
 /// The newest checkpoint of the run, if any: `((completed epochs, steps into the next), bytes)`.
@@ -418,6 +444,7 @@ async fn load_dataset(manifest: &RunManifest, pool: Option<&PgPool>) -> anyhow::
                     playlists: spec.playlists,
                     positive_kinds: manifest.config.positive_kinds.clone(),
                     interactions_until_ms: spec.interactions_until_ms,
+                    tracks_until_ms: spec.tracks_until_ms,
                 };
                 db::load::load(pool, &options, &spec.database).await
             }

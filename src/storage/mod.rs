@@ -197,6 +197,18 @@ impl ModelStore {
         bytes: Bytes,
         read: Option<Option<String>>,
     ) -> Result<bool, StoreError> {
+        Ok(self.put_if_unchanged_tagged(key, bytes, read).await?.is_some())
+    }
+
+    /// [`Self::put_if_unchanged`], returning the written object's new entity tag (`Some(tag)`;
+    /// the inner `None` where the store names none) for the next conditional write, or `None`
+    /// when the write was refused.
+    pub async fn put_if_unchanged_tagged(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        read: Option<Option<String>>,
+    ) -> Result<Option<Option<String>>, StoreError> {
         self.retrying(key, || async {
             let mode = match &read {
                 None => PutMode::Create,
@@ -205,11 +217,15 @@ impl ModelStore {
             let options = PutOptions { mode, ..Default::default() };
             let path = Path::from(key);
             match self.store.put_opts(&path, PutPayload::from_bytes(bytes.clone()), options).await {
-                Ok(_) => Ok(true),
-                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+                Ok(written) => Ok(Some(written.e_tag)),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
                 Err(object_store::Error::NotImplemented { .. }) => {
-                    self.store.put(&path, PutPayload::from_bytes(bytes.clone())).await.map_err(|e| classify(key, e))?;
-                    Ok(true)
+                    let written = self
+                        .store
+                        .put(&path, PutPayload::from_bytes(bytes.clone()))
+                        .await
+                        .map_err(|e| classify(key, e))?;
+                    Ok(Some(written.e_tag))
                 }
                 Err(e) => Err(classify(key, e)),
             }

@@ -24,7 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::Shared;
 use super::request::{self, RetrainRequest};
-use crate::broker::{self, DEAD_LETTER_EXCHANGE, RETRAIN_QUEUE};
+use crate::broker::{self, DEAD_LETTER_EXCHANGE};
 use crate::db::coord::{self, Recorded};
 
 enum SessionEnd {
@@ -70,18 +70,38 @@ pub(super) async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 /// One connection: declare, consume until shutdown or until the connection is lost for good.
 async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> anyhow::Result<SessionEnd> {
     let connection = broker::connect(&shared.broker).await?;
+    let topology = broker::declare_topology(&connection, &shared.broker, &shared.args.models).await?;
     let channel = connection.create_channel().await?;
-    broker::declare_topology(&channel, &shared.broker).await?;
     channel.basic_qos(shared.broker.prefetch, BasicQosOptions::default()).await?;
-    let tag = format!("{}-{}", shared.worker_id, uuid::Uuid::new_v4().simple());
-    let mut consumer = channel
-        .basic_consume(RETRAIN_QUEUE.into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await?;
+    let mut queues: Vec<(String, Source)> =
+        shared.args.models.iter().map(|m| (broker::model_queue(m), Source::ModelQueue)).collect();
+    queues.push((broker::UNROUTED_QUEUE.to_string(), Source::Unrouted));
+    if topology.legacy_queue {
+        queues.push((broker::LEGACY_RETRAIN_QUEUE.to_string(), Source::Legacy));
+    }
+    let mut tags = Vec::new();
+    let mut streams = Vec::new();
+    for (queue, source) in &queues {
+        let tag = format!("{}-{}", shared.worker_id, uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let source = *source;
+        streams.push(consumer.map(move |d| (source, d)).boxed());
+        tags.push(tag);
+    }
+    let mut consumer = futures::stream::select_all(streams);
     *shared.publish_channel.write().await = Some(broker::confirm_channel(&connection).await?);
     shared.broker_connected.store(true, Ordering::SeqCst);
     shared.outbox_wake.notify_one();
     *outage_since = None;
-    info!(queue = RETRAIN_QUEUE, prefetch = shared.broker.prefetch, "consuming");
+    let names: Vec<&str> = queues.iter().map(|(q, _)| q.as_str()).collect();
+    info!(queues = ?names, prefetch = shared.broker.prefetch, "consuming");
     let mut shutdown = shared.shutdown.subscribe();
     // The consumer stream does not always end when the broker goes away (seen with RabbitMQ 3.10:
     // CONNECTION_FORCED, then silence), so the connection's state is watched too.
@@ -89,8 +109,10 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
     let end = loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => {
-                info!("shutdown: cancelling the consumer");
-                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                info!("shutdown: cancelling the consumers");
+                for tag in &tags {
+                    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                }
                 let _ = connection.close(200, "worker shutting down".into()).await;
                 return Ok(SessionEnd::Shutdown);
             }
@@ -100,8 +122,8 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 }
             }
             next = consumer.next() => match next {
-                Some(Ok(delivery)) => handle(shared, delivery).await,
-                Some(Err(e)) => break SessionEnd::Lost(format!("consumer error: {e}")),
+                Some((source, Ok(delivery))) => handle(shared, source, delivery).await,
+                Some((_, Err(e))) => break SessionEnd::Lost(format!("consumer error: {e}")),
                 None => break SessionEnd::Lost("the consumer stream ended".into()),
             }
         }
@@ -124,13 +146,38 @@ fn state_of(connection: &lapin::Connection) -> &'static str {
     }
 }
 
-/// One delivery: dead-letter it, or record it and then ack it.
-async fn handle(shared: &Arc<Shared>, delivery: Delivery) {
+/// Which queue a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The queue of a model this worker serves.
+    ModelQueue,
+    /// The alternate exchange's queue: no worker's queue was bound for the request's model when
+    /// it was published.
+    Unrouted,
+    /// The earlier releases' single queue, being drained.
+    Legacy,
+}
+
+/// One delivery: dead-letter it, re-route it (a drained legacy request for a model this worker
+/// does not serve), or record it and then ack it.
+async fn handle(shared: &Arc<Shared>, source: Source, delivery: Delivery) {
     let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
     let parsed = request::parse(&delivery.data, message_id.as_deref(), &shared.args.models)
         .and_then(|r| request::check_batch_fits(r, shared.memory_budget, shared.args.train.loss));
     match parsed {
-        Err(rejected) => {
+        Err(rejected) if source == Source::Legacy && rejected.reason == request::RejectReason::UnknownModel => {
+            // Another pool's request, left on the old shared queue: route it by model like a new one.
+            metrics::counter!("audotics_legacy_requests_rerouted_total").increment(1);
+            info!(routing_key = %delivery.routing_key, "re-routing a request from the legacy queue by model");
+            republish(shared, &delivery, message_id.as_deref(), broker::RETRAIN_EXCHANGE, None).await;
+        }
+        Err(mut rejected) => {
+            if source == Source::Unrouted && rejected.reason == request::RejectReason::UnknownModel {
+                rejected.detail = format!(
+                    "{} (no worker serves it: no queue is bound for {})",
+                    rejected.detail, delivery.routing_key
+                );
+            }
             metrics::counter!("audotics_retrain_requests_total", "outcome" => "dead_lettered").increment(1);
             metrics::counter!("audotics_dead_letters_total", "reason" => rejected.reason.as_str()).increment(1);
             warn!(
@@ -151,15 +198,27 @@ async fn handle(shared: &Arc<Shared>, delivery: Delivery) {
 
 async fn dead_letter(shared: &Shared, delivery: &Delivery, message_id: Option<&str>, reason: &str, detail: &str) {
     let headers = broker::dead_letter_headers(delivery.properties.headers().as_ref(), reason, detail);
+    republish(shared, delivery, message_id, DEAD_LETTER_EXCHANGE, Some(headers)).await;
+}
+
+/// Publishes the delivery's body (same routing key) to `exchange` with confirms, then acks it.
+async fn republish(
+    shared: &Shared,
+    delivery: &Delivery,
+    message_id: Option<&str>,
+    exchange: &str,
+    headers: Option<FieldTable>,
+) {
+    let headers = headers.or_else(|| delivery.properties.headers().clone());
     let channel = shared.publish_channel.read().await.clone();
     let published = match channel {
         Some(ch) => broker::publish_json(
             &ch,
-            DEAD_LETTER_EXCHANGE,
+            exchange,
             delivery.routing_key.as_str(),
             &delivery.data,
             message_id.unwrap_or_default(),
-            Some(headers),
+            headers,
         )
         .await
         .map_err(|e| e.to_string()),
@@ -168,9 +227,9 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, message_id: Option<&s
     match published {
         Ok(_) => ack(delivery).await,
         Err(e) => {
-            // Requeued: the dead-letter publish is retried on redelivery (and RabbitMQ's delivery
-            // limit dead-letters it itself if this keeps failing).
-            warn!(error.message = %e, "cannot dead-letter the message; requeueing it");
+            // Requeued: the publish is retried on redelivery (and RabbitMQ's delivery limit
+            // dead-letters the message itself if this keeps failing).
+            warn!(error.message = %e, exchange, "cannot republish the message; requeueing it");
             let _ = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
         }
     }

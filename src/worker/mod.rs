@@ -68,9 +68,13 @@ pub struct WorkerArgs {
     /// Delay before retrying a failed attempt (doubled per attempt, jittered).
     #[arg(long, env = "RUN_RETRY_SECONDS", default_value_t = 30)]
     pub retry_seconds: u64,
-    /// `x-delivery-limit` of the retrain queue (must match the live queue's).
+    /// `x-delivery-limit` of the retrain queues (must match the live queues').
     #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = crate::cli::at_least_one)]
     pub delivery_limit: usize,
+    /// `x-max-length` of the dead-letter queue `audotics.retrain.dead` (must match the live queue's);
+    /// when full, RabbitMQ drops its oldest dead letter (`x-overflow: drop-head`).
+    #[arg(long, env = "DEAD_LETTER_MAX_MESSAGES", default_value_t = 100_000, value_parser = crate::cli::at_least_one)]
+    pub dead_letter_max_messages: usize,
     /// Unacknowledged deliveries at a time.
     #[arg(long, env = "RETRAIN_PREFETCH", default_value_t = 50, value_parser = crate::cli::at_least_one)]
     pub prefetch: usize,
@@ -149,6 +153,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let broker = BrokerSettings {
         url: args.amqp_url.clone(),
         delivery_limit: args.delivery_limit as i64,
+        dead_letter_max_messages: args.dead_letter_max_messages as i64,
         prefetch: args.prefetch.min(u16::MAX as usize) as u16,
         connection_name: format!("audotics-trainer worker {worker_id}"),
     };

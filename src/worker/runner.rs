@@ -114,9 +114,10 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         model: claim.model.clone(),
         config,
         data: DataSpec::Postgres(PostgresSpec {
-            database: crate::db::redact_url(&shared.database_url),
+            database: t.data_source_label.clone(),
             playlists: t.playlists,
             interactions_until_ms: None,
+            tracks_until_ms: None,
         }),
         database_url: Some(shared.database_url.clone()),
         pool: Some(shared.pool.clone()),

@@ -10,6 +10,7 @@ fn options() -> LoadOptions {
         playlists: false,
         positive_kinds: DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
         interactions_until_ms: None,
+        tracks_until_ms: None,
     }
 }
 

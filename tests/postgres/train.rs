@@ -64,7 +64,10 @@ async fn the_postgres_path_and_the_in_memory_path_agree_bit_for_bit() {
     assert_same_weights(&vp, &vm);
     assert_eq!(mp["data"]["synthetic"], false);
     assert_eq!(mp["data"]["source"]["kind"], "postgres");
-    assert_eq!(mp["data"]["watermark"], mm["data"]["watermark"]);
+    // The same interaction watermark; only the database's catalogue has creation times to pin.
+    let mut pg_watermark = mp["data"]["watermark"].clone();
+    assert!(pg_watermark.as_object_mut().unwrap().remove("newest_track_created_ms").unwrap().is_i64());
+    assert_eq!(pg_watermark, mm["data"]["watermark"]);
 
     // Every CLI run is in the ledger.
     let (status, watermark, count): (String, Option<chrono::DateTime<chrono::Utc>>, Option<i64>) =
@@ -115,7 +118,7 @@ fn an_unreachable_database_is_one_clear_error_without_the_password() {
 }
 
 #[tokio::test]
-async fn dirty_data_reaches_metadata_and_ledger_and_is_logged_once_per_kind() {
+async fn dirty_data_reaches_metadata_and_ledger_and_no_artifact_names_the_database_or_its_password() {
     let db = TestDb::new().await;
     db.seed_synthetic(SIZES);
     let user: String = sqlx::query_scalar(r#"SELECT id FROM "User" LIMIT 1"#).fetch_one(&db.pool).await.unwrap();
@@ -142,6 +145,16 @@ async fn dirty_data_reaches_metadata_and_ledger_and_is_logged_once_per_kind() {
         assert!(!text.contains("hunter2"), "password written to {}", file.display());
     }
     assert!(!stderr.contains("hunter2"));
+    // Nor where the database is: the published metadata and run.json name only its label.
+    assert_eq!(meta["data"]["source"]["database"], "postgres");
+    for file in walk(out_dir.path()) {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).to_string();
+        assert!(!text.contains(&db.name) && !text.contains("127.0.0.1"), "database named in {}", file.display());
+    }
+    let labelled = tempfile::tempdir().unwrap();
+    let out = train(Some(&url), labelled.path(), &["--data-source-label", "platform-eu"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(metadata(&only_version(labelled.path()))["data"]["source"]["database"], "platform-eu");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -153,10 +166,10 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-/// kill -9 mid-run, new interactions arrive, `--resume`: the run still trains on the history it
-/// started with and ends with the weights of an uninterrupted run.
+/// kill -9 mid-run, new tracks and interactions arrive, `--resume`: the run still trains on the
+/// catalogue and history it started with and ends with the weights of an uninterrupted run.
 #[tokio::test]
-async fn a_resumed_postgres_run_ignores_interactions_that_arrived_after_it_started() {
+async fn a_resumed_postgres_run_ignores_tracks_and_interactions_that_arrived_after_it_started() {
     let db = TestDb::new().await;
     db.seed_synthetic(&["--synthetic-tracks", "800", "--synthetic-users", "120", "--synthetic-interactions", "20000"]);
     let epochs = ["--epochs", "6"];
@@ -202,6 +215,10 @@ async fn a_resumed_postgres_run_ignores_interactions_that_arrived_after_it_start
            FROM (SELECT id FROM "User" LIMIT 10) u CROSS JOIN (SELECT id FROM "Track" LIMIT 10) t"#,
     )
     .await;
+    // New tracks with features: a catalogue that grew would change the model's shapes and weights.
+    for i in 0..20 {
+        db.exec(&crate::helpers::track_sql(&format!("zz-new-{i:02}"), None)).await;
+    }
     let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
     let out = run(&[
         "train",

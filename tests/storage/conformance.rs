@@ -64,6 +64,7 @@ async fn publish_as(
         newest_interaction_at: Some("2026-01-01T00:00:00.000Z".into()),
         newest_interaction_ms: Some(1_767_225_600_000),
         interactions: 5,
+        newest_track_created_ms: None,
     };
     let info = VersionInfo {
         model: "m",

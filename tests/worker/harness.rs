@@ -46,7 +46,13 @@ impl Vhost {
     }
 
     pub fn settings(&self) -> BrokerSettings {
-        BrokerSettings { url: self.url.clone(), delivery_limit: 5, prefetch: 10, connection_name: "test".into() }
+        BrokerSettings {
+            url: self.url.clone(),
+            delivery_limit: 5,
+            dead_letter_max_messages: 100_000,
+            prefetch: 10,
+            connection_name: "test".into(),
+        }
     }
 }
 
@@ -74,8 +80,10 @@ pub struct Publisher {
 impl Publisher {
     pub async fn new(vhost: &Vhost) -> Self {
         let connection = broker::connect(&vhost.settings()).await.unwrap();
+        // The platform provisions the queue of the model it sends to, as a worker serving it would:
+        // requests published before the first worker starts then wait for it.
+        broker::declare_topology(&connection, &vhost.settings(), &["content-based".to_string()]).await.unwrap();
         let channel = broker::confirm_channel(&connection).await.unwrap();
-        broker::declare_topology(&channel, &vhost.settings()).await.unwrap();
         Self { _connection: connection, channel }
     }
 
@@ -134,8 +142,7 @@ impl Events {
         let settings = vhost.settings();
         // Declare before returning, so that nothing published after this is unroutable.
         let connection = broker::connect(&settings).await.unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        declare(&channel, &settings).await;
+        declare(&connection, &settings).await;
         drop(connection);
         let task = tokio::spawn(async move {
             loop {
@@ -199,8 +206,9 @@ pub fn satisfied(all: &[Recorded]) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-async fn declare(channel: &lapin::Channel, settings: &BrokerSettings) {
-    broker::declare_topology(channel, settings).await.unwrap();
+async fn declare(connection: &lapin::Connection, settings: &BrokerSettings) {
+    broker::declare_topology(connection, settings, &[]).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
     channel.queue_declare(EVENTS_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
     for key in ["model-ready.*", "model-rejected.*", "model-failed.*"] {
         channel

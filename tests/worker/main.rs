@@ -8,6 +8,7 @@ mod limits;
 #[allow(dead_code)]
 #[path = "../postgres/helpers.rs"]
 mod pg;
+mod routing;
 #[allow(dead_code)]
 #[path = "../storage/s3.rs"]
 mod s3;
@@ -256,7 +257,7 @@ async fn a_burst_of_200_requests_across_3_workers_runs_at_most_twice_and_answers
         w.signal("TERM");
         assert!(w.wait_exit(MINUTE).await.unwrap().success(), "{}", w.log_text());
     }
-    assert_eq!(queue_depth(&setup.vhost, audotics_trainer::broker::RETRAIN_QUEUE).await, 0);
+    assert_eq!(queue_depth(&setup.vhost, &audotics_trainer::broker::model_queue("content-based")).await, 0);
     let ready = events.events("model-ready");
     eprintln!(
         "figures: 200 requests in ({publish_ms} ms to publish), {} model-ready out, {runs} runs (shortest \
@@ -365,7 +366,8 @@ async fn a_broker_restart_mid_run_is_recovered_and_the_model_published() {
     let after = Publisher::new(&setup.vhost).await.request("after-restart").await;
     events.wait_satisfied(std::slice::from_ref(&after), 3 * MINUTE).await;
     assert!(worker.child.try_wait().unwrap().is_none(), "the worker exited:\n{}", worker.log_text());
-    let (messages, consumers) = queue_state(&setup.vhost, audotics_trainer::broker::RETRAIN_QUEUE).await;
+    let (messages, consumers) =
+        queue_state(&setup.vhost, &audotics_trainer::broker::model_queue("content-based")).await;
     assert_eq!((messages, consumers), (0, 1), "one worker, one consumer (no revived stale one), queue empty");
     eprintln!(
         "figures: broker down 15 s mid-run; model-ready {:.1} s after the restart began; supervisor rebuilds {}",
