@@ -106,6 +106,11 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
     // The consumer stream does not always end when the broker goes away (seen with RabbitMQ 3.10:
     // CONNECTION_FORCED, then silence), so the connection's state is watched too.
     let mut watchdog = tokio::time::interval(Duration::from_millis(500));
+    // The topology is declared again now and then: an exchange or binding deleted by hand (or by a
+    // broker whose definitions were reset) would otherwise leave requests unroutable until every
+    // worker reconnected. Idempotent, a few round trips.
+    let mut redeclare = tokio::time::interval(TOPOLOGY_REFRESH);
+    redeclare.tick().await; // the first tick is now: just declared
     let end = loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => {
@@ -120,6 +125,16 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 if !connection.status().connected() {
                     break SessionEnd::Lost(format!("connection lost (state {})", state_of(&connection)));
                 }
+                // A publish the broker refused at channel level (e.g. NOT_FOUND: the events exchange
+                // was deleted) closes the publishing channel alone: open another on this connection.
+                if let Err(e) = renew_publish_channel(shared, &connection).await {
+                    break SessionEnd::Lost(format!("cannot open a publishing channel: {e}"));
+                }
+            }
+            _ = redeclare.tick() => {
+                if let Err(e) = broker::declare_topology(&connection, &shared.broker, &shared.args.models).await {
+                    break SessionEnd::Lost(format!("cannot declare the topology again: {e}"));
+                }
             }
             next = consumer.next() => match next {
                 Some((source, Ok(delivery))) => handle(shared, source, delivery).await,
@@ -131,6 +146,24 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
     let _ =
         tokio::time::timeout(Duration::from_secs(2), connection.close(200, "rebuilding the connection".into())).await;
     Ok(end)
+}
+
+/// How often a session declares its topology again.
+const TOPOLOGY_REFRESH: Duration = Duration::from_secs(10);
+
+/// Replaces the publishing channel when the broker closed it.
+async fn renew_publish_channel(shared: &Shared, connection: &lapin::Connection) -> anyhow::Result<()> {
+    let closed = match shared.publish_channel.read().await.as_ref() {
+        Some(channel) => !channel.status().connected(),
+        None => true,
+    };
+    if closed {
+        warn!("the publishing channel was closed by the broker; opening another");
+        metrics::counter!("audotics_publish_channels_renewed_total").increment(1);
+        *shared.publish_channel.write().await = Some(broker::confirm_channel(connection).await?);
+        shared.outbox_wake.notify_one();
+    }
+    Ok(())
 }
 
 fn state_of(connection: &lapin::Connection) -> &'static str {

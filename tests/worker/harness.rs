@@ -162,6 +162,27 @@ impl Events {
         self.all().into_iter().filter(|r| !r.dead && r.routing_key.starts_with(kind)).map(|r| r.body).collect()
     }
 
+    /// Deletes the `audotics.events` exchange and declares it again with this recorder's bindings
+    /// (only those: the workers' own binding of the retrain exchange is theirs to restore).
+    pub async fn delete_events_exchange(&self, vhost: &Vhost) {
+        use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions};
+        let connection = broker::connect(&vhost.settings()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.exchange_delete(broker::EVENTS_EXCHANGE.into(), ExchangeDeleteOptions::default()).await.unwrap();
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(
+                broker::EVENTS_EXCHANGE.into(),
+                lapin::ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        bind_recorder(&channel).await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+
     pub fn dead_letters(&self) -> Vec<Recorded> {
         self.all().into_iter().filter(|r| r.dead).collect()
     }
@@ -210,6 +231,10 @@ async fn declare(connection: &lapin::Connection, settings: &BrokerSettings) {
     broker::declare_topology(connection, settings, &[]).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel.queue_declare(EVENTS_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    bind_recorder(&channel).await;
+}
+
+async fn bind_recorder(channel: &lapin::Channel) {
     for key in ["model-ready.*", "model-rejected.*", "model-failed.*"] {
         channel
             .queue_bind(

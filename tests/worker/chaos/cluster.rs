@@ -53,6 +53,8 @@ impl Cluster {
             ("AWS_REGION", "us-east-1".to_string()),
             ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY.to_string()),
             ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY.to_string()),
+            // A pod's memory limit: the poison request's batch alone exceeds it.
+            ("WORKER_MEMORY_LIMIT", "3GiB".to_string()),
         ];
         let env = WorkerEnv {
             database_url: via_port(&db.url, proxy.port),
@@ -86,10 +88,16 @@ impl Cluster {
 
     /// Starts slot `i` again, under the next generation's name.
     pub fn respawn(&mut self, i: usize) {
+        self.respawn_with(i, Vec::new());
+    }
+
+    /// Starts slot `i` again under `wrapper` (e.g. `faketime -f +1d`).
+    pub fn respawn_with(&mut self, i: usize, wrapper: Vec<String>) {
         let slot = &mut self.slots[i];
         slot.generation += 1;
         let name = format!("{}-g{}", slot.base, slot.generation);
-        slot.worker = Some(self.env.spawn(&name));
+        let env = WorkerEnv { wrapper, ..self.env.clone() };
+        slot.worker = Some(env.spawn(&name));
     }
 
     /// Indices of slots with a running worker.
@@ -101,6 +109,7 @@ impl Cluster {
     /// worker. (The nemesis restarts the broker within its own fault, checking rabbitmqctl's exit.)
     pub async fn heal(&mut self) {
         self.proxy.restore();
+        self.proxy.unstall();
         if !self.s3.running() {
             tokio::task::block_in_place(|| self.s3.restart());
         }

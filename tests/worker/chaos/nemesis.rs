@@ -23,6 +23,10 @@ pub enum Kind {
     PausePastLease,
     Malformed,
     DirtyRows,
+    PoisonRequest,
+    DatabaseStall,
+    ClockAhead,
+    EventsExchangeDeleted,
 }
 
 impl Kind {
@@ -36,6 +40,10 @@ impl Kind {
             Kind::PausePastLease => "pause past lease",
             Kind::Malformed => "malformed messages",
             Kind::DirtyRows => "dirty rows",
+            Kind::PoisonRequest => "poison request",
+            Kind::DatabaseStall => "database stall (packets dropped)",
+            Kind::ClockAhead => "worker clock a day ahead",
+            Kind::EventsExchangeDeleted => "events exchange deleted",
         }
     }
 }
@@ -50,6 +58,10 @@ const WEIGHTS: &[(Kind, u32)] = &[
     (Kind::PausePastLease, 2),
     (Kind::Malformed, 2),
     (Kind::DirtyRows, 1),
+    (Kind::PoisonRequest, 1),
+    (Kind::DatabaseStall, 2),
+    (Kind::ClockAhead, 1),
+    (Kind::EventsExchangeDeleted, 1),
 ];
 
 fn draw(rng: &mut ChaCha8Rng) -> Kind {
@@ -178,5 +190,33 @@ async fn inject(
             what
         }
         Kind::DirtyRows => workload::insert_dirty_rows(&cluster.db, sequence).await,
+        Kind::PoisonRequest => {
+            let sent = workload::send_poison(&cluster.vhost, &profile.models, sequence).await;
+            let what = sent.message_id.clone();
+            malformed.push(sent);
+            what
+        }
+        Kind::DatabaseStall => {
+            cluster.proxy.stall();
+            tokio::time::sleep(outage).await;
+            cluster.proxy.unstall();
+            format!("{:.1} s", outage.as_secs_f64())
+        }
+        Kind::ClockAhead => {
+            // Replaced by a worker whose clock reads tomorrow; it stays until a later fault ends it.
+            let mut worker = cluster.slots[target].worker.take().unwrap();
+            worker.signal("TERM");
+            let _ = worker.wait_exit(cluster.grace + Duration::from_secs(5)).await;
+            let faketime = vec!["faketime".to_string(), "-f".to_string(), "+1d".to_string()];
+            cluster.respawn_with(target, faketime);
+            format!("{} replaced by {}", worker.name, cluster.slots[target].worker.as_ref().unwrap().name)
+        }
+        Kind::EventsExchangeDeleted => {
+            // What an operator's mistake does: the exchange goes, with every binding to and from it.
+            // The recorder (standing in for the model servers) binds its queue again at once; the
+            // workers must restore their own binding and publishing channel.
+            cluster.events.delete_events_exchange(&cluster.vhost).await;
+            "audotics.events".to_string()
+        }
     }
 }

@@ -41,9 +41,13 @@ impl Connection {
                     let attempt =
                         broker::publish_json(channel, broker::EVENTS_EXCHANGE, routing_key, body, message_id, None);
                     match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-                        Ok(Ok(delivered)) => {
-                            assert_eq!(delivered, Delivered::Routed, "the retrain queue must exist");
-                            return;
+                        Ok(Ok(Delivered::Routed)) => return,
+                        // Returned under `mandatory` (the nemesis deleted the events exchange, and
+                        // no worker has bound the retrain exchange to the new one yet): retried, as
+                        // a platform service that publishes with `mandatory` would.
+                        Ok(Ok(Delivered::Unroutable)) => {
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                            continue;
                         }
                         Ok(Err(e)) => e.to_string(),
                         Err(_) => "no confirm within 10 s".to_string(),
@@ -123,6 +127,18 @@ pub async fn send_malformed(
         out.push(MalformedSent { message_id, expected_reason: reason.to_string() });
     }
     out
+}
+
+/// The request of issue 14: valid by the contract, but a batch whose `[B, B]` buffers alone (8 GiB)
+/// exceed every worker's memory budget (the suite's `WORKER_MEMORY_LIMIT`); dead-lettered at intake
+/// as `invalid_params`, where it once crash-looped every worker that took its run.
+pub async fn send_poison(vhost: &Vhost, models: &[String], sequence: u64) -> MalformedSent {
+    let mut connection = Connection { settings: vhost.settings(), open: None };
+    let model = &models[sequence as usize % models.len()];
+    let message_id = format!("poison-{sequence}");
+    let body = format!(r#"{{"model": "{model}", "event_id": "{message_id}", "params": {{"batch_size": 32768}}}}"#);
+    connection.publish(&format!("retrain.{model}"), body.as_bytes(), &message_id).await;
+    MalformedSent { message_id, expected_reason: "invalid_params".to_string() }
 }
 
 /// Inserts rows the loader must skip or repair: a track with a NaN feature, one without features,
