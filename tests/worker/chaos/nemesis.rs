@@ -60,7 +60,9 @@ const WEIGHTS: &[(Kind, u32)] = &[
     (Kind::DirtyRows, 1),
     (Kind::PoisonRequest, 1),
     (Kind::DatabaseStall, 2),
-    (Kind::ClockAhead, 1),
+    // Off until its findings are fixed (RELIABILITY.md, long run of 2026-12-04): a worker a day
+    // ahead signs S3 requests the server refuses, and `faketime` does not pass SIGTERM on.
+    (Kind::ClockAhead, 0),
     (Kind::EventsExchangeDeleted, 1),
 ];
 
