@@ -16,8 +16,9 @@
 //!   `audotics.events` when found and drained: its requests are handled, or re-routed by model.
 //!
 //! Inbound size: lapin buffers a whole message body before delivering it and offers no limit, so the
-//! bound before buffering is the broker's `max_message_size` (set in `deploy/` and by
-//! `scripts/services.sh`); the worker refuses bodies over 64 KiB once received (`oversized`).
+//! bound before buffering is the broker's `max_message_size` (1 MiB in docker-compose.yml; the
+//! broker's configuration elsewhere); the worker refuses bodies over 64 KiB once received
+//! (`oversized`).
 
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -89,8 +90,6 @@ pub fn model_queue(model: &str) -> String {
 pub struct Topology {
     /// The earlier releases' single queue exists (and is now unbound): consume it until empty.
     pub legacy_queue: bool,
-    /// The dead-letter queue has its length bound (false: an older one without it was found).
-    pub dead_letter_bounded: bool,
 }
 
 /// Declares the contract's exchanges, queues and bindings, and the queue of each of `models`
@@ -118,29 +117,17 @@ pub async fn declare_topology(
             none(),
         )
         .await?;
-    let dead_letter_bounded = declare_dead_letter_queue(connection, &channel, settings).await?;
-    let channel = match dead_letter_bounded {
-        true => channel,
-        false => connection.create_channel().await?, // the refusal closed the first one
-    };
-    let bind = |queue: String, exchange: &'static str, key: String| {
-        let channel = channel.clone();
-        async move {
-            channel.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), none()).await
-        }
-    };
-    channel.queue_declare(UNROUTED_QUEUE.into(), QueueDeclareOptions::durable(), retrain_queue_args(settings)).await?;
-    bind(UNROUTED_QUEUE.into(), UNROUTED_EXCHANGE, String::new()).await?;
-    for model in models {
-        let queue = model_queue(model);
-        channel
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), retrain_queue_args(settings))
-            .await?;
-        bind(queue, RETRAIN_EXCHANGE, format!("retrain.{model}")).await?;
+    let mut queues = vec![(UNROUTED_QUEUE.to_string(), UNROUTED_EXCHANGE, String::new())];
+    queues.extend(models.iter().map(|m| (model_queue(m), RETRAIN_EXCHANGE, format!("retrain.{m}"))));
+    for (queue, exchange, key) in queues {
+        let options = QueueDeclareOptions::durable();
+        channel.queue_declare(queue.as_str().into(), options, retrain_queue_args(settings)).await?;
+        channel.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), none()).await?;
     }
     let _ = channel.close(200, "topology declared".into()).await;
+    declare_dead_letter_queue(connection, settings).await?;
     let legacy_queue = unbind_legacy_queue(connection).await?;
-    Ok(Topology { legacy_queue, dead_letter_bounded })
+    Ok(Topology { legacy_queue })
 }
 
 fn retrain_queue_args(settings: &BrokerSettings) -> FieldTable {
@@ -151,14 +138,15 @@ fn retrain_queue_args(settings: &BrokerSettings) -> FieldTable {
     args
 }
 
-/// Declares the bounded dead-letter queue; false when one from an earlier release (unbounded)
-/// exists: RabbitMQ refuses to redeclare a queue with other arguments, and bounding that one takes
-/// an operator's policy (README, "Dead letters"). Either way the queue is bound.
-async fn declare_dead_letter_queue(
-    connection: &Connection,
-    channel: &Channel,
-    settings: &BrokerSettings,
-) -> Result<bool, BrokerError> {
+/// Declares the bounded dead-letter queue, on channels of its own (a refused declaration closes its
+/// channel). One from an earlier release (unbounded), or with another bound, is used as it is:
+/// RabbitMQ refuses to redeclare a queue with other arguments, and changing that one takes an
+/// operator's policy. Either way the queue is bound. The gauge
+/// `audotics_dead_letter_queue_unbounded` says which; the warning is logged once per process (the
+/// topology is declared again every few seconds).
+async fn declare_dead_letter_queue(connection: &Connection, settings: &BrokerSettings) -> Result<(), BrokerError> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let channel = connection.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(settings.dead_letter_max_messages));
@@ -167,21 +155,21 @@ async fn declare_dead_letter_queue(
     let bounded = match channel.queue_declare(DEAD_LETTER_QUEUE.into(), QueueDeclareOptions::durable(), args).await {
         Ok(_) => true,
         Err(e) if is_precondition_failed(&e) => {
-            metrics::counter!("audotics_dead_letter_queue_unbounded_total").increment(1);
-            tracing::warn!(
+            WARNED.call_once(|| tracing::warn!(
                 queue = DEAD_LETTER_QUEUE,
                 "the dead-letter queue exists with other arguments (an earlier release's, without a length limit, \
                  or another DEAD_LETTER_MAX_MESSAGES); it is used as it is; to bound it, apply a policy: rabbitmqctl set_policy audotics-dead-letter '^audotics\\.retrain\\.dead$' \
                  '{{\"max-length\":{},\"overflow\":\"drop-head\"}}' --apply-to queues",
                 settings.dead_letter_max_messages
-            );
+            ));
             false
         }
         Err(e) => return Err(e.into()),
     };
+    metrics::gauge!("audotics_dead_letter_queue_unbounded").set(if bounded { 0.0 } else { 1.0 });
     let channel = match bounded {
-        true => channel.clone(),
-        false => connection.create_channel().await?,
+        true => channel,
+        false => connection.create_channel().await?, // the refusal closed the first one
     };
     channel
         .queue_bind(
@@ -192,7 +180,8 @@ async fn declare_dead_letter_queue(
             FieldTable::default(),
         )
         .await?;
-    Ok(bounded)
+    let _ = channel.close(200, "dead-letter queue declared".into()).await;
+    Ok(())
 }
 
 /// Unbinds the earlier releases' single queue from `audotics.events` if it exists (so new requests

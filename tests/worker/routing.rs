@@ -95,22 +95,29 @@ async fn pools_serving_different_models_answer_their_own_requests_and_only_an_un
     }
 }
 
-/// Sets the broker's `max_message_size` for the test (as `deploy/` and docker-compose configure
-/// it), restoring RabbitMQ's default when dropped.
-struct MaxMessageSize;
+/// Sets the broker's `max_message_size` for the test (as docker-compose configures it), putting
+/// back the value it had when dropped.
+struct MaxMessageSize {
+    before: String,
+}
 
 impl MaxMessageSize {
     fn set(bytes: u64) -> Self {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["eval", "{ok, V} = application:get_env(rabbit, max_message_size), V."])
+            .output()
+            .expect("rabbitmqctl is required for these tests");
+        let before = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(before.parse::<u64>().is_ok(), "max_message_size reads {before:?}");
         rabbitmqctl(&["eval", &format!("application:set_env(rabbit, max_message_size, {bytes}).")]);
-        Self
+        Self { before }
     }
 }
 
 impl Drop for MaxMessageSize {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["eval", "application:set_env(rabbit, max_message_size, 134217728)."])
-            .output();
+        let set = format!("application:set_env(rabbit, max_message_size, {}).", self.before);
+        let _ = std::process::Command::new("rabbitmqctl").args(["eval", &set]).output();
     }
 }
 
