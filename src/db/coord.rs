@@ -363,6 +363,19 @@ pub async fn finish(pool: &PgPool, claim: &Claim, finish: Finish) -> sqlx::Resul
     if updated == 0 {
         return Ok(false);
     }
+    // The ledger's row ends with the run, whoever ends it: an attempt that failed before it reached
+    // the ledger (the store refused it, say) after one that was taken over mid-run would otherwise
+    // leave the row `running` for ever, overlapping every later run of the model.
+    sqlx::query(
+        "UPDATE audotics_trainer.training_runs
+         SET status = $2, finished_at = now(), error = coalesce(error, $3)
+         WHERE id = $1 AND (finished_at IS NULL OR status IN ('running', 'stopped'))",
+    )
+    .bind(claim.run_id)
+    .bind(finish.state)
+    .bind(&finish.error)
+    .execute(&mut *tx)
+    .await?;
     let satisfies: Vec<String> = sqlx::query_scalar(
         "SELECT event_id FROM audotics_trainer.retrain_requests WHERE run_id = $1 ORDER BY received_at",
     )

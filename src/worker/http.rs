@@ -36,6 +36,11 @@ pub(super) fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!("audotics_epoch_loss", "Training loss of the newest epoch");
     describe_gauge!("audotics_pairs_per_second", "Training throughput of the newest epoch");
     describe_histogram!("audotics_publish_seconds", "Time to upload a version (artifacts, manifest, latest.json)");
+    describe_gauge!("audotics_clock_skew_seconds", "This worker's clock minus the database's, at the last comparison");
+    describe_gauge!(
+        "audotics_clock_skew_exceeded",
+        "1 while the clock skew exceeds WORKER_MAX_CLOCK_SKEW_SECONDS (no runs are claimed)"
+    );
     describe_counter!("audotics_lease_takeovers_total", "Runs taken over from a worker whose lease expired");
     describe_counter!(
         "audotics_events_published_total",
@@ -65,8 +70,13 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, axum::Json<ser
         tokio::time::timeout(Duration::from_secs(2), shared.store.exists(&probe)).await.is_ok_and(|r| r.is_ok());
     // The outbox's confirm channel: a connection can be up with its publishing channel closed.
     let publisher = shared.publish_channel.read().await.as_ref().is_some_and(|c| c.status().connected());
-    let ready = broker && publisher && database && store;
+    // A clock too far off the database's: S3 would refuse this worker's runs (see `clock`).
+    let clock = *shared.clock.lock().expect("clock lock");
+    let ready = broker && publisher && database && store && clock.ok;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = json!({"ready": ready, "broker": broker, "publisher": publisher, "database": database, "store": store});
+    let body = json!({
+        "ready": ready, "broker": broker, "publisher": publisher, "database": database, "store": store,
+        "clock": clock.ok, "clock_skew_seconds": clock.skew_seconds,
+    });
     (status, axum::Json(body))
 }

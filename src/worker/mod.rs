@@ -14,6 +14,7 @@
 //! Shutdown (SIGTERM/SIGINT): stop consuming, stop the run at the next batch boundary (checkpoint),
 //! release its lease, flush the outbox, exit 0 — or exit 1 when the grace period runs out first.
 
+mod clock;
 mod consumer;
 pub mod events;
 mod http;
@@ -98,6 +99,10 @@ pub struct WorkerArgs {
     /// finished runs); older rows are pruned hourly. It is also the window `event_id` dedupes in.
     #[arg(long, env = "STATE_RETENTION_DAYS", default_value_t = 30, value_parser = crate::cli::at_least_one)]
     pub retention_days: usize,
+    /// A worker whose clock is more than this many seconds off the database's claims no run (S3
+    /// refuses requests signed more than 15 minutes off); 0: no check.
+    #[arg(long, env = "WORKER_MAX_CLOCK_SKEW_SECONDS", default_value_t = 300)]
+    pub max_clock_skew_seconds: u64,
     /// Address of the health and metrics server.
     #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
@@ -125,6 +130,8 @@ pub(crate) struct Shared {
     pub run_stop: std::sync::Mutex<Option<StopFlag>>,
     /// What every run and request is checked against before it trains.
     pub memory_budget: Option<crate::resources::MemoryBudget>,
+    /// This worker's clock against the database's ([`clock`]).
+    pub clock: std::sync::Mutex<clock::ClockState>,
 }
 
 impl Shared {
@@ -138,6 +145,11 @@ impl Shared {
 
     pub fn poll(&self) -> Duration {
         Duration::from_secs(self.args.poll_seconds as u64)
+    }
+
+    /// Whether this worker's clock is close enough to the database's to claim runs.
+    pub fn clock_ok(&self) -> bool {
+        self.clock.lock().expect("clock lock").ok
     }
 }
 
@@ -178,6 +190,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         None => warn!("no memory limit can be read (no cgroup, RLIMIT_AS or /proc/meminfo): runs are not bounded"),
     }
     let (shutdown, _) = watch::channel(false);
+    let max_clock_skew_seconds = args.max_clock_skew_seconds;
     let shared = Arc::new(Shared {
         args,
         worker_id,
@@ -192,8 +205,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         outbox_wake: Notify::new(),
         run_stop: std::sync::Mutex::new(None),
         memory_budget,
+        clock: std::sync::Mutex::new(clock::ClockState { skew_seconds: None, ok: max_clock_skew_seconds == 0 }),
     });
     spawn_signal_handler(shared.clone());
+    clock::check(&shared).await;
+    tokio::spawn(clock::watch(shared.clone()));
     tokio::spawn(http::serve(listener, shared.clone(), metrics));
     let outbox = tokio::spawn(outbox::run(shared.clone()));
     tokio::spawn(prune_state(shared.clone()));

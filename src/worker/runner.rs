@@ -18,6 +18,14 @@ pub(super) async fn run(shared: Arc<Shared>) {
         if shared.shutting_down() {
             return;
         }
+        if !shared.clock_ok() {
+            // The clock watcher logs why and checks again; requests wait in the database meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(shared.poll()) => {}
+                _ = shutdown.wait_for(|s| *s) => {}
+            }
+            continue;
+        }
         match bounded(
             shared.lease(),
             coord::claim(&shared.pool, &shared.worker_id, &shared.args.models, shared.lease()),
@@ -331,7 +339,12 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
         }
         Ok(RunOutcome::Stopped { epochs_completed, .. }) => {
             let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
-            info!(epochs_completed, released, "run stopped for shutdown; lease released for another worker");
+            info!(
+                epochs_completed,
+                released,
+                clock_ok = shared.clock_ok(),
+                "run stopped (shutdown, or this worker's clock is off); lease released for another worker"
+            );
             return "released";
         }
         Err(e) => {

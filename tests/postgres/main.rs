@@ -3,6 +3,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); if it is unreachable the tests fail, loudly.
 
 mod helpers;
+mod ledger;
 mod load;
 mod outbox;
 mod prune;

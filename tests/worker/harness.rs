@@ -662,3 +662,24 @@ impl Restarting {
         }
     }
 }
+
+/// Settings that run a worker with its clock `offset` off (libfaketime's syntax: `+1d`, `-10m`),
+/// preloaded into the worker itself. Debian's `faketime` command would wrap the worker in a parent
+/// that does not pass SIGTERM on, so a graceful shutdown could not be tested through it.
+pub fn clock_offset(offset: &str) -> Vec<(String, String)> {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|dir| dir.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|lib| lib.exists())
+        .expect("libfaketime is required for these tests (scripts/services.sh installs Debian's faketime)");
+    [
+        ("LD_PRELOAD", lib.to_string_lossy().into_owned()),
+        ("FAKETIME", offset.to_string()),
+        // Intervals (leases, timeouts) keep their length; only the wall clock is off.
+        ("DONT_FAKE_MONOTONIC", "1".to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec()
+}

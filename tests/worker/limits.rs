@@ -277,8 +277,10 @@ async fn a_worker_whose_clock_is_a_day_ahead_cannot_hold_latest_back() {
     let setup = Setup::new().await;
     let events = Events::listen(&setup.vhost).await;
     let publisher = Publisher::new(&setup.vhost).await;
-    let mut ahead_env = setup.env(&[]);
-    ahead_env.wrapper = vec!["faketime".into(), "-f".into(), "+1d".into()];
+    // The clock check off, and a local store (no signatures): this worker trains, and what is
+    // tested is that its clock names nothing.
+    let mut ahead_env = setup.env(&[("WORKER_MAX_CLOCK_SKEW_SECONDS", "0")]);
+    ahead_env.extra.extend(clock_offset("+1d"));
     let mut ahead = ahead_env.spawn("ahead");
     ahead.wait_ready(MINUTE).await;
     let first = publisher.request("from-tomorrow").await;
@@ -303,3 +305,56 @@ async fn a_worker_whose_clock_is_a_day_ahead_cannot_hold_latest_back() {
         serde_json::from_slice(&std::fs::read(setup.store.path().join("content-based/latest.json")).unwrap()).unwrap();
     assert_eq!(latest["version"], v2, "latest.json names the newer version");
 }
+
+#[tokio::test]
+async fn a_worker_whose_clock_is_a_day_ahead_claims_no_run_says_why_and_still_records_requests() {
+    let _serial = serial().await;
+    let setup = Setup::new().await;
+    let s3 = crate::s3::S3Server::start();
+    let events = Events::listen(&setup.vhost).await;
+    let publisher = Publisher::new(&setup.vhost).await;
+    let mut ahead_env = setup.env(&[]);
+    crate::use_s3(&mut ahead_env, &s3);
+    let normal_env = ahead_env.clone();
+    ahead_env.extra.extend(clock_offset("+1d"));
+    let ahead = ahead_env.spawn("ahead");
+    let (status, body) = eventually(MINUTE, "the day-ahead worker's first clock comparison", || async {
+        ahead.readyz().await.filter(|(_, body)| !body["clock_skew_seconds"].is_null())
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["clock"], false, "{body}");
+    let skew = body["clock_skew_seconds"].as_f64().unwrap();
+    assert!((skew - 86_400.0).abs() < 60.0, "a day ahead: {skew} s");
+    assert!(ahead.metrics().await.contains("audotics_clock_skew_exceeded 1"));
+    assert_eq!(ahead.log_lines(CLOCK_OFF).len(), 1, "said once, with the figures: {}", ahead.log_text());
+
+    // The only consumer is the day-ahead worker: it records the request (acked) but claims no run.
+    let id = publisher.request("while-only-tomorrow-listens").await;
+    let recorded = format!("SELECT count(*) FROM audotics_trainer.retrain_requests WHERE event_id = '{id}'");
+    eventually(MINUTE, "the request recorded by the day-ahead worker", || async {
+        (setup.db.count(&recorded).await == 1).then_some(())
+    })
+    .await;
+    let mut normal = normal_env.spawn("normal");
+    normal.wait_ready(MINUTE).await;
+    events.wait_satisfied(std::slice::from_ref(&id), 2 * MINUTE).await;
+    let ready = events.events("model-ready");
+    assert_eq!(ready.len(), 1, "{ready:#?}");
+    assert!(ahead.log_lines("run claimed").is_empty(), "{}", ahead.log_text());
+    assert_eq!(normal.log_lines("run claimed").len(), 1);
+    let failed = "SELECT count(*) FROM audotics_trainer.run_jobs WHERE attempts > 1";
+    assert_eq!(setup.db.count(failed).await, 0, "no attempt was spent on the day-ahead worker");
+    // Its clock is faked inside the worker itself, so SIGTERM reaches it: a clean exit.
+    let mut ahead = ahead;
+    ahead.signal("TERM");
+    let status = ahead.wait_exit(MINUTE).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {}", ahead.log_text());
+    eprintln!(
+        "figures: skew measured {skew:.1} s (a day: 86400), not ready, no run claimed; published by the other worker"
+    );
+}
+
+const CLOCK_OFF: &str = "this worker's clock is off the database's by more than WORKER_MAX_CLOCK_SKEW_SECONDS: it claims no \
+                         run until it is corrected (S3 refuses requests signed at the wrong time); fix the host's time \
+                         synchronisation (NTP)";

@@ -13,6 +13,8 @@ pub struct Slot {
     pub generation: u32,
     /// `None` between a kill and the restart.
     pub worker: Option<Worker>,
+    /// The worker runs with its clock a day ahead (until a later fault, or the heal, replaces it).
+    pub clock_ahead: bool,
 }
 
 pub struct Cluster {
@@ -77,7 +79,7 @@ impl Cluster {
             logs: Some(logs),
         };
         for i in 1..=profile.workers {
-            cluster.slots.push(Slot { base: format!("w{i}"), generation: 0, worker: None });
+            cluster.slots.push(Slot { base: format!("w{i}"), generation: 0, worker: None, clock_ahead: false });
             cluster.respawn(i - 1);
         }
         for slot in &mut cluster.slots {
@@ -91,12 +93,14 @@ impl Cluster {
         self.respawn_with(i, Vec::new());
     }
 
-    /// Starts slot `i` again under `wrapper` (e.g. `faketime -f +1d`).
-    pub fn respawn_with(&mut self, i: usize, wrapper: Vec<String>) {
+    /// Starts slot `i` again with `extra` settings (e.g. [`clock_offset`]'s).
+    pub fn respawn_with(&mut self, i: usize, extra: Vec<(String, String)>) {
         let slot = &mut self.slots[i];
         slot.generation += 1;
+        slot.clock_ahead = !extra.is_empty();
         let name = format!("{}-g{}", slot.base, slot.generation);
-        let env = WorkerEnv { wrapper, ..self.env.clone() };
+        let mut env = self.env.clone();
+        env.extra.extend(extra);
         slot.worker = Some(env.spawn(&name));
     }
 
@@ -123,8 +127,33 @@ impl Cluster {
                     self.unclean_shutdowns.push(format!("{} exited on its own:\n{}", w.name, tail(&w.log_text())));
                 }
                 self.respawn(i);
+            } else if self.slots[i].clock_ahead {
+                // The clock is corrected: as a pod is, by a restart on a host whose time is right.
+                self.sigterm_and_respawn(i).await;
             }
         }
+    }
+
+    /// SIGTERM slot `i`'s worker (it must exit 0 within its grace period) and start another.
+    pub async fn sigterm_and_respawn(&mut self, i: usize) -> String {
+        self.sigterm_and_respawn_with(i, Vec::new()).await
+    }
+
+    /// As [`Self::sigterm_and_respawn`], the new worker with `extra` settings.
+    pub async fn sigterm_and_respawn_with(&mut self, i: usize, extra: Vec<(String, String)>) -> String {
+        let mut worker = self.slots[i].worker.take().unwrap();
+        worker.signal("TERM");
+        match worker.wait_exit(self.grace + Duration::from_secs(5)).await {
+            Some(status) if status.success() => {}
+            other => self.unclean_shutdowns.push(format!(
+                "{}: {other:?} after SIGTERM (grace {:?}):\n{}",
+                worker.name,
+                self.grace,
+                tail(&worker.log_text())
+            )),
+        }
+        self.respawn_with(i, extra);
+        worker.name.clone()
     }
 
     /// Each live worker, and whether `/readyz` answered 200 within a minute.

@@ -40,6 +40,8 @@ pub struct Profile {
     /// How long the drain may take before what is still unanswered counts as lost.
     pub drain_seconds: u64,
     pub lease_seconds: u64,
+    /// Only these faults (their names in the report, e.g. `worker clock a day ahead`); empty: all.
+    pub only: Vec<String>,
     #[serde(skip)]
     pub report: Option<PathBuf>,
 }
@@ -69,6 +71,9 @@ impl Profile {
             max_outage: env_or("CHAOS_MAX_OUTAGE", 12),
             drain_seconds: env_or("CHAOS_DRAIN_SECONDS", 150),
             lease_seconds: 6,
+            only: std::env::var("CHAOS_ONLY")
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default(),
             report: std::env::var_os("CHAOS_REPORT").map(PathBuf::from),
         }
     }

@@ -60,16 +60,24 @@ const WEIGHTS: &[(Kind, u32)] = &[
     (Kind::DirtyRows, 1),
     (Kind::PoisonRequest, 1),
     (Kind::DatabaseStall, 2),
-    // Off until its findings are fixed (RELIABILITY.md, long run of 2026-12-04): a worker a day
-    // ahead signs S3 requests the server refuses, and `faketime` does not pass SIGTERM on.
-    (Kind::ClockAhead, 0),
+    (Kind::ClockAhead, 1),
     (Kind::EventsExchangeDeleted, 1),
 ];
 
-fn draw(rng: &mut ChaCha8Rng) -> Kind {
-    let total: u32 = WEIGHTS.iter().map(|(_, w)| w).sum();
+/// The weights in force: all of them, or only the kinds `only` names (`CHAOS_ONLY`, by
+/// [`Kind::name`]), to replay one kind of fault many times.
+fn weights(only: &[String]) -> Vec<(Kind, u32)> {
+    let chosen: Vec<(Kind, u32)> =
+        WEIGHTS.iter().copied().filter(|(k, _)| only.is_empty() || only.iter().any(|o| o == k.name())).collect();
+    let known: Vec<&str> = WEIGHTS.iter().map(|(k, _)| k.name()).collect();
+    assert!(!chosen.is_empty(), "CHAOS_ONLY={only:?} names no fault; the faults are {known:?}");
+    chosen
+}
+
+fn draw(rng: &mut ChaCha8Rng, weights: &[(Kind, u32)]) -> Kind {
+    let total: u32 = weights.iter().map(|(_, w)| w).sum();
     let mut pick = rng.random_range(0..total);
-    for (kind, weight) in WEIGHTS {
+    for (kind, weight) in weights {
         if pick < *weight {
             return *kind;
         }
@@ -99,13 +107,14 @@ pub async fn run(cluster: &mut Cluster, profile: &Profile, deadline: Instant) ->
     let mut rng = ChaCha8Rng::seed_from_u64(profile.seed);
     let mut injected = Injected::default();
     let mut sequence = 0u64;
+    let weights = weights(&profile.only);
     loop {
         let gap = Duration::from_secs_f64(profile.fault_gap * rng.random_range(0.5..1.5));
         tokio::time::sleep(gap).await;
         if Instant::now() >= deadline {
             return injected;
         }
-        let kind = draw(&mut rng);
+        let kind = draw(&mut rng, &weights);
         sequence += 1;
         let started = Instant::now();
         let what = inject(cluster, profile, &mut rng, kind, sequence, &mut injected.malformed).await;
@@ -138,22 +147,7 @@ async fn inject(
             cluster.respawn(target);
             worker.name.clone()
         }
-        Kind::Sigterm => {
-            let mut worker = cluster.slots[target].worker.take().unwrap();
-            worker.signal("TERM");
-            let limit = cluster.grace + Duration::from_secs(5);
-            match worker.wait_exit(limit).await {
-                Some(status) if status.success() => {}
-                other => cluster.unclean_shutdowns.push(format!(
-                    "{}: {other:?} after SIGTERM (grace {:?}):\n{}",
-                    worker.name,
-                    cluster.grace,
-                    super::cluster::tail(&worker.log_text())
-                )),
-            }
-            cluster.respawn(target);
-            worker.name.clone()
-        }
+        Kind::Sigterm => cluster.sigterm_and_respawn(target).await,
         Kind::BrokerRestart => {
             let down = seconds(rng, 0.0, 4.0);
             tokio::task::block_in_place(|| rabbitmqctl(&["stop_app"]));
@@ -164,10 +158,20 @@ async fn inject(
             });
             format!("down {:.1} s", down.as_secs_f64())
         }
-        Kind::DatabaseOutage => {
-            cluster.proxy.cut();
+        // Connections refused, or (a stall) packets dropped with nothing closed.
+        Kind::DatabaseOutage | Kind::DatabaseStall => {
+            let stall = kind == Kind::DatabaseStall;
+            if stall {
+                cluster.proxy.stall()
+            } else {
+                cluster.proxy.cut()
+            }
             tokio::time::sleep(outage).await;
-            cluster.proxy.restore();
+            if stall {
+                cluster.proxy.unstall()
+            } else {
+                cluster.proxy.restore()
+            }
             format!("{:.1} s", outage.as_secs_f64())
         }
         Kind::S3Outage => {
@@ -198,20 +202,11 @@ async fn inject(
             malformed.push(sent);
             what
         }
-        Kind::DatabaseStall => {
-            cluster.proxy.stall();
-            tokio::time::sleep(outage).await;
-            cluster.proxy.unstall();
-            format!("{:.1} s", outage.as_secs_f64())
-        }
         Kind::ClockAhead => {
-            // Replaced by a worker whose clock reads tomorrow; it stays until a later fault ends it.
-            let mut worker = cluster.slots[target].worker.take().unwrap();
-            worker.signal("TERM");
-            let _ = worker.wait_exit(cluster.grace + Duration::from_secs(5)).await;
-            let faketime = vec!["faketime".to_string(), "-f".to_string(), "+1d".to_string()];
-            cluster.respawn_with(target, faketime);
-            format!("{} replaced by {}", worker.name, cluster.slots[target].worker.as_ref().unwrap().name)
+            // Replaced by a worker whose clock reads tomorrow; it stays until a later fault (or the
+            // heal) ends it. It must claim no run (S3 would refuse it) and still record requests.
+            let before = cluster.sigterm_and_respawn_with(target, crate::harness::clock_offset("+1d")).await;
+            format!("{before} replaced by {}", cluster.slots[target].worker.as_ref().unwrap().name)
         }
         Kind::EventsExchangeDeleted => {
             // What an operator's mistake does: the exchange goes, with every binding to and from it.
