@@ -38,6 +38,9 @@ pub struct DataSummary {
     pub mining: MiningStats,
     pub training_user_tracks: usize,
     pub heldout_user_tracks: usize,
+    /// How the held-out listens were chosen (absent before time-ordered hold-outs: random).
+    #[serde(default)]
+    pub holdout: crate::train::HoldoutSummary,
     pub watermark: Watermark,
 }
 
@@ -58,7 +61,7 @@ pub struct ModelMetadata {
     pub num_tracks: usize,
     pub embedding_size: usize,
     pub training_history: History,
-    /// The last epoch's held-out ranking metrics.
+    /// The published (best) epoch's held-out ranking metrics.
     pub final_metrics: RankingMetrics,
     pub baselines: Baselines,
     pub architecture: serde_json::Value,
@@ -68,7 +71,18 @@ pub struct ModelMetadata {
     pub device: String,
     pub seed: u64,
     pub trainer_version: String,
+    /// Epochs trained (the run may have stopped early; see `stop_reason`).
     pub epochs_completed: usize,
+    /// The epoch whose weights these are: the best validation Recall@10 (`final_metrics` are its).
+    /// 0 in versions published before best-epoch selection (their weights are the last epoch's).
+    #[serde(default)]
+    pub best_epoch: usize,
+    /// Why training ended: `max_epochs` or `early_stopping`.
+    #[serde(default)]
+    pub stop_reason: crate::train::StopReason,
+    /// The quality gate's verdict on this version (absent before the gate had floors).
+    #[serde(default)]
+    pub quality_gate: Option<crate::job::gate::GateReport>,
 }
 
 impl ModelMetadata {

@@ -195,6 +195,9 @@ mod tests {
             seed: 1,
             eval_users: 10,
             max_validation_pairs: 10,
+            holdout: crate::train::Holdout::Random,
+            patience: 0,
+            min_delta: 0.0,
         }
     }
 

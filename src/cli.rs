@@ -13,7 +13,7 @@ use crate::model::EncoderConfig;
 use crate::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
 use crate::storage::ModelStore;
 use crate::telemetry::LogFormat;
-use crate::train::TrainConfig;
+use crate::train::{Holdout, TrainConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "audotics-trainer", version, about = "Trains the Audotics content-based track embedding model")]
@@ -216,6 +216,26 @@ pub struct TrainArgs {
     /// Validation loss over at most this many held-out pairs.
     #[arg(long, env = "AUDOTICS_MAX_VALIDATION_PAIRS", default_value_t = 20_000, value_parser = at_least_one)]
     pub max_validation_pairs: usize,
+    /// Which listens are held out for evaluation: time (the newest share of the history; predict each
+    /// user's next new tracks) or random (a seeded share of each user's tracks, for data without
+    /// meaningful timestamps). Unset: time when training from the database, random otherwise.
+    #[arg(long, env = "AUDOTICS_HOLDOUT", value_enum)]
+    pub holdout: Option<Holdout>,
+    /// Stop after this many epochs without a validation Recall@10 better than the best by more than
+    /// --min-delta; the best epoch's weights are published either way (0: train every epoch).
+    #[arg(long, env = "AUDOTICS_PATIENCE", default_value_t = 5)]
+    pub patience: usize,
+    /// The smallest Recall@10 gain that counts as an improvement (absolute, ≥ 0).
+    #[arg(long, env = "AUDOTICS_MIN_DELTA", default_value_t = 0.0, value_parser = non_negative_finite, allow_negative_numbers = true)]
+    pub min_delta: f64,
+    /// Quality gate: a version is published only when its Recall@10 beats popularity and the raw
+    /// features each by this share (0.1 = 10 %) and by two standard errors (≥ 0).
+    #[arg(long, env = "AUDOTICS_MIN_LIFT", default_value_t = 0.1, value_parser = non_negative_finite, allow_negative_numbers = true)]
+    pub min_lift: f64,
+    /// Quality gate: whether the floors (popularity, raw features) decide publication: true or false.
+    /// Off, they are still computed and recorded; for experiments and tests of the machinery.
+    #[arg(long, env = "AUDOTICS_QUALITY_FLOORS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub quality_floors: bool,
     /// PostgreSQL URL of the platform's database; without it, training uses synthetic data.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -303,7 +323,21 @@ impl TrainArgs {
             seed: self.seed,
             eval_users: self.eval_users,
             max_validation_pairs: self.max_validation_pairs,
+            holdout: self.holdout.unwrap_or_default(),
+            patience: self.patience,
+            min_delta: self.min_delta,
         }
+    }
+
+    /// The run settings for data read from the platform's database (`from_database`) or not: the
+    /// hold-out defaults to time-ordered for the database's timestamped history.
+    pub fn train_config_for(&self, from_database: bool) -> TrainConfig {
+        let holdout = match (self.holdout, from_database) {
+            (Some(h), _) => h,
+            (None, true) => Holdout::Time,
+            (None, false) => Holdout::Random,
+        };
+        TrainConfig { holdout, ..self.train_config() }
     }
 }
 
@@ -435,7 +469,7 @@ async fn retrain(args: RetrainArgs) -> anyhow::Result<ExitCode> {
 async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCode> {
     let url = args.train.database_url.clone().ok_or_else(|| anyhow::anyhow!("--database-url is required"))?;
     let pool = crate::db::connect(&url).await?;
-    let config = args.train.train_config();
+    let config = args.train.train_config_for(true);
     let options = crate::db::load::LoadOptions {
         playlists: args.train.playlists,
         positive_kinds: config.positive_kinds.clone(),
@@ -499,7 +533,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let job = TrainJob {
         model: args.model.clone(),
-        config: args.train_config(),
+        config: args.train_config_for(matches!(data, DataSpec::Postgres(_))),
         data,
         database_url: args.database_url.clone(),
         pool: None,
@@ -513,6 +547,8 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         run_id: None,
         lease_token: None,
         quality_tolerance: None,
+        min_lift: args.min_lift,
+        quality_floors: args.quality_floors,
         show_progress: !args.no_progress,
         stop,
         memory_budget: crate::resources::MemoryBudget::detect(None),
@@ -521,15 +557,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         RunOutcome::Published(p) => {
             let m = &p.metadata;
             println!("model {} version {} (run {})", m.model_name, p.version, p.run_id);
-            println!(
-                "Recall@10 {:.4}  NDCG@10 {:.4}  | raw-feature baseline {:.4} / {:.4} | popularity {:.4} / {:.4}",
-                m.final_metrics.recall_at_10,
-                m.final_metrics.ndcg_at_10,
-                m.baselines.raw_features.recall_at_10,
-                m.baselines.raw_features.ndcg_at_10,
-                m.baselines.popularity.recall_at_10,
-                m.baselines.popularity.ndcg_at_10,
-            );
+            print_scores(m);
             for (name, url) in &p.artifacts {
                 println!("  {name}: {url}");
             }
@@ -540,6 +568,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(3))
         }
         RunOutcome::Rejected(r) => {
+            print_scores(&r.metadata);
             println!("not published (run {}): {}", r.run_id, r.reason);
             Ok(ExitCode::from(4))
         }
@@ -554,6 +583,34 @@ async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(130))
         }
     }
+}
+
+/// The version's held-out figures beside the baselines', on the same held-out listens.
+fn print_scores(m: &crate::artifacts::ModelMetadata) {
+    let f = &m.final_metrics;
+    println!(
+        "Recall@10 {:.4} ± {:.4}  NDCG@10 {:.4}  (epoch {} of {} trained, {}; {} hold-out, {} pairs)",
+        f.recall_at_10,
+        f.recall_at_10_se,
+        f.ndcg_at_10,
+        m.best_epoch,
+        m.epochs_completed,
+        m.stop_reason.as_str(),
+        m.data.holdout.kind.as_str(),
+        f.heldout
+    );
+    let b = &m.baselines;
+    println!(
+        "baselines, Recall@10 / NDCG@10: item-CF {:.4} / {:.4} | popularity {:.4} / {:.4} | raw features {:.4} / {:.4} | random {:.4} / {:.4}",
+        b.item_cf.recall_at_10,
+        b.item_cf.ndcg_at_10,
+        b.popularity.recall_at_10,
+        b.popularity.ndcg_at_10,
+        b.raw_features.recall_at_10,
+        b.raw_features.ndcg_at_10,
+        b.random.recall_at_10,
+        b.random.ndcg_at_10,
+    );
 }
 
 /// First Ctrl-C/SIGTERM: stop at the next batch boundary (a checkpoint is written). Second: exit now.

@@ -36,6 +36,83 @@ pub struct TrainConfig {
     pub eval_users: usize,
     /// Validation loss over at most this many held-out pairs.
     pub max_validation_pairs: usize,
+    /// Which listens are held out for evaluation. Runs recorded before this setting existed held
+    /// out a random share per user.
+    #[serde(default)]
+    pub holdout: Holdout,
+    /// Stop after this many epochs without a validation Recall@10 better than the best by more
+    /// than `min_delta` (0: train every epoch). Runs recorded before it existed never stopped early.
+    #[serde(default)]
+    pub patience: usize,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+impl TrainConfig {
+    /// Whether a run with this history stops here (see [`should_stop_early`]).
+    pub fn early_stop(&self, history: &History) -> bool {
+        should_stop_early(&history.recall_at_10, self.patience, self.min_delta)
+    }
+}
+
+/// How the held-out listens are chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Holdout {
+    /// A seeded share of each user's distinct positive tracks (data without meaningful timestamps).
+    #[default]
+    Random,
+    /// The newest share of the history by timestamp: predict each user's next new tracks.
+    Time,
+}
+
+impl Holdout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Holdout::Random => "random",
+            Holdout::Time => "time",
+        }
+    }
+}
+
+/// Why training ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Every epoch of `epochs` was trained.
+    #[default]
+    MaxEpochs,
+    /// `patience` epochs passed without an improvement larger than `min_delta`.
+    EarlyStopping,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::MaxEpochs => "max_epochs",
+            StopReason::EarlyStopping => "early_stopping",
+        }
+    }
+}
+
+/// The epoch (1-based) whose weights are published: the first to reach the best validation
+/// Recall@10, where an epoch counts as better only when it beats the best so far by more than
+/// `min_delta`. `None` before the first epoch.
+pub fn best_epoch(recall_at_10: &[f64], min_delta: f64) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, &r) in recall_at_10.iter().enumerate() {
+        match best {
+            Some((_, b)) if r <= b + min_delta => {}
+            _ => best = Some((i + 1, r)),
+        }
+    }
+    best.map(|(epoch, _)| epoch)
+}
+
+/// Whether a run with these curves stops now: `patience` epochs have passed since the best one. A
+/// function of the history alone, so a resumed run stops at the same epoch.
+pub fn should_stop_early(recall_at_10: &[f64], patience: usize, min_delta: f64) -> bool {
+    patience > 0 && best_epoch(recall_at_10, min_delta).is_some_and(|best| recall_at_10.len() - best >= patience)
 }
 
 /// The data in the form training needs, derived deterministically from a [`Dataset`].
@@ -49,6 +126,30 @@ pub struct PreparedData {
     /// Training users per track (popularity).
     pub track_counts: Vec<u32>,
     pub validation_pairs: Vec<[u32; 2]>,
+    /// How the held-out listens were chosen.
+    pub holdout: HoldoutSummary,
+}
+
+/// The hold-out as metadata, the model card and logs report it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutSummary {
+    pub kind: Holdout,
+    /// The share asked for (`--validation-split`): of each user's tracks (random) or of the
+    /// timestamped positive interactions (time).
+    pub fraction: f64,
+    /// Time hold-out: listens at or after this instant (RFC 3339) are held out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutoff: Option<String>,
+    /// Time hold-out: positives in the held-out period, and those dropped because the track was not
+    /// new to the user or the user had fewer than two training tracks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_period_positives: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_known_tracks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_cold_users: Option<usize>,
+    /// Held-out (user, track) pairs.
+    pub heldout_pairs: usize,
 }
 
 impl PreparedData {
@@ -57,11 +158,34 @@ impl PreparedData {
         let n = dataset.catalogue.len();
         let features =
             Tensor::from_vec(standardizer.apply_all(&dataset.catalogue.features), (n, NUM_FEATURES), device)?;
-        let index = CoListenIndex::build(&dataset.interactions, &config.positive_kinds);
-        let (train, heldout) = index.split(config.validation_split, config.seed);
+        let (mining, train, heldout, mut holdout) = match config.holdout {
+            Holdout::Random => {
+                let index = CoListenIndex::build(&dataset.interactions, &config.positive_kinds);
+                let (train, heldout) = index.split(config.validation_split, config.seed);
+                (index.stats, train, heldout, HoldoutSummary::default())
+            }
+            Holdout::Time => {
+                let split =
+                    pairs::split_by_time(&dataset.interactions, &config.positive_kinds, config.validation_split);
+                let cutoff = (split.cutoff_ms != i64::MAX)
+                    .then(|| chrono::DateTime::from_timestamp_millis(split.cutoff_ms).map(|t| t.to_rfc3339()))
+                    .flatten();
+                let summary = HoldoutSummary {
+                    cutoff,
+                    heldout_period_positives: Some(split.heldout_period_positives),
+                    dropped_known_tracks: Some(split.heldout_known_tracks),
+                    dropped_cold_users: Some(split.heldout_cold_user_tracks),
+                    ..HoldoutSummary::default()
+                };
+                (split.index.stats, split.index.tracks, split.heldout, summary)
+            }
+        };
+        holdout.kind = config.holdout;
+        holdout.fraction = config.validation_split;
+        holdout.heldout_pairs = heldout.len();
         let track_counts = pairs::track_counts(&train, n);
         let validation_pairs = pairs::validation_pairs(&train, &heldout, config.max_validation_pairs, config.seed);
-        Ok(Self { standardizer, features, mining: index.stats, train, heldout, track_counts, validation_pairs })
+        Ok(Self { standardizer, features, mining, train, heldout, track_counts, validation_pairs, holdout })
     }
 
     pub fn num_tracks(&self) -> usize {
@@ -169,11 +293,21 @@ pub trait TrainObserver {
     }
 }
 
-/// Reference metrics of the untrained baselines, computed once per run.
+/// Reference metrics of what a platform could run instead of the model, on the same held-out
+/// listens, computed once per run.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Baselines {
+    /// Standardised raw features as embeddings.
     pub raw_features: RankingMetrics,
+    /// Training users per track.
     pub popularity: RankingMetrics,
+    /// Item-based collaborative filtering: cosine-normalised co-occurrence of training positives,
+    /// queried with the user's training tracks. Absent from versions published before it existed.
+    #[serde(default)]
+    pub item_cf: RankingMetrics,
+    /// Seeded random scores: the floor of floors.
+    #[serde(default)]
+    pub random: RankingMetrics,
 }
 
 /// The trainer for one run: data, settings and the fixed evaluation set.
@@ -226,6 +360,8 @@ impl<'a> Trainer<'a> {
         Ok(Baselines {
             raw_features: self.eval.evaluate_embeddings(&raw)?,
             popularity: self.eval.evaluate_global_scores(&popularity),
+            item_cf: self.eval.evaluate_item_cf(self.data.num_tracks()),
+            random: self.eval.evaluate_random(self.data.num_tracks(), self.config.seed),
         })
     }
 
@@ -533,6 +669,9 @@ mod tests {
             seed: 5,
             eval_users: 20,
             max_validation_pairs: 100,
+            holdout: Holdout::Random,
+            patience: 0,
+            min_delta: 0.0,
         };
         (dataset, config)
     }
@@ -593,5 +732,32 @@ mod tests {
         assert_eq!(weights(&resumed), weights(&straight), "resumed weights differ from the uninterrupted run");
         assert_eq!(resumed.history.loss, straight.history.loss);
         assert_eq!(resumed.history.recall_at_10, straight.history.recall_at_10);
+    }
+
+    #[test]
+    fn the_best_epoch_is_the_first_to_reach_the_best_recall_by_more_than_min_delta() {
+        let curve = [0.10, 0.14, 0.15, 0.149, 0.1505, 0.12];
+        assert_eq!(best_epoch(&curve, 0.0), Some(5));
+        // 0.1505 beats 0.15 by less than 0.001: epoch 3 stays the best.
+        assert_eq!(best_epoch(&curve, 0.001), Some(3));
+        assert_eq!(best_epoch(&[], 0.0), None);
+        // A tie is no improvement: the first epoch to reach it is kept.
+        assert_eq!(best_epoch(&[0.2, 0.2, 0.2], 0.0), Some(1));
+    }
+
+    #[test]
+    fn early_stopping_stops_patience_epochs_after_the_planted_peak() {
+        // Peak at epoch 4, then a plateau just under it.
+        let curve = [0.05, 0.08, 0.10, 0.12, 0.119, 0.118, 0.1195, 0.117, 0.116];
+        let stopped_at = (1..=curve.len()).find(|&n| should_stop_early(&curve[..n], 3, 0.0));
+        assert_eq!(stopped_at, Some(7), "epoch 4 + patience 3");
+        assert!((1..=curve.len()).all(|n| !should_stop_early(&curve[..n], 0, 0.0)), "patience 0 never stops");
+        // Creeping gains: with min_delta 0 every epoch is the best and the run never stops; with
+        // 0.025 only epoch 2 (0.08 > 0.05 + 0.025) counts, and patience 3 stops it at epoch 5.
+        let creeping = [0.05, 0.08, 0.10, 0.101, 0.102, 0.103, 0.104];
+        assert!((1..=creeping.len()).all(|n| !should_stop_early(&creeping[..n], 3, 0.0)));
+        assert_eq!(best_epoch(&creeping, 0.025), Some(2));
+        let stopped_at = (1..=creeping.len()).find(|&n| should_stop_early(&creeping[..n], 3, 0.025));
+        assert_eq!(stopped_at, Some(5));
     }
 }

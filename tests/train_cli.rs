@@ -17,6 +17,9 @@ const SMALL: &[(&str, &str)] = &[
     ("--synthetic-interactions", "8000"),
     ("--batch-size", "32"),
     ("--embedding-size", "16"),
+    // Models trained for seconds are for testing the machinery: the floors are recorded, not
+    // enforced (the floor test sets them on).
+    ("--quality-floors", "false"),
 ];
 
 /// `train` arguments: `extra` (flag/value pairs or lone flags) plus every SMALL flag it does not set.
@@ -128,6 +131,9 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
         "device",
         "seed",
         "trainer_version",
+        "best_epoch",
+        "stop_reason",
+        "quality_gate",
     ] {
         assert!(meta.get(key).is_some(), "metadata lacks {key}");
     }
@@ -155,7 +161,10 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
     assert_eq!(weights["dense_2.kernel"].dims(), &[16, 16]);
     assert_eq!(weights["batch_normalization.moving_variance"].dims(), &[11]);
 
-    // A checkpoint per epoch under the run, of which the newest two (--keep-checkpoints) are kept.
+    // A checkpoint per epoch under the run, of which the newest two (--keep-checkpoints) are kept,
+    // and the best epoch's (the published weights).
+    let best = meta["best_epoch"].as_u64().unwrap() as usize;
+    assert!((1..=3).contains(&best), "{best}");
     let runs: Vec<PathBuf> =
         std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(runs.len(), 1);
@@ -164,7 +173,10 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     checkpoints.sort();
-    assert_eq!(checkpoints, ["epoch-0002.safetensors", "epoch-0003.safetensors"]);
+    let mut expected: Vec<String> = [best, 2, 3].iter().map(|e| format!("epoch-{e:04}.safetensors")).collect();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(checkpoints, expected);
 }
 
 #[test]
@@ -209,9 +221,18 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
 
     let run_dir = std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
     let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
-    let out = trainer(&["train", "--output", dir.path().to_str().unwrap(), "--resume", &run_id, "--no-progress"])
-        .output()
-        .unwrap();
+    let out = trainer(&[
+        "train",
+        "--output",
+        dir.path().to_str().unwrap(),
+        "--resume",
+        &run_id,
+        "--no-progress",
+        "--quality-floors",
+        "false",
+    ])
+    .output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("resumed from checkpoint"), "{stderr}");
@@ -274,4 +295,83 @@ fn cosine_loss_collapses_while_contrastive_does_not() {
     // cosine objective squeezes what is left to nothing, the contrastive one keeps it.
     assert!(collapsed > 0.999, "cosine objective: mean pairwise cosine {collapsed}");
     assert!(1.0 - healthy > 10.0 * (1.0 - collapsed), "contrastive {healthy} vs cosine {collapsed}");
+}
+
+/// Early stopping and best-epoch selection on a real run: the run stops `patience` epochs after its
+/// best Recall@10, publishes that epoch's figures, and a run killed part-way and resumed stops at the
+/// same epoch with the same weights.
+#[test]
+fn early_stopping_publishes_the_best_epoch_and_a_resumed_run_stops_at_the_same_epoch() {
+    // Patience 2 and a high learning rate: the curve peaks and the run stops well before 60.
+    let flags = ["--epochs", "60", "--patience", "2", "--synthetic-interactions", "40000", "--learning-rate", "0.01"];
+    let reference = tempfile::tempdir().unwrap();
+    train(reference.path(), &flags);
+    let meta = metadata(&only_version(reference.path()));
+    assert_eq!(meta["stop_reason"], "early_stopping", "{}", meta["training_history"]["recall_at_10"]);
+    let curve: Vec<f64> =
+        meta["training_history"]["recall_at_10"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let (trained, best) =
+        (meta["epochs_completed"].as_u64().unwrap() as usize, meta["best_epoch"].as_u64().unwrap() as usize);
+    assert_eq!(curve.len(), trained);
+    assert_eq!(trained, best + 2, "stopped two epochs (the patience) after the best: {curve:?}");
+    let max = curve.iter().cloned().fold(f64::MIN, f64::max);
+    assert_eq!(curve[best - 1], max, "the best epoch has the best Recall@10: {curve:?}");
+    assert!(curve[trained - 1] <= max);
+    assert_eq!(
+        meta["final_metrics"]["recall_at_10"].as_f64().unwrap(),
+        max,
+        "the published figures are the best epoch's"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut child =
+        trainer(&train_args(dir.path(), &flags)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(dir.path(), 1, &mut child);
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run_dir = std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let out = trainer(&[
+        "train",
+        "--output",
+        dir.path().to_str().unwrap(),
+        "--resume",
+        &run_id,
+        "--no-progress",
+        "--quality-floors",
+        "false",
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = metadata(&only_version(dir.path()));
+    assert_eq!(
+        (resumed["epochs_completed"].clone(), resumed["best_epoch"].clone()),
+        (meta["epochs_completed"].clone(), meta["best_epoch"].clone())
+    );
+    assert_same_tensors(
+        &tensors(&only_version(reference.path()).join("weights.safetensors")),
+        &tensors(&only_version(dir.path()).join("weights.safetensors")),
+    );
+    eprintln!("figures: stopped after {trained} epochs, best epoch {best}; curve {curve:?}");
+}
+
+/// A model that does not beat popularity is not published, even as the model's first version: the
+/// run says which floor failed, with the figures, and exits 4.
+#[test]
+fn a_model_that_loses_to_popularity_is_not_published_even_as_the_first_version() {
+    let dir = tempfile::tempdir().unwrap();
+    // One epoch at a learning rate too small to move the weights: an untrained encoder.
+    let flags = ["--epochs", "1", "--learning-rate", "0.0000001", "--quality-floors", "true"];
+    let out = trainer(&train_args(dir.path(), &flags)).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("not published") && stdout.contains("popularity's"), "{stdout}");
+    assert!(!dir.path().join("content-based/versions").exists(), "nothing is uploaded");
+    assert!(!dir.path().join("content-based/latest.json").exists());
+    eprintln!(
+        "figures: {}",
+        stdout.lines().filter(|l| !l.trim_start().starts_with("not")).collect::<Vec<_>>().join(" / ")
+    );
 }

@@ -107,7 +107,7 @@ def main():
         "load": span("run started", "platform data loaded"),
         # standardisation, per-user split, the pair-mining index, trainer set-up
         "pair_mining_prep": span("data loaded", "data prepared"),
-        # raw-feature and popularity Recall@10 over the evaluation users
+        # random, popularity, raw-feature and item-CF Recall@10 over the evaluation users
         "baselines": span("data prepared", "baselines"),
         # every epoch: sample pairs, train, validation loss, embed all tracks, Recall@10, checkpoint
         "training": span("baselines", "last epoch"),

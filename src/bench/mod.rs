@@ -274,6 +274,9 @@ fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> TrainCon
         seed: args.seed,
         eval_users: 2_000,
         max_validation_pairs: 20_000,
+        holdout: crate::train::Holdout::Random,
+        patience: 0,
+        min_delta: 0.0,
     }
 }
 

@@ -54,27 +54,64 @@ pub fn markdown(m: &ModelMetadata) -> String {
         );
     }
     let _ = writeln!(s, "## Metrics\n");
+    let ho = &d.holdout;
+    let holdout = match (ho.kind, &ho.cutoff) {
+        (crate::train::Holdout::Time, Some(cutoff)) => format!(
+            "**time-ordered**: the newest {:.0} % of the positive listens (from {cutoff}) are held out; a held-out pair is a \
+             track new to a user with at least two earlier tracks ({} pairs; {} re-listens of known tracks and {} tracks \
+             of users with too little history dropped)",
+            ho.fraction * 100.0,
+            ho.heldout_pairs,
+            ho.dropped_known_tracks.unwrap_or(0),
+            ho.dropped_cold_users.unwrap_or(0),
+        ),
+        (crate::train::Holdout::Time, None) => "**time-ordered**, but nothing was held out".to_string(),
+        (crate::train::Holdout::Random, _) => format!(
+            "**random**: a seeded {:.0} % of each user's tracks are held out ({} pairs; for data without meaningful timestamps)",
+            ho.fraction * 100.0,
+            ho.heldout_pairs
+        ),
+    };
+    let _ = writeln!(s, "Hold-out: {holdout}. The model never trained on them.\n");
     let _ = writeln!(
         s,
-        "Held-out interactions: for each held-out (user, track) the query is the mean embedding of the user's training \
-         tracks; all tracks are ranked by cosine, the user's other tracks excluded.\n"
+        "For each held-out (user, track) the query is the mean embedding of the user's training tracks; all tracks are \
+         ranked by cosine, the user's other tracks excluded. Every row is scored on the same held-out pairs. ± is the \
+         standard error of Recall@10, sqrt(p(1−p)/n) over the n held-out pairs as Bernoulli trials.\n"
     );
-    let _ = writeln!(s, "| ranking | Recall@10 | NDCG@10 |\n|---|---|---|");
+    let _ = writeln!(s, "| ranking | Recall@10 | ± | NDCG@10 |\n|---|---|---|---|");
+    let f = &m.final_metrics;
     let _ = writeln!(
         s,
-        "| **this model** | **{:.4}** | **{:.4}** |",
-        m.final_metrics.recall_at_10, m.final_metrics.ndcg_at_10
+        "| **this model** (epoch {} of {}) | **{:.4}** | {:.4} | **{:.4}** |",
+        m.best_epoch, m.epochs_completed, f.recall_at_10, f.recall_at_10_se, f.ndcg_at_10
     );
-    let _ = writeln!(
-        s,
-        "| raw standardised features | {:.4} | {:.4} |",
-        m.baselines.raw_features.recall_at_10, m.baselines.raw_features.ndcg_at_10
-    );
-    let _ = writeln!(
-        s,
-        "| popularity | {:.4} | {:.4} |\n",
-        m.baselines.popularity.recall_at_10, m.baselines.popularity.ndcg_at_10
-    );
+    let b = &m.baselines;
+    for (name, r) in [
+        ("item-based collaborative filtering (not gated)", &b.item_cf),
+        ("popularity", &b.popularity),
+        ("raw standardised features", &b.raw_features),
+        ("random", &b.random),
+    ] {
+        let _ = writeln!(s, "| {name} | {:.4} | {:.4} | {:.4} |", r.recall_at_10, r.recall_at_10_se, r.ndcg_at_10);
+    }
+    if let Some(current) = m.quality_gate.as_ref().and_then(|g| g.current.as_ref()) {
+        let c = &current.metrics;
+        let _ = writeln!(
+            s,
+            "| the previous version {} on these pairs | {:.4} | {:.4} | {:.4} |",
+            current.version, c.recall_at_10, c.recall_at_10_se, c.ndcg_at_10
+        );
+    }
+    let _ = writeln!(s);
+    if let Some(gate) = &m.quality_gate {
+        let _ = writeln!(s, "Quality gate ({}):\n", if gate.passed { "passed" } else { "failed" });
+        for c in &gate.checks {
+            let enforced = if c.enforced { "" } else { " (recorded, not enforced: AUDOTICS_QUALITY_FLOORS=false)" };
+            let _ = writeln!(s, "- {} {}{enforced}.", if c.passed { "✓" } else { "✗" }, c.detail);
+        }
+        let _ = writeln!(s);
+    }
     let _ = writeln!(s, "![Training curves: loss and Recall@10 per epoch]({CURVES_SVG})\n");
     let _ = writeln!(s, "## Training\n");
     let _ = writeln!(
@@ -90,7 +127,8 @@ pub fn markdown(m: &ModelMetadata) -> String {
     let _ = writeln!(
         s,
         "- Objective: {} (temperature {}, logQ correction {}, centering weight {}); Adam, learning rate {}; {} epochs of \
-         batch {}; {} pairs per track per epoch, at most {} per user.",
+         batch {} ({}; the published weights are epoch {}'s, the best Recall@10); {} pairs per track per epoch, at most {} \
+         per user.",
         h.loss.kind,
         h.loss.temperature,
         h.loss.logq_correction,
@@ -98,6 +136,12 @@ pub fn markdown(m: &ModelMetadata) -> String {
         h.learning_rate,
         m.epochs_completed,
         h.batch_size,
+        match m.stop_reason {
+            crate::train::StopReason::EarlyStopping =>
+                format!("stopped early: {} epochs without a gain above {}", h.patience, h.min_delta),
+            crate::train::StopReason::MaxEpochs => "every epoch asked for".to_string(),
+        },
+        m.best_epoch,
         h.sampling.pairs_per_track,
         h.sampling.max_pairs_per_user
     );
@@ -140,6 +184,7 @@ pub fn curves_svg(m: &ModelMetadata) -> String {
     let baselines = [
         ("raw features", "#7f7f7f", m.baselines.raw_features.recall_at_10),
         ("popularity", "#bcbd22", m.baselines.popularity.recall_at_10),
+        ("item-CF", "#9467bd", m.baselines.item_cf.recall_at_10),
     ];
     chart(&mut s, 430.0, "Recall@10 per epoch", &[("model", "#2ca02c", &h.recall_at_10)], &baselines);
     s.push_str("</svg>\n");

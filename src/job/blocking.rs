@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Published, RunManifest, RunOutcome, StopFlag};
+use super::{Published, RunManifest, RunOutcome, StopFlag, gate};
 use crate::artifacts::{self, DataSummary, ModelMetadata, TRAINER_VERSION};
 use crate::checkpoint;
 use crate::data::Dataset;
@@ -16,7 +16,9 @@ use crate::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
 use crate::storage::publish::{VersionInfo, apply_retention, publish_version};
 use crate::storage::{ModelStore, layout};
 use crate::telemetry::EpochProgress;
-use crate::train::{Control, EpochMetrics, PreparedData, TrainObserver, Trainer, TrainingState};
+use crate::train::{
+    Control, EpochMetrics, PreparedData, StopReason, TrainObserver, Trainer, TrainingState, best_epoch,
+};
 
 /// The blocking half of a run: everything that touches candle.
 pub(super) struct BlockingRun {
@@ -31,6 +33,8 @@ pub(super) struct BlockingRun {
     pub keep_checkpoints: usize,
     /// The lease holder's fence in checkpoint names (see [`checkpoint::owned_file_name_of`]).
     pub owner: Option<String>,
+    /// What the version must beat to be published.
+    pub gate: gate::GateSettings,
 }
 
 pub(super) enum Trained {
@@ -91,10 +95,24 @@ impl BlockingRun {
                 return Ok(Trained::OverBudget { estimate, budget });
             }
         }
+        let h = &data.holdout;
+        info!(
+            holdout = h.kind.as_str(),
+            fraction = h.fraction,
+            cutoff = h.cutoff.as_deref().unwrap_or(""),
+            heldout_pairs = h.heldout_pairs,
+            evaluated_users = trainer.eval_set().users.len(),
+            "held-out listens"
+        );
+        let started = std::time::Instant::now();
         let baselines = trainer.baselines()?;
         info!(
-            raw_recall_at_10 = baselines.raw_features.recall_at_10,
+            random_recall_at_10 = baselines.random.recall_at_10,
             popularity_recall_at_10 = baselines.popularity.recall_at_10,
+            raw_recall_at_10 = baselines.raw_features.recall_at_10,
+            item_cf_recall_at_10 = baselines.item_cf.recall_at_10,
+            item_cf_recall_at_10_se = baselines.item_cf.recall_at_10_se,
+            seconds = started.elapsed().as_secs_f64(),
             peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "baselines"
         );
@@ -109,23 +127,113 @@ impl BlockingRun {
             metrics::counter!("audotics_runs_resumed_total", "model" => self.manifest.model.clone()).increment(1);
             info!(epoch, step, "resumed from checkpoint");
         }
-        let mut observer = Checkpointer { run: &self, progress: EpochProgress::new(self.show_progress), saved_at };
-        let finished = trainer.run(&mut state, &mut observer)?;
-        let saved_at = observer.saved_at.take();
+        // A run resumed after its early-stopping epoch was checkpointed has already stopped.
+        let stopped_before = config.early_stop(&state.history);
+        let mut observer = Checkpointer {
+            run: &self,
+            progress: EpochProgress::new(self.show_progress),
+            saved_at,
+            early_stopped: stopped_before,
+        };
+        let finished = stopped_before || trainer.run(&mut state, &mut observer)?;
+        let (saved_at, early_stopped) = (observer.saved_at.take(), observer.early_stopped);
         drop(observer);
-        if !finished {
+        if !finished && !early_stopped {
             return Ok(Trained::Stopped { epochs_completed: state.epoch });
         }
+        let stop_reason = if early_stopped { StopReason::EarlyStopping } else { StopReason::MaxEpochs };
 
-        let embeddings = state.encoder.embed(&data.features)?;
+        // The published weights are the best epoch's, restored from its checkpoint (kept for this).
+        let best_epoch =
+            best_epoch(&state.history.recall_at_10, config.min_delta).context("a finished run has an epoch")?;
+        let best = match best_epoch == state.epoch {
+            true => None,
+            false => Some(self.restore_epoch(best_epoch, &device)?),
+        };
+        let weights = best.as_ref().unwrap_or(&state);
+        let embeddings = weights.encoder.embed(&data.features)?;
         let final_metrics = trainer.evaluate(&embeddings)?;
+        info!(
+            best_epoch,
+            epochs_trained = state.epoch,
+            stop_reason = stop_reason.as_str(),
+            recall_at_10 = final_metrics.recall_at_10,
+            "training ended; publishing the best epoch's weights"
+        );
         // The date of the last checkpoint, not "now": a publish retried after a crash must produce
         // byte-identical files, or the immutable version would refuse them.
         let training_date = saved_at.context("a finished run has a checkpoint")?;
-        let scores = Scores { final_metrics, baselines };
+        let current = match self.gate.tolerance {
+            Some(_) => self.score_current(&trainer, &dataset)?,
+            None => None,
+        };
+        let gate = gate::judge(&final_metrics, &baselines, current, self.gate);
+        for check in &gate.checks {
+            info!(check = %check.name, passed = check.passed, required = check.required, "{}", check.detail);
+        }
+        let scores = Scores { final_metrics, baselines, best_epoch, stop_reason, gate };
         let metadata = self.metadata(&dataset, &data, &state, scores, &device, &training_date);
-        let files = version_files(&state, &embeddings, &metadata)?;
+        let files = version_files(weights, &embeddings, &metadata)?;
         Ok(Trained::Done(Box::new(VersionFiles { metadata, files })))
+    }
+
+    /// The version `latest.json` names, scored on this run's held-out pairs: its published
+    /// embeddings, matched to this catalogue by track id (tracks it does not know rank last).
+    /// `None` for a model's first version, or when the latest is this run's own (a retried publish).
+    fn score_current(&self, trainer: &Trainer, dataset: &Dataset) -> anyhow::Result<Option<gate::CurrentScore>> {
+        use crate::storage::publish::read_latest;
+        let m = &self.manifest;
+        let Some(latest) = self.runtime.block_on(read_latest(&self.store, &m.model))? else {
+            return Ok(None);
+        };
+        if latest.version == m.version {
+            return Ok(None);
+        }
+        let get = |name: &str| {
+            self.runtime.block_on(self.store.get(&layout::version_object(&m.model, &latest.version, name)))
+        };
+        let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)
+            .with_context(|| format!("the current version {}'s metadata", latest.version))?;
+        let ids: Vec<&str> =
+            metadata["track_ids"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+        let tensors = candle_core::safetensors::load_buffer(&get(layout::EMBEDDINGS)?, &candle_core::Device::Cpu)?;
+        let old = tensors.get("embeddings").context("the current version's embeddings file has no `embeddings`")?;
+        let (rows, dim) = old.dims2()?;
+        anyhow::ensure!(rows == ids.len(), "the current version has {rows} embeddings for {} track ids", ids.len());
+        let old: Vec<f32> = old.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let row_of: std::collections::HashMap<&str, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let n = dataset.catalogue.len();
+        let (mut matched, mut known) = (vec![0f32; n * dim], vec![false; n]);
+        for (j, id) in dataset.catalogue.track_ids.iter().enumerate() {
+            if let Some(&i) = row_of.get(id.as_str()) {
+                matched[j * dim..(j + 1) * dim].copy_from_slice(&old[i * dim..(i + 1) * dim]);
+                known[j] = true;
+            }
+        }
+        let embeddings = candle_core::Tensor::from_vec(matched, (n, dim), &candle_core::Device::Cpu)?;
+        let metrics = trainer.eval_set().evaluate_embeddings_known(&embeddings, &known)?;
+        let known_tracks = known.iter().filter(|k| **k).count();
+        info!(
+            current_version = %latest.version,
+            recall_at_10 = metrics.recall_at_10,
+            known_tracks,
+            "the current version scored on this run's held-out listens"
+        );
+        Ok(Some(gate::CurrentScore { version: latest.version, metrics, known_tracks }))
+    }
+
+    /// The state at the end of epoch `epoch`, from its checkpoint (whichever owner wrote it).
+    fn restore_epoch(&self, epoch: usize, device: &candle_core::Device) -> anyhow::Result<TrainingState> {
+        let m = &self.manifest;
+        let keys = self.runtime.block_on(self.store.list(&layout::checkpoints_dir(&m.model, &m.run_id)))?;
+        let key = keys
+            .iter()
+            .find(|k| k.rsplit('/').next().and_then(checkpoint::position_of) == Some((epoch, 0)))
+            .with_context(|| format!("the checkpoint of the best epoch ({epoch}) is missing"))?;
+        let bytes = self.runtime.block_on(self.store.get(key))?;
+        let mut state = TrainingState::new(&m.config, device)?;
+        checkpoint::restore(&bytes, &mut state, &m.config).with_context(|| format!("restoring {key}"))?;
+        Ok(state)
     }
 
     fn metadata(
@@ -137,7 +245,7 @@ impl BlockingRun {
         device: &candle_core::Device,
         training_date: &str,
     ) -> ModelMetadata {
-        let Scores { final_metrics, baselines } = scores;
+        let Scores { final_metrics, baselines, best_epoch, stop_reason, gate } = scores;
         let m = &self.manifest;
         let (feature_names, feature_means, feature_stds) = artifacts::feature_columns(&data.standardizer);
         ModelMetadata {
@@ -167,12 +275,16 @@ impl BlockingRun {
                 mining: data.mining.clone(),
                 training_user_tracks: data.train.len(),
                 heldout_user_tracks: data.heldout.len(),
+                holdout: data.holdout.clone(),
                 watermark: dataset.watermark.clone(),
             },
             device: device::describe(device),
             seed: m.config.seed,
             trainer_version: TRAINER_VERSION.to_string(),
             epochs_completed: state.epoch,
+            best_epoch,
+            stop_reason,
+            quality_gate: Some(gate),
         }
     }
 }
@@ -199,10 +311,13 @@ fn version_files(
     Ok(files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect())
 }
 
-/// The final model's held-out metrics and the baselines'.
+/// The published model's held-out metrics, the baselines', and which epoch it is.
 struct Scores {
     final_metrics: crate::eval::RankingMetrics,
     baselines: crate::train::Baselines,
+    best_epoch: usize,
+    stop_reason: StopReason,
+    gate: gate::GateReport,
 }
 
 /// The TF.js weight shard's name inside the version (next to `tfjs/model.json`).
@@ -215,6 +330,8 @@ struct Checkpointer<'a> {
     progress: EpochProgress,
     /// When the newest checkpoint was written (the version's `training_date`).
     saved_at: Option<String>,
+    /// The run stopped early: `patience` epochs without an improvement.
+    early_stopped: bool,
 }
 
 impl TrainObserver for Checkpointer<'_> {
@@ -255,6 +372,18 @@ impl TrainObserver for Checkpointer<'_> {
             peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "epoch finished"
         );
+        let config = &run.manifest.config;
+        if config.early_stop(&state.history) {
+            self.early_stopped = true;
+            info!(
+                epoch = m.epoch,
+                patience = config.patience,
+                min_delta = config.min_delta,
+                best_epoch = best_epoch(&state.history.recall_at_10, config.min_delta),
+                "early stopping: no better Recall@10 for `patience` epochs"
+            );
+            return Ok(Control::Stop);
+        }
         Ok(if run.stop.is_requested() { Control::Stop } else { Control::Continue })
     }
 }
@@ -274,7 +403,9 @@ impl Checkpointer<'_> {
         run.runtime.block_on(run.store.put(&key, bytes)).with_context(|| format!("writing checkpoint {key}"))?;
         // Only the newest few are ever resumed from: 1000 epochs of E = 1024 would be ~38 GB.
         let m = &run.manifest;
-        let pruned = crate::storage::publish::prune_checkpoints(&run.store, &m.model, &m.run_id, run.keep_checkpoints);
+        let best = best_epoch(&state.history.recall_at_10, m.config.min_delta);
+        let pruned =
+            crate::storage::publish::prune_checkpoints(&run.store, &m.model, &m.run_id, run.keep_checkpoints, best);
         if let Err(e) = run.runtime.block_on(pruned) {
             warn!(error.message = %format!("{e:#}"), "cannot delete the run's older checkpoints; retrying after the next");
         }

@@ -3,6 +3,7 @@
 //! run in the Postgres ledger whenever a database is configured.
 
 mod blocking;
+pub mod gate;
 pub mod manifest;
 
 use std::collections::BTreeMap;
@@ -62,9 +63,14 @@ pub struct TrainJob {
     /// The worker's lease on the run (`run_jobs.lease_token`): the ledger's end row is written only
     /// while it holds. `None` for CLI runs.
     pub lease_token: Option<uuid::Uuid>,
-    /// Quality gate: refuse to publish when Recall@10 is below the current version's by more than
-    /// this (absolute). `None` publishes unconditionally (CLI runs).
+    /// Quality gate: refuse to publish when Recall@10 is below the current version's, scored on
+    /// this run's held-out listens, by more than this (absolute). `None`: no comparison with the
+    /// current version (CLI runs); the floors (`min_lift`) apply either way.
     pub quality_tolerance: Option<f64>,
+    /// Quality gate: the relative margin over popularity and raw features (see [`gate`]), and
+    /// whether those floors decide.
+    pub min_lift: f64,
+    pub quality_floors: bool,
     /// Versions to keep in the store after a publish (`--keep-versions`).
     pub keep_versions: usize,
     /// Checkpoints a run keeps while it trains (`--keep-checkpoints`).
@@ -125,10 +131,9 @@ pub struct Rejected {
     pub version: String,
     pub reason: String,
     pub metadata: ModelMetadata,
-    pub current_version: String,
-    /// The current version's headline metrics, shaped like `model-ready`'s `metrics`.
-    pub current_metrics: serde_json::Value,
-    pub tolerance: f64,
+    /// Every check, the figures it compared, and the current version's score on this run's
+    /// held-out listens.
+    pub gate: gate::GateReport,
 }
 
 /// A published version.
@@ -245,6 +250,11 @@ async fn execute(
         memory_budget: job.memory_budget,
         keep_checkpoints: job.keep_checkpoints,
         owner: job.lease_token.map(|t| t.simple().to_string()[..12].to_string()),
+        gate: gate::GateSettings {
+            min_lift: job.min_lift,
+            floors: job.quality_floors,
+            tolerance: job.quality_tolerance,
+        },
     };
     let span = tracing::Span::current();
     let trained = tokio::task::spawn_blocking(move || span.in_scope(|| context.train(dataset)))
@@ -265,56 +275,21 @@ async fn execute(
             Ok(RunOutcome::ResourceLimit(Box::new(refusal)))
         }
         Trained::Done(files) => {
-            if let Some(tolerance) = job.quality_tolerance
-                && let Some(rejected) = quality_gate(store, manifest, &files.metadata, tolerance).await?
-            {
-                warn!(reason = %rejected.0, "quality gate: version not published");
+            let gate = files.metadata.quality_gate.clone().context("a trained version has the gate's verdict")?;
+            if !gate.passed {
+                let reason = format!("quality gate: {}", gate.reason());
+                warn!(%reason, "version not published");
                 return Ok(RunOutcome::Rejected(Box::new(Rejected {
                     run_id: manifest.run_id.clone(),
                     version: manifest.version.clone(),
-                    reason: rejected.0,
+                    reason,
                     metadata: files.metadata,
-                    current_version: rejected.1,
-                    current_metrics: rejected.2,
-                    tolerance,
+                    gate,
                 })));
             }
             blocking::publish(store, manifest, *files, job.keep_versions).await
         }
     }
-}
-
-/// `Some((reason, current version, its metrics))` when the candidate's Recall@10 is below the
-/// current version's (the one `latest.json` names) by more than `tolerance`. The first model, or a
-/// current version without the metric, always passes.
-async fn quality_gate(
-    store: &ModelStore,
-    manifest: &RunManifest,
-    candidate: &ModelMetadata,
-    tolerance: f64,
-) -> anyhow::Result<Option<(String, String, serde_json::Value)>> {
-    use crate::storage::publish::{read_latest, read_manifest};
-    let Some(latest) = read_latest(store, &manifest.model).await? else {
-        return Ok(None);
-    };
-    if latest.version == manifest.version {
-        return Ok(None); // this run's own version (a publish retried after a crash)
-    }
-    let current = read_manifest(store, &latest.manifest, Some(&latest.manifest_sha256)).await?;
-    let Some(current_recall) = current.metrics["final"]["recall_at_10"].as_f64() else {
-        return Ok(None);
-    };
-    let recall = candidate.final_metrics.recall_at_10;
-    Ok((recall < current_recall - tolerance).then(|| {
-        (
-            format!(
-                "Recall@10 {recall:.4} is below the current version {}'s {current_recall:.4} by more than the tolerance {tolerance}",
-                latest.version
-            ),
-            latest.version.clone(),
-            headline_metrics(&current.metrics),
-        )
-    }))
 }
 
 /// A manifest's `{"final": …, "baselines": …}` as events carry metrics: Recall@10 and NDCG@10 of the

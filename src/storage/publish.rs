@@ -305,8 +305,15 @@ fn child_names(keys: &[String], parent: &str) -> Vec<String> {
     names
 }
 
-/// Deletes all but the newest `keep` checkpoints of a run (by position); returns how many went.
-pub async fn prune_checkpoints(store: &ModelStore, model: &str, run_id: &str, keep: usize) -> anyhow::Result<usize> {
+/// Deletes all but the newest `keep` checkpoints of a run (by position) and, when given, the end of
+/// epoch `best` (the weights the run will publish); returns how many went.
+pub async fn prune_checkpoints(
+    store: &ModelStore,
+    model: &str,
+    run_id: &str,
+    keep: usize,
+    best: Option<usize>,
+) -> anyhow::Result<usize> {
     let mut checkpoints: Vec<((usize, usize), String)> = store
         .list(&layout::checkpoints_dir(model, run_id))
         .await?
@@ -315,8 +322,12 @@ pub async fn prune_checkpoints(store: &ModelStore, model: &str, run_id: &str, ke
         .collect();
     checkpoints.sort();
     let excess = checkpoints.len().saturating_sub(keep);
-    for (_, key) in checkpoints.into_iter().take(excess) {
-        store.delete(&key).await?;
+    let mut deleted = 0;
+    for (position, key) in checkpoints.into_iter().take(excess) {
+        if best.is_none_or(|epoch| position != (epoch, 0)) {
+            store.delete(&key).await?;
+            deleted += 1;
+        }
     }
-    Ok(excess)
+    Ok(deleted)
 }

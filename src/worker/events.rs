@@ -65,13 +65,24 @@ pub fn model_ready(p: &Published) -> EventDraft {
     EventDraft { event_id, routing_key: format!("model-ready.{}", m.model_name), body }
 }
 
+/// The version's held-out figures and the baselines' on the same listens, with standard errors.
 fn metrics_json(m: &crate::artifacts::ModelMetadata) -> Value {
+    let pick = |r: &crate::eval::RankingMetrics| json!({"recall_at_10": r.recall_at_10, "recall_at_10_se": r.recall_at_10_se, "ndcg_at_10": r.ndcg_at_10});
+    let b = &m.baselines;
     json!({
         "recall_at_10": m.final_metrics.recall_at_10,
+        "recall_at_10_se": m.final_metrics.recall_at_10_se,
         "ndcg_at_10": m.final_metrics.ndcg_at_10,
+        "heldout_pairs": m.final_metrics.heldout,
+        "holdout": m.data.holdout.kind.as_str(),
+        "best_epoch": m.best_epoch,
+        "epochs_trained": m.epochs_completed,
+        "stop_reason": m.stop_reason,
         "baselines": {
-            "raw_features": {"recall_at_10": m.baselines.raw_features.recall_at_10, "ndcg_at_10": m.baselines.raw_features.ndcg_at_10},
-            "popularity": {"recall_at_10": m.baselines.popularity.recall_at_10, "ndcg_at_10": m.baselines.popularity.ndcg_at_10},
+            "random": pick(&b.random),
+            "popularity": pick(&b.popularity),
+            "raw_features": pick(&b.raw_features),
+            "item_cf": pick(&b.item_cf),
         },
     })
 }
@@ -88,9 +99,18 @@ pub fn model_rejected(model: &str, r: &Rejected) -> EventDraft {
         "created_at": now(),
         "reason": r.reason,
         "metrics": metrics_json(&r.metadata),
-        "current_version": r.current_version,
-        "current_metrics": r.current_metrics,
-        "tolerance": r.tolerance,
+        // The current version scored on this run's held-out listens (null for a first version).
+        "current_version": r.gate.current.as_ref().map(|c| c.version.clone()),
+        "current_metrics": r.gate.current.as_ref().map(|c| json!({
+            "recall_at_10": c.metrics.recall_at_10,
+            "recall_at_10_se": c.metrics.recall_at_10_se,
+            "ndcg_at_10": c.metrics.ndcg_at_10,
+            "heldout_pairs": c.metrics.heldout,
+            "known_tracks": c.known_tracks,
+        })),
+        "tolerance": r.gate.settings.tolerance,
+        "failed_checks": r.gate.failed().map(|c| c.name.clone()).collect::<Vec<_>>(),
+        "quality_gate": r.gate,
         "satisfies": [],
     });
     EventDraft { event_id, routing_key: format!("model-rejected.{model}"), body }

@@ -114,7 +114,7 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
 
 fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
     let t = &shared.args.train;
-    let mut config = t.train_config();
+    let mut config = t.train_config_for(true);
     if let Some(params) = &claim.params {
         params.apply(&mut config);
     }
@@ -135,6 +135,8 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         run_id: Some(claim.run_id),
         lease_token: Some(claim.token),
         quality_tolerance: Some(shared.args.quality_tolerance),
+        min_lift: t.min_lift,
+        quality_floors: t.quality_floors,
         keep_versions: t.keep_versions,
         keep_checkpoints: t.keep_checkpoints,
         started_at: Some(claim.created_at),
@@ -166,7 +168,7 @@ async fn deadline(remaining: Duration, stop: StopFlag, past: Arc<AtomicBool>) {
 /// A run that ended for good without a version keeps no checkpoints: nothing will resume it.
 async fn delete_checkpoints(shared: &Shared, claim: &Claim) {
     let run_id = claim.run_id.to_string();
-    match crate::storage::publish::prune_checkpoints(&shared.store, &claim.model, &run_id, 0).await {
+    match crate::storage::publish::prune_checkpoints(&shared.store, &claim.model, &run_id, 0, None).await {
         Ok(n) if n > 0 => info!(checkpoints = n, "deleted the checkpoints of a run that ended without a version"),
         Ok(_) => {}
         Err(e) => warn!(error.message = %format!("{e:#}"), "cannot delete the ended run's checkpoints"),

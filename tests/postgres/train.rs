@@ -46,10 +46,12 @@ async fn the_postgres_path_and_the_in_memory_path_agree_bit_for_bit() {
     seed_args.extend(["--seed", "7"]);
     db.seed_synthetic(&seed_args);
     let (pg, mem) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The database's default hold-out is by time; the in-memory one is told to use it too, so that
+    // both paths split, mine and train the same.
     let out = train(Some(&db.url), pg.path(), &["--seed", "7"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut mem_args = SIZES.to_vec();
-    mem_args.extend(["--seed", "7"]);
+    mem_args.extend(["--seed", "7", "--holdout", "time"]);
     let out = train(None, mem.path(), &mem_args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -63,6 +65,8 @@ async fn the_postgres_path_and_the_in_memory_path_agree_bit_for_bit() {
     assert_eq!(mp["track_ids"], mm["track_ids"]);
     assert_same_weights(&vp, &vm);
     assert_eq!(mp["data"]["synthetic"], false);
+    assert_eq!(mp["data"]["holdout"], mm["data"]["holdout"]);
+    assert_eq!(mp["data"]["holdout"]["kind"], "time");
     assert_eq!(mp["data"]["source"]["kind"], "postgres");
     // The same interaction watermark; only the database's catalogue has creation times to pin.
     let mut pg_watermark = mp["data"]["watermark"].clone();

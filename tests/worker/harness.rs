@@ -349,6 +349,12 @@ pub const FAST_TRAINING: &[(&str, &str)] = &[
     ("WORKER_POLL_SECONDS", "1"),
     ("WORKER_LEASE_SECONDS", "6"),
     ("RUN_RETRY_SECONDS", "1"),
+    // Every epoch asked for: tests that need a long run (to fault it mid-way) ask for hundreds of
+    // epochs, which early stopping would cut short.
+    ("AUDOTICS_PATIENCE", "0"),
+    // Models trained for seconds test the machinery: the quality floors are recorded, not enforced
+    // (`a_first_version_that_loses_to_popularity…` turns them on).
+    ("AUDOTICS_QUALITY_FLOORS", "false"),
 ];
 
 impl WorkerEnv {

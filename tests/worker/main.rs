@@ -132,7 +132,18 @@ async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load(
         event["event_id"].as_str().unwrap(),
         audotics_trainer::worker::events::model_ready_id("content-based", version).to_string()
     );
-    assert!(event["metrics"]["recall_at_10"].as_f64().unwrap() > 0.0);
+    let metrics = &event["metrics"];
+    assert!(metrics["recall_at_10"].as_f64().unwrap() > 0.0);
+    // Scored on the time-ordered hold-out, with every baseline on the same pairs and the epoch chosen.
+    assert_eq!(metrics["holdout"], "time", "{metrics:#}");
+    assert!(metrics["heldout_pairs"].as_u64().unwrap() > 0);
+    assert!(metrics["recall_at_10_se"].as_f64().unwrap() > 0.0);
+    for baseline in ["random", "popularity", "raw_features", "item_cf"] {
+        assert!(metrics["baselines"][baseline]["recall_at_10"].is_f64(), "{baseline}: {metrics:#}");
+    }
+    assert!((1..=3).contains(&metrics["best_epoch"].as_u64().unwrap()), "{metrics:#}");
+    assert_eq!(metrics["epochs_trained"], 3);
+    assert_eq!(metrics["stop_reason"], "max_epochs");
     assert_eq!(event["data"]["interactions"].as_u64().unwrap(), 6000);
     assert!(event["data"]["newest_interaction_at"].is_string());
 
@@ -497,20 +508,60 @@ async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered(
     let good = publisher.request("good-model").await;
     events.wait_satisfied(std::slice::from_ref(&good), 2 * MINUTE).await;
     // One epoch at a learning rate too small to move the weights: worse than the current version.
-    let body =
-        br#"{"model": "content-based", "event_id": "bad-model", "params": {"epochs": 1, "learning_rate": 0.0000001}}"#;
+    // Another validation split, so the two versions' own figures are on different held-out pairs:
+    // the gate must score the current version on the candidate's.
+    let body = br#"{"model": "content-based", "event_id": "bad-model", "params": {"epochs": 1, "learning_rate": 0.0000001, "validation_split": 0.3}}"#;
     publisher.raw("retrain.content-based", body, "bad-model").await;
     events.wait_satisfied(&["bad-model".to_string()], 2 * MINUTE).await;
     let rejected = events.events("model-rejected");
     assert_eq!(rejected.len(), 1, "{:#?}", events.all());
-    let current = events.events("model-ready")[0]["version"].clone();
-    assert_eq!(rejected[0]["current_version"], current);
-    assert!(rejected[0]["metrics"]["recall_at_10"].as_f64() < rejected[0]["current_metrics"]["recall_at_10"].as_f64());
+    let ready = &events.events("model-ready")[0];
+    let current = ready["version"].clone();
+    let r = &rejected[0];
+    assert_eq!(r["current_version"], current);
+    assert!(r["metrics"]["recall_at_10"].as_f64() < r["current_metrics"]["recall_at_10"].as_f64());
+    assert!(r["failed_checks"].as_array().unwrap().contains(&serde_json::json!("not_worse_than_current")), "{r:#}");
+    assert_eq!(r["current_metrics"]["heldout_pairs"], r["metrics"]["heldout_pairs"], "scored on the candidate's pairs");
+    assert_ne!(r["current_metrics"]["heldout_pairs"], ready["metrics"]["heldout_pairs"], "not on its own");
+    eprintln!(
+        "figures: candidate {} vs current {} rescored on the candidate's {} pairs (its own figure {} on {} pairs); failed {}",
+        r["metrics"]["recall_at_10"],
+        r["current_metrics"]["recall_at_10"],
+        r["metrics"]["heldout_pairs"],
+        ready["metrics"]["recall_at_10"],
+        ready["metrics"]["heldout_pairs"],
+        r["failed_checks"]
+    );
     let latest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(setup.store.path().join("content-based/latest.json")).unwrap()).unwrap();
     assert_eq!(latest["version"], current, "latest.json moved to a rejected version");
     let versions = std::fs::read_dir(setup.store.path().join("content-based/versions")).unwrap().count();
     assert_eq!(versions, 1, "the rejected version was uploaded");
+}
+
+#[tokio::test]
+async fn a_first_version_that_loses_to_popularity_is_rejected_with_the_floor_and_its_figures() {
+    let _serial = serial().await;
+    let (setup, events, _worker, publisher) = one_worker(&[("AUDOTICS_QUALITY_FLOORS", "true")]).await;
+    // One epoch at a learning rate too small to move the weights: an untrained encoder.
+    let body =
+        br#"{"model": "content-based", "event_id": "untrained", "params": {"epochs": 1, "learning_rate": 0.0000001}}"#;
+    publisher.raw("retrain.content-based", body, "untrained").await;
+    events.wait_satisfied(&["untrained".to_string()], 2 * MINUTE).await;
+    let rejected = events.events("model-rejected");
+    assert_eq!(rejected.len(), 1, "{:#?}", events.all());
+    let r = &rejected[0];
+    assert_eq!(r["current_version"], serde_json::Value::Null, "the model's first version");
+    assert!(r["failed_checks"].as_array().unwrap().contains(&serde_json::json!("beats_popularity")), "{r:#}");
+    let popularity = r["metrics"]["baselines"]["popularity"]["recall_at_10"].as_f64().unwrap();
+    assert!(r["reason"].as_str().unwrap().contains(&format!("popularity's {popularity:.4}")), "{r:#}");
+    assert_eq!(r["metrics"]["holdout"], "time", "the database's history is split by time");
+    assert!(r["metrics"]["baselines"]["item_cf"]["recall_at_10"].as_f64().is_some());
+    assert!(!setup.store.path().join("content-based/latest.json").exists(), "nothing is latest");
+    let ledger =
+        "SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'rejected' AND error LIKE 'quality gate:%'";
+    assert_eq!(setup.db.count(ledger).await, 1, "the ledger says why");
+    eprintln!("figures: {}", r["reason"]);
 }
 
 #[tokio::test]
