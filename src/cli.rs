@@ -485,17 +485,20 @@ async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Result<ExitCod
             let trainer = crate::train::Trainer::new(&config, &data)?;
             let b = trainer.baselines()?;
             Ok(vec![
+                ("random", b.random),
                 ("raw standardised features", b.raw_features),
                 ("popularity", b.popularity),
+                ("item-based collaborative filtering", b.item_cf),
                 ("same subgenre", crate::spotify::label_baseline(trainer.eval_set(), &labels.subgenres)),
                 ("same artist", crate::spotify::label_baseline(trainer.eval_set(), &labels.artists)),
             ])
         })
         .await??;
-    println!("| baseline | Recall@10 | NDCG@10 | held-out (user, track) | users |");
-    println!("|---|---|---|---|---|");
+    println!("| baseline | Recall@10 | ± | NDCG@10 | held-out (user, track) | users |");
+    println!("|---|---|---|---|---|---|");
     for (name, m) in rows {
-        println!("| {name} | {:.4} | {:.4} | {} | {} |", m.recall_at_10, m.ndcg_at_10, m.heldout, m.users);
+        let (r, se, ndcg) = (m.recall_at_10, m.recall_at_10_se, m.ndcg_at_10);
+        println!("| {name} | {r:.4} | {se:.4} | {ndcg:.4} | {} | {} |", m.heldout, m.users);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -318,7 +318,9 @@ async fn record_end(
                 data_watermark_ms: m.data.watermark.newest_interaction_ms,
                 interaction_count: Some(m.data.watermark.interactions as i64),
                 counts: Some(serde_json::to_value(&m.data)?),
-                metrics: Some(json!({"final": m.final_metrics, "baselines": m.baselines})),
+                metrics: Some(
+                    json!({"final": m.final_metrics, "baselines": m.baselines, "quality_gate": m.quality_gate}),
+                ),
                 artifact_location: Some(p.location.clone()),
                 error: None,
             };
@@ -328,7 +330,11 @@ async fn record_end(
         Ok(RunOutcome::Rejected(r)) => (
             ledger::RunStatus::Rejected,
             ledger::RunEnd {
-                metrics: Some(json!({"final": r.metadata.final_metrics, "baselines": r.metadata.baselines})),
+                metrics: Some(json!({
+                    "final": r.metadata.final_metrics,
+                    "baselines": r.metadata.baselines,
+                    "quality_gate": r.gate,
+                })),
                 error: Some(r.reason.clone()),
                 ..Default::default()
             },

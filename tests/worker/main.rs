@@ -558,9 +558,9 @@ async fn a_first_version_that_loses_to_popularity_is_rejected_with_the_floor_and
     assert_eq!(r["metrics"]["holdout"], "time", "the database's history is split by time");
     assert!(r["metrics"]["baselines"]["item_cf"]["recall_at_10"].as_f64().is_some());
     assert!(!setup.store.path().join("content-based/latest.json").exists(), "nothing is latest");
-    let ledger =
-        "SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'rejected' AND error LIKE 'quality gate:%'";
-    assert_eq!(setup.db.count(ledger).await, 1, "the ledger says why");
+    let ledger = "SELECT count(*) FROM audotics_trainer.training_runs WHERE status = 'rejected'
+                  AND error LIKE 'quality gate:%' AND metrics #>> '{quality_gate,checks,0,name}' = 'beats_popularity'";
+    assert_eq!(setup.db.count(ledger).await, 1, "the ledger says why, with every check's figures");
     eprintln!("figures: {}", r["reason"]);
 }
 
