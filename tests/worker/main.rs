@@ -507,6 +507,17 @@ async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered(
         one_worker(&[("QUALITY_TOLERANCE", "0.0"), ("AUDOTICS_EPOCHS", "8")]).await;
     let good = publisher.request("good-model").await;
     events.wait_satisfied(std::slice::from_ref(&good), 2 * MINUTE).await;
+    // Planted: the current version's own published figure says 0. A gate that compared each
+    // version's own figure would now pass any candidate; this one scores the current version's
+    // embeddings on the candidate's held-out pairs instead.
+    let good_version = events.events("model-ready")[0]["version"].as_str().unwrap().to_string();
+    let metadata_path = setup
+        .store
+        .path()
+        .join(format!("content-based/versions/{good_version}/{}", audotics_trainer::storage::layout::METADATA));
+    let mut metadata: serde_json::Value = serde_json::from_slice(&std::fs::read(&metadata_path).unwrap()).unwrap();
+    metadata["final_metrics"]["recall_at_10"] = serde_json::json!(0.0);
+    std::fs::write(&metadata_path, serde_json::to_vec(&metadata).unwrap()).unwrap();
     // One epoch at a learning rate too small to move the weights: worse than the current version.
     // Another validation split, so the two versions' own figures are on different held-out pairs:
     // the gate must score the current version on the candidate's.
@@ -520,6 +531,7 @@ async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered(
     let r = &rejected[0];
     assert_eq!(r["current_version"], current);
     assert!(r["metrics"]["recall_at_10"].as_f64() < r["current_metrics"]["recall_at_10"].as_f64());
+    assert!(r["metrics"]["recall_at_10"].as_f64().unwrap() > 0.0, "it would win against the planted own figure");
     assert!(r["failed_checks"].as_array().unwrap().contains(&serde_json::json!("not_worse_than_current")), "{r:#}");
     assert_eq!(r["current_metrics"]["heldout_pairs"], r["metrics"]["heldout_pairs"], "scored on the candidate's pairs");
     assert_ne!(r["current_metrics"]["heldout_pairs"], ready["metrics"]["heldout_pairs"], "not on its own");

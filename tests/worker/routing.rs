@@ -54,6 +54,14 @@ async fn pools_serving_different_models_answer_their_own_requests_and_only_an_un
         2,
         "the premise: both wait on the old queue"
     );
+    // Both pools' queues exist before either pool drains the old queue, as they do once each pool
+    // has started once (the queues are durable). Without this the test raced: a pool that drained the
+    // old queue before the other pool's first start re-routed that pool's request to no queue, and it
+    // was dead-lettered `unknown_model` (README, "The earlier releases' single queue").
+    let connection = broker::connect(&setup.vhost.settings()).await.unwrap();
+    let models = ["content-based".to_string(), "other-model".to_string()];
+    broker::declare_topology(&connection, &setup.vhost.settings(), &models).await.unwrap();
+    let _ = connection.close(200, "pools' queues declared".into()).await;
     let events = Events::listen(&setup.vhost).await;
     let pool = |models: &str| setup.env(&[("QUALITY_TOLERANCE", "1.0"), ("WORKER_MODELS", models)]);
     let (mut content, mut other) = (pool("content-based").spawn("content"), pool("other-model").spawn("other"));
