@@ -208,31 +208,11 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     train(reference.path(), &epochs);
 
     let dir = tempfile::tempdir().unwrap();
-    // If the run ever finished before the kill, the assertion below fails loudly rather than
-    // testing nothing.
-    let mut child =
-        trainer(&train_args(dir.path(), &epochs)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    wait_for_checkpoint(dir.path(), 2, &mut child);
-    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_checkpoint(dir.path(), &epochs, 2);
     assert!(newest_checkpoint_epoch(dir.path()).is_some_and(|e| e >= 2), "the checkpoints survive the kill");
     assert!(!dir.path().join("content-based/versions").exists(), "a killed run publishes nothing");
 
-    let run_dir = std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
-    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
-    let out = trainer(&[
-        "train",
-        "--output",
-        dir.path().to_str().unwrap(),
-        "--resume",
-        &run_id,
-        "--no-progress",
-        "--quality-floors",
-        "false",
-    ])
-    .output()
-    .unwrap();
+    let out = resume_only_run(dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("resumed from checkpoint"), "{stderr}");
@@ -246,6 +226,25 @@ fn killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
         metadata(&only_version(reference.path()))["training_history"]["loss"],
         metadata(&resumed)["training_history"]["loss"]
     );
+}
+
+/// Starts `train` with `flags` and SIGKILLs it once the checkpoint of epoch `epoch` exists; fails
+/// loudly if the run finished first (rather than testing nothing).
+fn kill_after_checkpoint(dir: &Path, flags: &[&str], epoch: usize) {
+    let mut child = trainer(&train_args(dir, flags)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_checkpoint(dir, epoch, &mut child);
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `train --resume` of the one run in `dir`, with its stored settings (floors recorded, not enforced).
+fn resume_only_run(dir: &Path) -> Output {
+    let run_dir = std::fs::read_dir(dir.join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
+    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
+    let output = dir.to_str().unwrap();
+    let args = ["train", "--output", output, "--resume", &run_id, "--no-progress", "--quality-floors", "false"];
+    trainer(&args).output().unwrap()
 }
 
 /// The newest checkpoint's completed epochs, over every run in `dir`.
@@ -324,26 +323,8 @@ fn early_stopping_publishes_the_best_epoch_and_a_resumed_run_stops_at_the_same_e
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let mut child =
-        trainer(&train_args(dir.path(), &flags)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    wait_for_checkpoint(dir.path(), 1, &mut child);
-    assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run_dir = std::fs::read_dir(dir.path().join("content-based/runs")).unwrap().next().unwrap().unwrap().path();
-    let run_id = run_dir.file_name().unwrap().to_str().unwrap().to_string();
-    let out = trainer(&[
-        "train",
-        "--output",
-        dir.path().to_str().unwrap(),
-        "--resume",
-        &run_id,
-        "--no-progress",
-        "--quality-floors",
-        "false",
-    ])
-    .output()
-    .unwrap();
+    kill_after_checkpoint(dir.path(), &flags, 1);
+    let out = resume_only_run(dir.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let resumed = metadata(&only_version(dir.path()));
     assert_eq!(
