@@ -292,19 +292,6 @@ async fn execute(
     }
 }
 
-/// A manifest's `{"final": …, "baselines": …}` as events carry metrics: Recall@10 and NDCG@10 of the
-/// model and of each baseline.
-pub fn headline_metrics(manifest_metrics: &serde_json::Value) -> serde_json::Value {
-    let pick = |m: &serde_json::Value| json!({"recall_at_10": m["recall_at_10"], "ndcg_at_10": m["ndcg_at_10"]});
-    let f = &manifest_metrics["final"];
-    let b = &manifest_metrics["baselines"];
-    json!({
-        "recall_at_10": f["recall_at_10"],
-        "ndcg_at_10": f["ndcg_at_10"],
-        "baselines": {"raw_features": pick(&b["raw_features"]), "popularity": pick(&b["popularity"])},
-    })
-}
-
 async fn record_end(
     pool: &PgPool,
     run_id: uuid::Uuid,
