@@ -77,7 +77,7 @@ pub async fn connect(settings: &BrokerSettings) -> Result<Connection, BrokerErro
     let props = ConnectionProperties::default().with_connection_name(settings.connection_name.clone().into());
     Connection::connect(&settings.url, props)
         .await
-        .map_err(|source| BrokerError::Connect { url: crate::db::redact_url(&settings.url), source })
+        .map_err(|source| BrokerError::Connect { url: crate::system::telemetry::redact_url(&settings.url), source })
 }
 
 /// The queue of `model`'s requests.

@@ -1,51 +1,31 @@
-//! audotics-trainer: keeps the Audotics content-based track embedding model fresh.
+//! audotics-trainer: keeps the Audotics track embedding models fresh.
 //!
-//! # Layout
-//! - [`cli`]: flags and environment variables → a [`job::TrainJob`]; `main.rs` only calls it.
-//! - [`job`]: one training run end to end (new or resumed), training kept off the async runtime.
-//! - [`features`]: the 11 audio features, their order and ranges, and z-score standardisation.
-//! - [`data`]: the catalogue and listening history in compact interned form; [`data::synthetic`]
-//!   generates the embedded default dataset.
-//! - [`pairs`]: co-listening pair mining (user → tracks index, held-out split, per-epoch sampling).
-//! - [`model`], [`loss`], [`optim`]: the encoder, its objectives and Adam, on candle.
-//! - [`train`]: the synchronous training loop; [`eval`]: Recall@10 / NDCG@10 and baselines.
-//! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume.
-//! - [`artifacts`]: weights, embeddings and metadata of a version; [`export`]: Keras 3, TF.js and the
-//!   model card; [`storage`]: the model store (local or S3) and atomic publication.
-//! - [`db`]: Postgres — the platform's data (binary COPY), the trainer's schema and run ledger;
-//!   [`seed`] loads demo data into the platform's tables.
-//! - [`worker`]: the retrain worker (RabbitMQ in, model-ready out) and [`broker`], its RabbitMQ
-//!   client and topology; [`db::coord`] holds its Postgres coordination (requests, leases, outbox).
-//! - [`ops`]: operator commands — `rollback` and `replay-dead-letters`.
-//! - [`device`], [`telemetry`], [`procstat`], [`bench`]: device choice, logging, `/proc` readings,
-//!   and the throughput benchmark; [`resources`]: a run's memory estimate and the process's budget.
+//! # Layout — a request's path, from the bottom layer up
+//! Each folder opens with what it owns and what it may call; imports point down this list, never up
+//! and never in a circle (docs/ARCHITECTURE.md draws it).
+//! - [`contract`]: the `retrain` request on the wire, parsed once for everyone; the model-key rule.
+//! - [`system`]: logging, `/proc` readings, signals, the device.
+//! - [`data`]: the catalogue and listening history in compact interned form, the audio features,
+//!   the synthetic default dataset and the Spotify CSV.
+//! - [`training`]: model, losses, the fused CPU step, Adam, pair mining, evaluation, the loop,
+//!   checkpoints, memory estimates.
+//! - [`publish`]: the quality gate, a version's artifacts and export formats, the model store and
+//!   atomic publication.
+//! - [`db`]: Postgres — the platform's data (binary COPY), the trainer's schema, run ledger and the
+//!   worker's coordination SQL (requests, leases, outbox); [`broker`]: RabbitMQ.
+//! - [`job`]: one training run end to end (new or resumed): load, train off the async runtime with a
+//!   checkpoint every epoch, judge, publish.
+//! - [`worker`]: the retrain worker — consume, coordinate, run, announce.
+//! - [`bench`]: throughput and load benchmarks; [`cli`]: flags → the commands; `main.rs` calls it.
 
-pub mod artifacts;
 pub mod bench;
-pub mod bench_load;
 pub mod broker;
-pub mod chaos;
-pub mod checkpoint;
 pub mod cli;
-pub mod cpu_step;
+pub mod contract;
 pub mod data;
 pub mod db;
-pub mod device;
-pub mod eval;
-pub mod export;
-pub mod features;
 pub mod job;
-pub mod loss;
-pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod pairs;
-pub mod procstat;
-pub mod resources;
-pub mod seed;
-pub mod signals;
-pub mod spotify;
-pub mod storage;
-pub mod telemetry;
-pub mod train;
+pub mod publish;
+pub mod system;
+pub mod training;
 pub mod worker;

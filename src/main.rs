@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         // nothing can read the environment concurrently. candle sizes its CPU pools from it.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
-    audotics_trainer::telemetry::init(cli.log_format);
+    audotics_trainer::system::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

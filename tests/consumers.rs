@@ -36,7 +36,7 @@ fn inputs(version: &Path) -> PathBuf {
     let emb = candle_core::safetensors::load(version.join("embeddings.safetensors"), &Device::Cpu).unwrap();
     let embeddings: Vec<Vec<f32>> = emb["embeddings"].to_vec2().unwrap();
     // The features themselves are not in the metadata; regenerate the same synthetic catalogue.
-    let spec = audotics_trainer::data::synthetic::SyntheticSpec {
+    let spec = audotics_trainer::data::source::SyntheticSpec {
         tracks: 600,
         users: 60,
         interactions: 6000,

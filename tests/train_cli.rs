@@ -141,7 +141,7 @@ fn writes_a_version_whose_metadata_and_embeddings_agree() {
     assert_eq!(meta["data"]["synthetic"], true);
     assert_eq!(meta["model_version"].as_str().unwrap(), version.file_name().unwrap().to_str().unwrap());
     let names: Vec<&str> = meta["feature_names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert_eq!(names, audotics_trainer::features::FEATURE_NAMES);
+    assert_eq!(names, audotics_trainer::data::features::FEATURE_NAMES);
     assert_eq!(meta["feature_means"].as_array().unwrap().len(), 11);
     assert_eq!(meta["feature_stds"].as_array().unwrap().len(), 11);
     let num_tracks = meta["num_tracks"].as_u64().unwrap() as usize;
@@ -253,7 +253,7 @@ fn newest_checkpoint_epoch(dir: &Path) -> Option<usize> {
         .ok()?
         .flatten()
         .flat_map(|run| std::fs::read_dir(run.path().join("checkpoints")).into_iter().flatten().flatten())
-        .filter_map(|f| audotics_trainer::checkpoint::position_of(f.file_name().to_str()?))
+        .filter_map(|f| audotics_trainer::training::checkpoint::position_of(f.file_name().to_str()?))
         .map(|(epoch, _)| epoch)
         .max()
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The platform's old content-model trainer, in TensorFlow 2 / Keras, on the data `audotics-trainer
-bench --export-dir DIR` wrote: the benchmark's reference implementation (bench/tf/run.sh runs it).
+"""The platform's old content-model trainer, in TensorFlow 2 / Keras, on the data
+`cargo run --release --example tf-export -- --export-dir DIR` wrote: the benchmark's reference implementation (bench/tf/run.sh runs it).
 
 It trains the model our trainer trains (src/model.rs), on the same standardised features, the same
 pairs in the same order, with the same batch size, Adam settings and objective, and scores it with a
@@ -49,7 +49,7 @@ K = 10
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export-dir", type=Path, help="what `audotics-trainer bench --export-dir` wrote")
+    p.add_argument("--export-dir", type=Path, help="what the tf-export example wrote")
     p.add_argument("--mode", choices=["graph", "eager"], default="graph")
     p.add_argument("--loss", choices=["contrastive", "cosine"], default="contrastive")
     p.add_argument("--epochs", type=int, default=3,

@@ -11,7 +11,7 @@
 #     TF model against our reference values on the exported data (--verify: first-batch losses,
 #     gradients, one Adam step from our initial weights, Recall@10 of raw features, popularity and
 #     the initial model); any mismatch stops the run;
-#  3. exports the data once per (batch size, loss) with `audotics-trainer bench --export-dir`:
+#  3. exports the data once per (batch size, loss) with the `tf-export` example (bench/tf/export/):
 #     standardised features, every epoch's pairs in our training order, log q, the evaluation set;
 #  4. throughput: for each round, batch size and loss, ours, TF graph and TF eager, each in its own
 #     process, one after the other (the order reverses every other round, so that machine noise hits
@@ -51,7 +51,7 @@ BUDGET_BATCH=${BUDGET_BATCH:-64}
 BUDGET_EPOCHS=${BUDGET_EPOCHS:-40}
 OUT=${OUT:-target/bench-tf}
 
-cargo build --release --quiet
+cargo build --release --quiet --bin audotics-trainer --example tf-export
 BIN=target/release/audotics-trainer
 PY=$(bench/tf/setup.sh | tail -n 1)
 TF=bench/tf/old_trainer.py
@@ -79,8 +79,8 @@ tf_run() { # tf_run PHASE MODE ROUND EXPORT LOSS EPOCHS [extra flags...]
 }
 
 export_data() { # export_data DIR BATCH LOSS EPOCHS
-    "$BIN" --log-format json bench "${SIZES[@]}" --batch-sizes "$2" --losses "$3" --epochs "$4" \
-        --export-dir "$1" 2>>"$LOG" >/dev/null
+    target/release/examples/tf-export "${SIZES[@]}" --batch-sizes "$2" --losses "$3" \
+        --epochs "$4" --export-dir "$1" 2>>"$LOG" >/dev/null
 }
 
 echo "checking the TF port..." >&2

@@ -2,40 +2,33 @@
 //! Each configuration trains a few epochs; the figure is the median pairs/s of the epochs after the
 //! first (the first pays for allocation warm-up). Evaluation time is excluded from pairs/s.
 //!
-//! Two additions serve the side-by-side comparison with a TensorFlow port of the platform's old
-//! trainer (`bench/tf/`):
-//!
-//! - `--export-dir DIR` writes the exact inputs this configuration trains on — standardised features,
-//!   each epoch's pairs in the order the trainer consumes them, `log q`, the evaluation set — plus the
-//!   initial weights and reference values (losses, gradients and one Adam step on the first batch,
-//!   Recall@10 of the raw features and of the initial model) that the port is checked against. It
-//!   writes `.npy` files and `export.json`, then exits without training.
-//! - `--time-budget-seconds S` trains until S seconds of training (batches only: per-epoch pair
+//! For the side-by-side comparison with a TensorFlow port of the platform's old trainer (`bench/tf/`):
+//! `--time-budget-seconds S` trains until S seconds of training (batches only: per-epoch pair
 //!   sampling and evaluation excluded) are spent, stops at that batch boundary, and reports the
 //!   model's Recall@10 at that point with the pairs/s over the whole run.
-//!
-//! Layout: this module is the subcommand itself (arguments, measuring, the result tables and the
-//! time-budget observer); `export` writes the `--export-dir` files, through the `.npy` writer in
-//! `npy`.
+//! The exact inputs of a configuration, for that port, are written by the `tf-export` example
+//! (`bench/tf/export/`), which is not part of the library.
 
-mod export;
-mod npy;
+pub mod load;
 mod roofline;
+pub mod spotify;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
 
-use crate::data::synthetic::{self, SyntheticSpec};
-use crate::device::{self, DeviceChoice};
-use crate::loss::{LossConfig, LossKind};
-use crate::model::EncoderConfig;
-use crate::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
-use crate::procstat;
-use crate::train::{Control, EpochMetrics, PreparedData, TrainConfig, TrainObserver, Trainer, TrainingState};
+use crate::data::source::SyntheticSpec;
+use crate::data::synthetic;
+use crate::system::device::{self, DeviceChoice};
+use crate::system::procstat;
+use crate::training::loss::{LossConfig, LossKind};
+use crate::training::model::EncoderConfig;
+use crate::training::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
+use crate::training::trainer::{
+    Control, EpochMetrics, PreparedData, TrainConfig, TrainObserver, Trainer, TrainingState,
+};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -52,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long, env = "AUDOTICS_BENCH_LOSSES", value_enum, value_delimiter = ',', default_values_t = [LossKind::Contrastive])]
     pub losses: Vec<LossKind>,
     /// Epochs per configuration (at least 2: the first is not counted). With --time-budget-seconds,
-    /// the most epochs to train; with --export-dir, the epochs whose pairs are written.
+    /// the most epochs to train; with the `tf-export` example, the epochs whose pairs are written.
     #[arg(long, env = "AUDOTICS_BENCH_EPOCHS", default_value_t = 3)]
     pub epochs: usize,
     /// Pairs per epoch at most (a uniform sample), so large datasets measure in minutes (0 = all).
@@ -64,11 +57,6 @@ pub struct BenchArgs {
     pub device: DeviceChoice,
     #[arg(long, env = "AUDOTICS_SEED", default_value_t = 42)]
     pub seed: u64,
-    /// Write this configuration's exact training inputs (features, every epoch's pairs, log q, the
-    /// evaluation set, initial weights, reference values) as .npy files and export.json to DIR for
-    /// bench/tf/old_trainer.py, then exit without training. One batch size and one loss only.
-    #[arg(long, value_name = "DIR")]
-    pub export_dir: Option<PathBuf>,
     /// Train until S seconds of training (batches only; pair sampling and per-epoch evaluation are
     /// not counted) are spent or --epochs are done, stop at that batch boundary, and add Recall@10
     /// of the model at that point and the pairs/s of the whole run to the result.
@@ -129,16 +117,6 @@ pub struct BudgetResult {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if let Some(dir) = args.export_dir.clone() {
-        anyhow::ensure!(
-            args.batch_sizes.len() == 1 && args.losses.len() == 1,
-            "--export-dir writes one configuration: give one --batch-sizes and one --losses"
-        );
-        anyhow::ensure!(args.epochs >= 1, "--epochs must be at least 1");
-        let summary = tokio::task::spawn_blocking(move || export::export(&args, &dir)).await??;
-        println!("{}", serde_json::to_string(&summary)?);
-        return Ok(ExitCode::SUCCESS);
-    }
     if args.roofline {
         println!(
             "| loss | batch | threads | MFLOP per pair | step's products GFLOP/s | products-only pairs/s | 1024³ GFLOP/s |"
@@ -261,7 +239,7 @@ fn print_budget_table<'a>(results: impl Iterator<Item = &'a BenchResult>) {
 }
 
 /// The training settings `bench` measures (the trainer's defaults, bar the sizes and the pair cap).
-fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> TrainConfig {
+pub fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> TrainConfig {
     TrainConfig {
         epochs: args.epochs,
         batch_size,
@@ -274,13 +252,13 @@ fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> TrainCon
         seed: args.seed,
         eval_users: 2_000,
         max_validation_pairs: 20_000,
-        holdout: crate::train::Holdout::Random,
+        holdout: crate::training::trainer::Holdout::Random,
         patience: 0,
         min_delta: 0.0,
     }
 }
 
-fn synthetic_dataset(args: &BenchArgs) -> crate::data::Dataset {
+pub fn synthetic_dataset(args: &BenchArgs) -> crate::data::Dataset {
     let spec = SyntheticSpec {
         tracks: args.tracks,
         users: args.users,
@@ -418,7 +396,7 @@ impl TrainObserver for Recorder {
 mod tests {
     use super::*;
 
-    /// A configuration small enough for a unit test (`export`'s tests use it too).
+    /// A configuration small enough for a unit test.
     pub(super) fn tiny_args(batch: usize) -> BenchArgs {
         BenchArgs {
             tracks: 300,
@@ -431,7 +409,6 @@ mod tests {
             embedding_size: 8,
             device: DeviceChoice::Cpu,
             seed: 9,
-            export_dir: None,
             time_budget_seconds: None,
             autograd_step: false,
             roofline: false,

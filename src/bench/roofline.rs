@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::cpu_step::kernels::{Mat, matmul};
-use crate::features::NUM_FEATURES;
-use crate::loss::LossKind;
+use crate::data::features::NUM_FEATURES;
+use crate::training::cpu_step::kernels::{Mat, matmul};
+use crate::training::loss::LossKind;
 
 /// Floating-point operations (multiplies and adds counted apart) to train one pair: both rows of the
 /// pair through the encoder's three Dense layers forward, weight gradients and input gradients

@@ -5,20 +5,22 @@
 //! needed for the outputs), and per interaction a user index, a track index, a kind code and a
 //! timestamp (17 bytes). Nothing here holds a per-row copy of a database row.
 
+pub mod features;
+pub mod source;
 pub mod synthetic;
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::FeatureRow;
+use crate::data::features::FeatureRow;
 
 /// The platform's tracks, in a fixed order (row `i` of every output corresponds to `track_ids[i]`).
 #[derive(Debug, Clone, Default)]
 pub struct Catalogue {
     /// The platform's `"Track".id` of each row.
     pub track_ids: Vec<String>,
-    /// Raw features in [`crate::features::FEATURE_NAMES`] order.
+    /// Raw features in [`crate::data::features::FEATURE_NAMES`] order.
     pub features: Vec<FeatureRow>,
 }
 
@@ -159,43 +161,13 @@ pub fn format_ms(ms: i64) -> Option<String> {
     chrono::Utc.timestamp_millis_opt(ms).single().map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-/// Where a dataset came from; recorded in logs and in the model metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-#[allow(clippy::large_enum_variant)] // one per run
-pub enum DataSource {
-    /// Generated in-process (the embedded default when no database is configured).
-    Synthetic(synthetic::SyntheticSpec),
-    /// Read from the platform's Postgres.
-    Postgres {
-        /// The database's label (`--data-source-label`), never its URL.
-        database: String,
-        options: crate::db::load::LoadOptions,
-        quality: crate::db::load::DataQuality,
-    },
-}
-
-impl DataSource {
-    pub fn is_synthetic(&self) -> bool {
-        matches!(self, DataSource::Synthetic(_))
-    }
-
-    /// Dirty-data counts, for data read from the platform.
-    pub fn quality(&self) -> Option<&crate::db::load::DataQuality> {
-        match self {
-            DataSource::Postgres { quality, .. } => Some(quality),
-            DataSource::Synthetic(_) => None,
-        }
-    }
-}
-
 /// Everything a training run reads.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub catalogue: Catalogue,
     pub interactions: Interactions,
     pub watermark: Watermark,
-    pub source: DataSource,
+    pub source: source::DataSource,
 }
 
 #[cfg(test)]

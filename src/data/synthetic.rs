@@ -23,26 +23,10 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, StandardNormal};
-use serde::{Deserialize, Serialize};
 
-use super::{Catalogue, DataSource, Dataset, Interactions};
-use crate::features::{FeatureRow, NUM_FEATURES, idx};
-
-/// Sizes and seed of a synthetic dataset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SyntheticSpec {
-    pub tracks: usize,
-    pub users: usize,
-    pub interactions: usize,
-    pub genres: usize,
-    pub seed: u64,
-}
-
-impl Default for SyntheticSpec {
-    fn default() -> Self {
-        Self { tracks: 5_000, users: 1_000, interactions: 50_000, genres: 16, seed: 42 }
-    }
-}
+use super::source::{DataSource, SyntheticSpec};
+use super::{Catalogue, Dataset, Interactions};
+use crate::data::features::{FeatureRow, NUM_FEATURES, idx};
 
 /// Fixed end of the synthetic history, so that the watermark (and everything else) does not depend
 /// on the wall clock: 2026-01-01T00:00:00Z.
@@ -163,7 +147,7 @@ fn track_features(centre: &FeatureRow, rng: &mut ChaCha8Rng) -> FeatureRow {
 fn jitter(centre: &FeatureRow, scale: f32, rng: &mut ChaCha8Rng) -> FeatureRow {
     let mut r = *centre;
     for (f, spread) in INFORMATIVE {
-        let (lo, hi) = crate::features::FEATURE_RANGES[f];
+        let (lo, hi) = crate::data::features::FEATURE_RANGES[f];
         r[f] = (centre[f] + scale * spread * rng.sample::<f32, _>(StandardNormal)).clamp(lo, hi);
     }
     r
@@ -288,7 +272,7 @@ fn uuid_from(rng: &mut ChaCha8Rng) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::FEATURE_RANGES;
+    use crate::data::features::FEATURE_RANGES;
 
     fn small() -> SyntheticSpec {
         SyntheticSpec { tracks: 600, users: 50, interactions: 4_000, genres: 8, seed: 7 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use crate::worker::request::{Params, RetrainRequest};
+use crate::contract::request::{Params, RetrainRequest};
 
 /// What recording a request did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,87 +13,22 @@
 //! - an interaction type outside the platform's seven (and the configured positive types) is kept but
 //!   never positive, and **counted per type**;
 //! - repeated positive interactions of one (user, track) and users with fewer than two positive tracks
-//!   are counted by pair mining ([`crate::pairs::MiningStats`]).
+//!   are counted by pair mining ([`crate::training::pairs::MiningStats`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use anyhow::{Context, bail};
 use futures::TryStreamExt;
-use serde::{Deserialize, Serialize};
+
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolCopyExt;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::copy_binary::{CopyBinaryDecoder, Row};
 use super::platform::{KNOWN_INTERACTION_TYPES, PLAYLIST_TABLES, REQUIRED_TABLES};
-use crate::data::{Catalogue, DataSource, Dataset, Interactions, PLAYLIST_KIND, Watermark};
-use crate::features::{FEATURE_NAMES, FEATURE_RANGES, FeatureRow, NUM_FEATURES, idx};
-
-/// What to read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LoadOptions {
-    /// Also read playlist co-membership (`"Playlist"` / `"_PlaylistToTrack"`): each playlist becomes a
-    /// co-occurrence group of its own, like a user.
-    pub playlists: bool,
-    /// Configured positive types: never counted as unknown.
-    pub positive_kinds: Vec<String>,
-    /// Read only interactions at or before this instant (ms since the Unix epoch): a resumed run
-    /// re-reads exactly the history it started with.
-    pub interactions_until_ms: Option<i64>,
-    /// Read only tracks created at or before this instant (`"Track"."createdAt"`, ms since the Unix
-    /// epoch); `None` pins it to the newest track there is now (see [`Watermark`]'s
-    /// `newest_track_created_ms`), so a resumed run's catalogue is the one it started with.
-    #[serde(default)]
-    pub tracks_until_ms: Option<i64>,
-}
-
-/// Dirty-data counts of one load.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataQuality {
-    pub tracks_read: u64,
-    pub tracks_without_features: u64,
-    pub tracks_with_null_features: u64,
-    pub tracks_with_non_finite_features: u64,
-    pub tracks_with_invalid_key_or_mode: u64,
-    /// Values clamped into their physical range, per feature name.
-    pub clamped_feature_values: BTreeMap<String, u64>,
-    pub interactions_read: u64,
-    pub interactions_with_nulls: u64,
-    pub interactions_without_track_features: u64,
-    /// Interactions of types the platform does not define, per type (kept, never positive).
-    pub unknown_interaction_types: BTreeMap<String, u64>,
-    pub playlist_memberships_read: u64,
-    pub playlist_memberships_without_track_features: u64,
-}
-
-impl DataQuality {
-    /// One warning per kind of dirty data found (never one per row).
-    pub fn log(&self) {
-        let counts = [
-            (self.tracks_without_features, "tracks without features dropped"),
-            (self.tracks_with_null_features, "tracks with NULL features dropped"),
-            (self.tracks_with_non_finite_features, "tracks with NaN or infinite features dropped"),
-            (self.tracks_with_invalid_key_or_mode, "tracks with key outside 0-11 or mode outside 0/1 dropped"),
-            (self.interactions_with_nulls, "interactions with NULL columns dropped"),
-            (self.interactions_without_track_features, "interactions whose track has no usable features dropped"),
-            (
-                self.playlist_memberships_without_track_features,
-                "playlist memberships whose track has no usable features dropped",
-            ),
-        ];
-        for (count, what) in counts {
-            if count > 0 {
-                warn!(count, "dirty data: {what}");
-            }
-        }
-        for (feature, count) in &self.clamped_feature_values {
-            warn!(count, feature = %feature, "dirty data: feature values outside the physical range clamped");
-        }
-        for (kind, count) in &self.unknown_interaction_types {
-            warn!(count, interaction_type = %kind, "dirty data: unknown interaction type (kept, never positive)");
-        }
-    }
-}
+use crate::data::features::{FEATURE_NAMES, FEATURE_RANGES, FeatureRow, NUM_FEATURES, idx};
+use crate::data::source::{DataQuality, DataSource, LoadOptions};
+use crate::data::{Catalogue, Dataset, Interactions, PLAYLIST_KIND, Watermark};
 
 fn tracks_sql(created_until_ms: Option<i64>) -> String {
     let filter = match created_until_ms {

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod load;
 pub mod platform;
 pub mod prune;
+pub mod seed;
 
 use std::time::Duration;
 
@@ -28,14 +29,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a connection pool to `url`. The error names the (redacted) URL and the cause.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
-    let options: PgConnectOptions = url.parse().with_context(|| format!("invalid database URL {}", redact_url(url)))?;
+    let options: PgConnectOptions =
+        url.parse().with_context(|| format!("invalid database URL {}", crate::system::telemetry::redact_url(url)))?;
     let options = options.application_name("audotics-trainer").log_statements(tracing::log::LevelFilter::Debug);
     PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))
+        .with_context(|| format!("cannot connect to the database at {}", crate::system::telemetry::redact_url(url)))
 }
 
 /// Creates the trainer's schema and applies pending migrations. Safe to run from many processes at
@@ -60,51 +62,4 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     let result = MIGRATOR.run(&migrations_pool).await.context("database migrations failed");
     migrations_pool.close().await;
     result
-}
-
-/// `url` with any password replaced by `***`, for logs, errors and stored settings.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return "<unparseable URL>".to_string();
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    }
-    // libpq and sqlx also take secrets as query parameters (`?password=`, `sslpassword=`, …).
-    if parsed.query_pairs().any(|(k, _)| is_secret_parameter(&k)) {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if is_secret_parameter(&k) { "***".to_string() } else { v.into_owned() };
-                (k.into_owned(), v)
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
-}
-
-fn is_secret_parameter(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    ["password", "passwd", "secret", "token", "credential"].iter().any(|s| name.contains(s))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redaction_hides_passwords_even_with_special_characters() {
-        assert_eq!(redact_url("postgres://app:s3cr%3At@db:5432/audotics"), "postgres://app:***@db:5432/audotics");
-        assert_eq!(redact_url("postgres://postgres@127.0.0.1/test"), "postgres://postgres@127.0.0.1/test");
-        assert_eq!(redact_url("not a url with secret"), "<unparseable URL>");
-        assert_eq!(
-            redact_url("postgres://app@db/audotics?sslmode=require&password=hunter2&sslpassword=k3y"),
-            "postgres://app@db/audotics?sslmode=require&password=***&sslpassword=***"
-        );
-        assert_eq!(
-            redact_url("amqp://u@h/%2f?auth_token=abc&heartbeat=10"),
-            "amqp://u@h/%2f?auth_token=***&heartbeat=10"
-        );
-    }
 }

@@ -6,17 +6,18 @@ use chrono::Utc;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{Published, RunManifest, RunOutcome, StopFlag, gate};
-use crate::artifacts::{self, DataSummary, ModelMetadata, TRAINER_VERSION};
-use crate::checkpoint;
+use super::{Published, RunManifest, RunOutcome, StopFlag};
 use crate::data::Dataset;
-use crate::device;
-use crate::export::{HostWeights, keras, model_card, tfjs};
-use crate::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
-use crate::storage::publish::{VersionInfo, apply_retention, publish_version};
-use crate::storage::{ModelStore, layout};
-use crate::telemetry::EpochProgress;
-use crate::train::{
+use crate::publish::artifacts::{self, DataSummary, ModelMetadata, TRAINER_VERSION};
+use crate::publish::export::{HostWeights, keras, model_card, tfjs};
+use crate::publish::gate;
+use crate::publish::versions::{VersionInfo, apply_retention, publish_version};
+use crate::publish::{layout, store::ModelStore};
+use crate::system::device;
+use crate::system::telemetry::EpochProgress;
+use crate::training::checkpoint;
+use crate::training::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
+use crate::training::trainer::{
     Control, EpochMetrics, PreparedData, StopReason, TrainObserver, Trainer, TrainingState, best_epoch,
 };
 
@@ -64,7 +65,7 @@ impl BlockingRun {
             heldout_user_tracks = data.heldout.len(),
             pairs_per_epoch = trainer.pairs_per_epoch(),
             skipped_non_positive = data.mining.non_positive_interactions,
-            rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
+            rss_mib = crate::system::procstat::rss_bytes().unwrap_or(0) >> 20,
             "data prepared"
         );
         let shortfall =
@@ -113,7 +114,7 @@ impl BlockingRun {
             item_cf_recall_at_10 = baselines.item_cf.recall_at_10,
             item_cf_recall_at_10_se = baselines.item_cf.recall_at_10_se,
             seconds = started.elapsed().as_secs_f64(),
-            peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+            peak_rss_mib = crate::system::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "baselines"
         );
 
@@ -181,7 +182,7 @@ impl BlockingRun {
     /// embeddings, matched to this catalogue by track id (tracks it does not know rank last).
     /// `None` for a model's first version, or when the latest is this run's own (a retried publish).
     fn score_current(&self, trainer: &Trainer, dataset: &Dataset) -> anyhow::Result<Option<gate::CurrentScore>> {
-        use crate::storage::publish::read_latest;
+        use crate::publish::versions::read_latest;
         let m = &self.manifest;
         let Some(latest) = self.runtime.block_on(read_latest(&self.store, &m.model))? else {
             return Ok(None);
@@ -313,8 +314,8 @@ fn version_files(
 
 /// The published model's held-out metrics, the baselines', and which epoch it is.
 struct Scores {
-    final_metrics: crate::eval::RankingMetrics,
-    baselines: crate::train::Baselines,
+    final_metrics: crate::training::eval::RankingMetrics,
+    baselines: crate::training::trainer::Baselines,
     best_epoch: usize,
     stop_reason: StopReason,
     gate: gate::GateReport,
@@ -369,7 +370,7 @@ impl TrainObserver for Checkpointer<'_> {
             mean_pairwise_cosine = m.mean_pairwise_cosine,
             pairs_per_second = m.pairs_per_second.round(),
             seconds = m.seconds,
-            peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+            peak_rss_mib = crate::system::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
             "epoch finished"
         );
         let config = &run.manifest.config;
@@ -405,7 +406,7 @@ impl Checkpointer<'_> {
         let m = &run.manifest;
         let best = best_epoch(&state.history.recall_at_10, m.config.min_delta);
         let pruned =
-            crate::storage::publish::prune_checkpoints(&run.store, &m.model, &m.run_id, run.keep_checkpoints, best);
+            crate::publish::versions::prune_checkpoints(&run.store, &m.model, &m.run_id, run.keep_checkpoints, best);
         if let Err(e) = run.runtime.block_on(pruned) {
             warn!(error.message = %format!("{e:#}"), "cannot delete the run's older checkpoints; retrying after the next");
         }

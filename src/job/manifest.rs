@@ -6,10 +6,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::artifacts::TRAINER_VERSION;
-use crate::data::synthetic::SyntheticSpec;
-use crate::device::DeviceChoice;
-use crate::train::TrainConfig;
+use crate::data::source::SyntheticSpec;
+use crate::publish::artifacts::TRAINER_VERSION;
+use crate::system::device::DeviceChoice;
+use crate::training::trainer::TrainConfig;
 
 /// Where a run's data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,6 @@
 //! run in the Postgres ledger whenever a database is configured.
 
 mod blocking;
-pub mod gate;
 pub mod manifest;
 
 use std::collections::BTreeMap;
@@ -17,14 +16,16 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use manifest::{DataSpec, MinimumSizes, PostgresSpec, RunManifest};
 
-use crate::artifacts::ModelMetadata;
-use crate::checkpoint;
+use crate::data::source::LoadOptions;
 use crate::data::{Dataset, synthetic};
-use crate::db::{self, ledger, load::LoadOptions};
-use crate::device::DeviceChoice;
-use crate::resources::{MemoryBudget, MemoryEstimate, human};
-use crate::storage::{ModelStore, layout};
-use crate::train::TrainConfig;
+use crate::db::{self, ledger};
+use crate::publish::artifacts::ModelMetadata;
+use crate::publish::{gate, layout, store::ModelStore};
+use crate::system::device::DeviceChoice;
+use crate::system::procstat::human;
+use crate::training::checkpoint;
+use crate::training::resources::{MemoryBudget, MemoryEstimate};
+use crate::training::trainer::TrainConfig;
 use blocking::{BlockingRun, Trained};
 
 /// A cooperative stop request (Ctrl-C, SIGTERM, a lost lease): the run stops at the next batch
@@ -84,6 +85,62 @@ pub struct TrainJob {
     pub stop: StopFlag,
     /// Refuse to train when the run's estimated peak memory exceeds this (`None`: unbounded).
     pub memory_budget: Option<MemoryBudget>,
+}
+
+/// What every run of a process starts from (the `train` flags): the CLI's one run, and each of the
+/// worker's runs before a request's parameters apply.
+#[derive(Debug, Clone)]
+pub struct RunDefaults {
+    pub config: TrainConfig,
+    pub minimums: MinimumSizes,
+    pub device: DeviceChoice,
+    pub min_lift: f64,
+    pub quality_floors: bool,
+    pub keep_versions: usize,
+    pub keep_checkpoints: usize,
+    /// How the database is named in what is published (never its URL).
+    pub data_source_label: String,
+    /// Whether playlist co-membership counts as co-occurrence.
+    pub playlists: bool,
+}
+
+impl RunDefaults {
+    /// The platform's data, read up to what is there when the run starts.
+    pub fn postgres_data(&self) -> DataSpec {
+        DataSpec::Postgres(PostgresSpec {
+            database: self.data_source_label.clone(),
+            playlists: self.playlists,
+            interactions_until_ms: None,
+            tracks_until_ms: None,
+        })
+    }
+
+    /// A new run of `model` on `data` with `config`: a CLI run on this process's clock, with no
+    /// lease, no current-version comparison and no memory budget until the caller sets them.
+    pub fn job(&self, model: String, config: TrainConfig, data: DataSpec, stop: StopFlag) -> TrainJob {
+        TrainJob {
+            model,
+            config,
+            data,
+            database_url: None,
+            pool: None,
+            minimums: self.minimums,
+            device: self.device,
+            resume: None,
+            run_id: None,
+            lease_token: None,
+            quality_tolerance: None,
+            min_lift: self.min_lift,
+            quality_floors: self.quality_floors,
+            keep_versions: self.keep_versions,
+            keep_checkpoints: self.keep_checkpoints,
+            started_at: None,
+            trigger: "cli",
+            show_progress: false,
+            stop,
+            memory_budget: None,
+        }
+    }
 }
 
 /// How a run ended.
@@ -236,8 +293,8 @@ async fn execute(
         );
     }
     info!(
-        rss_mib = crate::procstat::rss_bytes().unwrap_or(0) >> 20,
-        peak_rss_mib = crate::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+        rss_mib = crate::system::procstat::rss_bytes().unwrap_or(0) >> 20,
+        peak_rss_mib = crate::system::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
         "data loaded"
     );
     let context = BlockingRun {

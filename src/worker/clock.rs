@@ -54,7 +54,7 @@ pub(super) async fn watch(shared: Arc<Shared>) {
 /// One comparison: updates the shared state, the gauge, and (on a change) the log; stops the run in
 /// progress when the clock has just gone out of bounds.
 pub(super) async fn check(shared: &Shared) {
-    let max = shared.args.max_clock_skew_seconds as f64;
+    let max = shared.settings.max_clock_skew_seconds as f64;
     let measured = match super::runner::bounded(Duration::from_secs(5), skew(&shared.pool)).await {
         Ok(s) => s,
         Err(e) => {

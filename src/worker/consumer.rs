@@ -23,8 +23,9 @@ use rand::Rng;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::Shared;
-use super::request::{self, RetrainRequest};
+use super::admission;
 use crate::broker::{self, DEAD_LETTER_EXCHANGE};
+use crate::contract::request::{self, RetrainRequest};
 use crate::db::coord::{self, Recorded};
 
 enum SessionEnd {
@@ -34,7 +35,7 @@ enum SessionEnd {
 
 /// Consumes until shutdown; `Err` when the broker stayed unreachable past the allowed outage.
 pub(super) async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
-    let max_outage = Duration::from_secs(shared.args.broker_max_outage_seconds as u64);
+    let max_outage = Duration::from_secs(shared.settings.broker_max_outage_seconds as u64);
     let mut outage_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(250);
     let mut shutdown = shared.shutdown.subscribe();
@@ -70,11 +71,11 @@ pub(super) async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
 /// One connection: declare, consume until shutdown or until the connection is lost for good.
 async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> anyhow::Result<SessionEnd> {
     let connection = broker::connect(&shared.broker).await?;
-    let topology = broker::declare_topology(&connection, &shared.broker, &shared.args.models).await?;
+    let topology = broker::declare_topology(&connection, &shared.broker, &shared.settings.models).await?;
     let channel = connection.create_channel().await?;
     channel.basic_qos(shared.broker.prefetch, BasicQosOptions::default()).await?;
     let mut queues: Vec<(String, Source)> =
-        shared.args.models.iter().map(|m| (broker::model_queue(m), Source::ModelQueue)).collect();
+        shared.settings.models.iter().map(|m| (broker::model_queue(m), Source::ModelQueue)).collect();
     queues.push((broker::UNROUTED_QUEUE.to_string(), Source::Unrouted));
     if topology.legacy_queue {
         queues.push((broker::LEGACY_RETRAIN_QUEUE.to_string(), Source::Legacy));
@@ -132,7 +133,7 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 }
             }
             _ = redeclare.tick() => {
-                if let Err(e) = broker::declare_topology(&connection, &shared.broker, &shared.args.models).await {
+                if let Err(e) = broker::declare_topology(&connection, &shared.broker, &shared.settings.models).await {
                     break SessionEnd::Lost(format!("cannot declare the topology again: {e}"));
                 }
             }
@@ -195,17 +196,17 @@ enum Source {
 /// does not serve), or record it and then ack it.
 async fn handle(shared: &Arc<Shared>, source: Source, delivery: Delivery) {
     let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
-    let parsed = request::parse(&delivery.data, message_id.as_deref(), &shared.args.models)
-        .and_then(|r| request::check_batch_fits(r, shared.memory_budget, shared.args.train.loss));
+    let parsed = request::parse(&delivery.data, message_id.as_deref(), &shared.settings.models)
+        .and_then(|r| admission::check_batch_fits(r, shared.memory_budget, shared.settings.runs.config.loss.kind));
     match parsed {
-        Err(rejected) if source == Source::Legacy && rejected.reason == request::RejectReason::UnknownModel => {
+        Err(rejected) if source == Source::Legacy && rejected.reason == request::InvalidReason::UnknownModel => {
             // Another pool's request, left on the old shared queue: route it by model like a new one.
             metrics::counter!("audotics_legacy_requests_rerouted_total").increment(1);
             info!(routing_key = %delivery.routing_key, "re-routing a request from the legacy queue by model");
             republish(shared, &delivery, message_id.as_deref(), broker::RETRAIN_EXCHANGE, None).await;
         }
         Err(mut rejected) => {
-            if source == Source::Unrouted && rejected.reason == request::RejectReason::UnknownModel {
+            if source == Source::Unrouted && rejected.reason == request::InvalidReason::UnknownModel {
                 rejected.detail = format!(
                     "{} (no worker serves it: no queue is bound for {})",
                     rejected.detail, delivery.routing_key

@@ -41,13 +41,13 @@ pub fn model_ready(p: &Published) -> EventDraft {
         "run_id": p.run_id,
         "created_at": m.training_date_rfc3339(),
         "artifacts": {
-            "keras": artifact(crate::storage::layout::KERAS),
-            "metadata": artifact(crate::storage::layout::METADATA),
-            "weights": artifact(crate::storage::layout::WEIGHTS),
-            "embeddings": artifact(crate::storage::layout::EMBEDDINGS),
-            "tfjs": artifact(crate::storage::layout::TFJS_MODEL),
+            "keras": artifact(crate::publish::layout::KERAS),
+            "metadata": artifact(crate::publish::layout::METADATA),
+            "weights": artifact(crate::publish::layout::WEIGHTS),
+            "embeddings": artifact(crate::publish::layout::EMBEDDINGS),
+            "tfjs": artifact(crate::publish::layout::TFJS_MODEL),
             "manifest": artifact("manifest"),
-            "model_card": artifact(crate::storage::layout::MODEL_CARD),
+            "model_card": artifact(crate::publish::layout::MODEL_CARD),
         },
         "manifest_sha256": p.manifest_sha256,
         // Whether latest.json names this version now (false: a newer version was already latest).
@@ -66,8 +66,8 @@ pub fn model_ready(p: &Published) -> EventDraft {
 }
 
 /// The version's held-out figures and the baselines' on the same listens, with standard errors.
-fn metrics_json(m: &crate::artifacts::ModelMetadata) -> Value {
-    let pick = |r: &crate::eval::RankingMetrics| json!({"recall_at_10": r.recall_at_10, "recall_at_10_se": r.recall_at_10_se, "ndcg_at_10": r.ndcg_at_10});
+fn metrics_json(m: &crate::publish::artifacts::ModelMetadata) -> Value {
+    let pick = |r: &crate::training::eval::RankingMetrics| json!({"recall_at_10": r.recall_at_10, "recall_at_10_se": r.recall_at_10_se, "ndcg_at_10": r.ndcg_at_10});
     let b = &m.baselines;
     json!({
         "recall_at_10": m.final_metrics.recall_at_10,

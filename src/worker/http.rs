@@ -65,7 +65,7 @@ async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, axum::Json<ser
     let database = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&shared.pool))
         .await
         .is_ok_and(|r| r.is_ok());
-    let probe = crate::storage::layout::latest(&shared.args.models[0]);
+    let probe = crate::publish::layout::latest(&shared.settings.models[0]);
     let store =
         tokio::time::timeout(Duration::from_secs(2), shared.store.exists(&probe)).await.is_ok_and(|r| r.is_ok());
     // The outbox's confirm channel: a connection can be up with its publishing channel closed.

@@ -14,12 +14,12 @@
 //! Shutdown (SIGTERM/SIGINT): stop consuming, stop the run at the next batch boundary (checkpoint),
 //! release its lease, flush the outbox, exit 0 — or exit 1 when the grace period runs out first.
 
+mod admission;
 mod clock;
 mod consumer;
 pub mod events;
 mod http;
 mod outbox;
-pub mod request;
 mod runner;
 
 use std::process::ExitCode;
@@ -28,91 +28,50 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Args;
 use tokio::sync::{Notify, RwLock, watch};
 use tracing::{error, info, warn};
 
 use crate::broker::BrokerSettings;
-use crate::cli::TrainArgs;
-use crate::job::StopFlag;
-use crate::storage::ModelStore;
+use crate::job::{RunDefaults, StopFlag};
+use crate::publish::store::ModelStore;
 
-/// The worker's own settings; training settings (and the database and store) come from the
-/// flattened train flags, which are the defaults every run starts from.
-#[derive(Debug, Args)]
-pub struct WorkerArgs {
-    /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+/// What the worker is told (the `worker` flags, in plain form); each run starts from `runs`.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// RabbitMQ URL.
     pub amqp_url: String,
-    /// Model keys this worker trains (comma-separated); requests for others are dead-lettered.
-    #[arg(long, env = "WORKER_MODELS", value_delimiter = ',', default_value = "content-based", value_parser = crate::cli::model_key)]
+    /// Model keys this worker trains; requests for others are dead-lettered.
     pub models: Vec<String>,
-    /// This worker's name in leases and logs (default: host name and process id).
-    #[arg(long, env = "WORKER_ID")]
+    /// This worker's name in leases and logs (`None`: host name and process id).
     pub worker_id: Option<String>,
-    /// A run's lease: a worker that stops heartbeating loses its run after this long.
-    #[arg(long, env = "WORKER_LEASE_SECONDS", default_value_t = 60, value_parser = crate::cli::at_least_one)]
     pub lease_seconds: usize,
-    /// On SIGTERM, exit within this many seconds (checkpoint, release the lease, flush events).
-    #[arg(long, env = "WORKER_GRACE_SECONDS", default_value_t = 60, value_parser = crate::cli::at_least_one)]
     pub grace_seconds: usize,
-    /// Quality gate: publish only if Recall@10 is at most this much below the current version's.
-    #[arg(long, env = "QUALITY_TOLERANCE", default_value_t = 0.02, value_parser = crate::cli::non_negative_finite)]
+    /// Quality gate: how far below the current version's re-scored Recall@10 a new one may be.
     pub quality_tolerance: f64,
-    /// Attempts of a failing run before it is marked failed and announced.
-    #[arg(long, env = "RUN_MAX_ATTEMPTS", default_value_t = 3, value_parser = crate::cli::at_least_one)]
     pub max_attempts: usize,
-    /// A run still going this long after it was first claimed (all attempts together) is stopped at
-    /// a batch boundary and failed (`model-failed`, outcome `deadline`).
-    #[arg(long, env = "RUN_MAX_SECONDS", default_value_t = 6 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub run_max_seconds: u64,
-    /// Delay before retrying a failed attempt (doubled per attempt, jittered).
-    #[arg(long, env = "RUN_RETRY_SECONDS", default_value_t = 30)]
     pub retry_seconds: u64,
-    /// `x-delivery-limit` of the retrain queues (must match the live queues').
-    #[arg(long, env = "RETRAIN_DELIVERY_LIMIT", default_value_t = 5, value_parser = crate::cli::at_least_one)]
     pub delivery_limit: usize,
-    /// `x-max-length` of the dead-letter queue `audotics.retrain.dead` (must match the live queue's);
-    /// when full, RabbitMQ drops its oldest dead letter (`x-overflow: drop-head`).
-    #[arg(long, env = "DEAD_LETTER_MAX_MESSAGES", default_value_t = 100_000, value_parser = crate::cli::at_least_one)]
     pub dead_letter_max_messages: usize,
-    /// Unacknowledged deliveries at a time.
-    #[arg(long, env = "RETRAIN_PREFETCH", default_value_t = 50, value_parser = crate::cli::at_least_one)]
     pub prefetch: usize,
-    /// How often to look for runs to claim when nothing wakes the scheduler.
-    #[arg(long, env = "WORKER_POLL_SECONDS", default_value_t = 2, value_parser = crate::cli::at_least_one)]
     pub poll_seconds: usize,
-    /// Exit non-zero when RabbitMQ stays unreachable this long (the orchestrator restarts the pod).
-    #[arg(long, env = "BROKER_MAX_OUTAGE_SECONDS", default_value_t = 600, value_parser = crate::cli::at_least_one)]
     pub broker_max_outage_seconds: usize,
-    /// Memory this worker's runs may use (`3GiB`, `512MiB`, `2G`); `auto` (or empty): the cgroup's memory
-    /// limit, else `RLIMIT_AS`, else physical memory. A run whose estimated peak exceeds it is
-    /// refused (`model-failed`, outcome `resource_limit`); a request whose batch alone exceeds it is
-    /// dead-lettered (`invalid_params`).
-    #[arg(long, env = "WORKER_MEMORY_LIMIT", default_value = "auto", value_parser = crate::resources::parse_limit)]
-    pub memory_limit: crate::resources::Limit,
-    /// Failed publishes of one outbox event before it is parked (kept, with its error, for an
-    /// operator) so that it no longer blocks the events behind it.
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10, value_parser = crate::cli::at_least_one)]
+    /// Memory the worker's runs may use; `None`: the tightest limit in force.
+    pub memory_limit: Option<u64>,
     pub outbox_max_attempts: usize,
-    /// Days the worker's state tables keep what ended (answered requests, published events,
-    /// finished runs); older rows are pruned hourly. It is also the window `event_id` dedupes in.
-    #[arg(long, env = "STATE_RETENTION_DAYS", default_value_t = 30, value_parser = crate::cli::at_least_one)]
     pub retention_days: usize,
-    /// A worker whose clock is more than this many seconds off the database's claims no run (S3
-    /// refuses requests signed more than 15 minutes off); 0: no check.
-    #[arg(long, env = "WORKER_MAX_CLOCK_SKEW_SECONDS", default_value_t = 300)]
+    /// 0: no clock check.
     pub max_clock_skew_seconds: u64,
-    /// Address of the health and metrics server.
-    #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
-    #[command(flatten)]
-    pub train: TrainArgs,
+    /// Required: the worker records requests and runs there.
+    pub database_url: Option<String>,
+    pub store_url: String,
+    pub runs: RunDefaults,
 }
 
 /// State shared by the worker's tasks.
 pub(crate) struct Shared {
-    pub args: WorkerArgs,
+    pub settings: WorkerSettings,
     pub worker_id: String,
     pub database_url: String,
     pub pool: sqlx::PgPool,
@@ -129,7 +88,7 @@ pub(crate) struct Shared {
     /// The stop flag of the run in progress.
     pub run_stop: std::sync::Mutex<Option<StopFlag>>,
     /// What every run and request is checked against before it trains.
-    pub memory_budget: Option<crate::resources::MemoryBudget>,
+    pub memory_budget: Option<crate::training::resources::MemoryBudget>,
     /// This worker's clock against the database's ([`clock`]).
     pub clock: std::sync::Mutex<clock::ClockState>,
 }
@@ -140,11 +99,11 @@ impl Shared {
     }
 
     pub fn lease(&self) -> Duration {
-        Duration::from_secs(self.args.lease_seconds as u64)
+        Duration::from_secs(self.settings.lease_seconds as u64)
     }
 
     pub fn poll(&self) -> Duration {
-        Duration::from_secs(self.args.poll_seconds as u64)
+        Duration::from_secs(self.settings.poll_seconds as u64)
     }
 
     /// Whether this worker's clock is close enough to the database's to claim runs.
@@ -154,34 +113,34 @@ impl Shared {
 }
 
 /// Runs the worker until shutdown.
-pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(settings: WorkerSettings) -> anyhow::Result<ExitCode> {
     let metrics = http::install_metrics()?;
-    let database_url = args.train.database_url.clone().context(
+    let database_url = settings.database_url.clone().context(
         "the worker needs the platform's database: give --database-url (or DATABASE_URL); it records requests and runs there",
     )?;
-    let store = ModelStore::open(&args.train.output)?;
+    let store = ModelStore::open(&settings.store_url)?;
     let pool = connect_database(&database_url).await?;
-    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
     let broker = BrokerSettings {
-        url: args.amqp_url.clone(),
-        delivery_limit: args.delivery_limit as i64,
-        dead_letter_max_messages: args.dead_letter_max_messages as i64,
-        prefetch: args.prefetch.min(u16::MAX as usize) as u16,
+        url: settings.amqp_url.clone(),
+        delivery_limit: settings.delivery_limit as i64,
+        dead_letter_max_messages: settings.dead_letter_max_messages as i64,
+        prefetch: settings.prefetch.min(u16::MAX as usize) as u16,
         connection_name: format!("audotics-trainer worker {worker_id}"),
     };
-    let listener = tokio::net::TcpListener::bind(&args.http_addr)
+    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
-        .with_context(|| format!("cannot listen on {} (--http-addr)", args.http_addr))?;
+        .with_context(|| format!("cannot listen on {} (--http-addr)", settings.http_addr))?;
     info!(
         worker_id = %worker_id,
-        models = ?args.models,
+        models = ?settings.models,
         store = %store.root_url(),
-        database = %crate::db::redact_url(&database_url),
-        broker = %crate::db::redact_url(&args.amqp_url),
+        database = %crate::system::telemetry::redact_url(&database_url),
+        broker = %crate::system::telemetry::redact_url(&settings.amqp_url),
         http = %listener.local_addr()?,
         "worker starting"
     );
-    let memory_budget = crate::resources::MemoryBudget::detect(args.memory_limit.0);
+    let memory_budget = crate::training::resources::MemoryBudget::detect(settings.memory_limit);
     match memory_budget {
         Some(b) => {
             info!(budget_mib = b.bytes >> 20, source = b.source.as_str(), "memory budget for runs");
@@ -190,9 +149,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         None => warn!("no memory limit can be read (no cgroup, RLIMIT_AS or /proc/meminfo): runs are not bounded"),
     }
     let (shutdown, _) = watch::channel(false);
-    let max_clock_skew_seconds = args.max_clock_skew_seconds;
+    let max_clock_skew_seconds = settings.max_clock_skew_seconds;
     let shared = Arc::new(Shared {
-        args,
+        settings,
         worker_id,
         database_url,
         pool,
@@ -223,7 +182,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let _ = shared.shutdown.send(true);
         shared.request_run_stop();
     }
-    let grace = Duration::from_secs(shared.args.grace_seconds as u64);
+    let grace = Duration::from_secs(shared.settings.grace_seconds as u64);
     let drained = tokio::time::timeout(grace, async {
         if let Err(e) = runner.await {
             error!(error.message = %e, "scheduler task panicked");
@@ -240,7 +199,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         (Err(_), _) => {
-            error!(grace_seconds = shared.args.grace_seconds, "grace period over before the run stopped; exiting");
+            error!(grace_seconds = shared.settings.grace_seconds, "grace period over before the run stopped; exiting");
             Ok(ExitCode::FAILURE)
         }
         (Ok(()), Err(_)) => Ok(ExitCode::FAILURE),
@@ -280,7 +239,7 @@ async fn connect_database(url: &str) -> anyhow::Result<sqlx::PgPool> {
 /// Prunes the state tables to `STATE_RETENTION_DAYS` at start and hourly; one worker at a time does
 /// (an advisory lock), the others skip that round.
 async fn prune_state(shared: Arc<Shared>) {
-    let horizon = Duration::from_secs(shared.args.retention_days as u64 * 24 * 3600);
+    let horizon = Duration::from_secs(shared.settings.retention_days as u64 * 24 * 3600);
     let mut shutdown = shared.shutdown.subscribe();
     loop {
         match runner::bounded(Duration::from_secs(300), crate::db::prune::prune(&shared.pool, horizon)).await {
@@ -293,7 +252,7 @@ async fn prune_state(shared: Arc<Shared>) {
                 ] {
                     metrics::counter!("audotics_state_rows_pruned_total", "table" => table).increment(n);
                 }
-                info!(?pruned, retention_days = shared.args.retention_days, "state tables pruned");
+                info!(?pruned, retention_days = shared.settings.retention_days, "state tables pruned");
             }
             Ok(None) => info!("another worker is pruning the state tables"),
             Err(e) => {
@@ -315,8 +274,8 @@ fn default_worker_id() -> String {
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (status 130).
 fn spawn_signal_handler(shared: Arc<Shared>) {
-    crate::signals::on_stop_signals(move || {
-        warn!(grace_seconds = shared.args.grace_seconds, "shutdown requested: stop consuming, checkpoint, release");
+    crate::system::signals::on_stop_signals(move || {
+        warn!(grace_seconds = shared.settings.grace_seconds, "shutdown requested: stop consuming, checkpoint, release");
         let _ = shared.shutdown.send(true);
         shared.request_run_stop();
         shared.scheduler_wake.notify_one();

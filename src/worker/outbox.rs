@@ -75,7 +75,7 @@ pub(super) async fn publish_pending(shared: &Shared) -> anyhow::Result<usize> {
                 Err(e) => {
                     // Keep what was confirmed, then note the failure (after the row lock is gone).
                     tx.commit().await?;
-                    let max = shared.args.outbox_max_attempts as i32;
+                    let max = shared.settings.outbox_max_attempts as i32;
                     if let Ok(true) = coord::mark_publish_failed(&shared.pool, event.id, &e.to_string(), max).await {
                         metrics::counter!("audotics_outbox_parked_total", "kind" => kind.clone()).increment(1);
                         error!(

@@ -9,7 +9,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Shared, events};
 use crate::db::coord::{self, Claim, Finish, PublishedVersion};
-use crate::job::{self, DataSpec, MinimumSizes, PostgresSpec, RunOutcome, StopFlag, TrainJob};
+use crate::job::{self, RunOutcome, StopFlag, TrainJob};
 
 /// Claims and runs until shutdown.
 pub(super) async fn run(shared: Arc<Shared>) {
@@ -28,7 +28,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
         }
         match bounded(
             shared.lease(),
-            coord::claim(&shared.pool, &shared.worker_id, &shared.args.models, shared.lease()),
+            coord::claim(&shared.pool, &shared.worker_id, &shared.settings.models, shared.lease()),
         )
         .await
         {
@@ -66,8 +66,8 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
                 .increment(1);
             warn!(crashes = claim.crashes, "this run's owners have vanished before: it may be what crashes them");
         }
-        let remaining = Duration::from_secs(shared.args.run_max_seconds).saturating_sub(claim.age);
-        if claim.attempt as usize > shared.args.max_attempts || remaining.is_zero() {
+        let remaining = Duration::from_secs(shared.settings.run_max_seconds).saturating_sub(claim.age);
+        if claim.attempt as usize > shared.settings.max_attempts || remaining.is_zero() {
             let status = if remaining.is_zero() {
                 give_up_deadline(shared, &claim).await
             } else {
@@ -113,37 +113,21 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
 }
 
 fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
-    let t = &shared.args.train;
-    let mut config = t.train_config_for(true);
+    let defaults = &shared.settings.runs;
+    let mut config = defaults.config.clone();
     if let Some(params) = &claim.params {
-        params.apply(&mut config);
+        super::admission::apply(params, &mut config);
     }
     TrainJob {
-        model: claim.model.clone(),
-        config,
-        data: DataSpec::Postgres(PostgresSpec {
-            database: t.data_source_label.clone(),
-            playlists: t.playlists,
-            interactions_until_ms: None,
-            tracks_until_ms: None,
-        }),
         database_url: Some(shared.database_url.clone()),
         pool: Some(shared.pool.clone()),
-        minimums: MinimumSizes { tracks: t.min_tracks, users: t.min_users, interactions: t.min_interactions },
-        device: t.device,
-        resume: None,
         run_id: Some(claim.run_id),
         lease_token: Some(claim.token),
-        quality_tolerance: Some(shared.args.quality_tolerance),
-        min_lift: t.min_lift,
-        quality_floors: t.quality_floors,
-        keep_versions: t.keep_versions,
-        keep_checkpoints: t.keep_checkpoints,
+        quality_tolerance: Some(shared.settings.quality_tolerance),
         started_at: Some(claim.created_at),
         trigger: "worker",
-        show_progress: false,
-        stop,
         memory_budget: shared.memory_budget,
+        ..defaults.job(claim.model.clone(), config, defaults.postgres_data(), stop)
     }
 }
 
@@ -168,7 +152,7 @@ async fn deadline(remaining: Duration, stop: StopFlag, past: Arc<AtomicBool>) {
 /// A run that ended for good without a version keeps no checkpoints: nothing will resume it.
 async fn delete_checkpoints(shared: &Shared, claim: &Claim) {
     let run_id = claim.run_id.to_string();
-    match crate::storage::publish::prune_checkpoints(&shared.store, &claim.model, &run_id, 0, None).await {
+    match crate::publish::versions::prune_checkpoints(&shared.store, &claim.model, &run_id, 0, None).await {
         Ok(n) if n > 0 => info!(checkpoints = n, "deleted the checkpoints of a run that ended without a version"),
         Ok(_) => {}
         Err(e) => warn!(error.message = %format!("{e:#}"), "cannot delete the ended run's checkpoints"),
@@ -229,7 +213,7 @@ async fn give_up_crashed(shared: &Shared, claim: &Claim) -> &'static str {
 
 /// Ends a run that has been going for longer than `RUN_MAX_SECONDS` (since it was first claimed).
 async fn give_up_deadline(shared: &Shared, claim: &Claim) -> &'static str {
-    let max = shared.args.run_max_seconds;
+    let max = shared.settings.run_max_seconds;
     let message = format!(
         "the run passed its deadline: RUN_MAX_SECONDS = {max} since it was first claimed, over {} attempts; stopped at a batch boundary",
         claim.attempt
@@ -351,7 +335,7 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
         }
         Err(e) => {
             let message = format!("{e:#}");
-            if claim.attempt as usize >= shared.args.max_attempts {
+            if claim.attempt as usize >= shared.settings.max_attempts {
                 error!(error.message = %message, attempts = claim.attempt, "run failed for good");
                 let event = events::model_failed(model, claim.run_id, "failed", &message, claim.attempt);
                 let finish = Finish {
@@ -364,7 +348,7 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
                 };
                 ("failed", finish)
             } else {
-                let base = shared.args.retry_seconds as f64 * 2f64.powi(claim.attempt - 1);
+                let base = shared.settings.retry_seconds as f64 * 2f64.powi(claim.attempt - 1);
                 let delay = Duration::from_secs_f64(base * rand::rng().random_range(0.75..1.25));
                 warn!(error.message = %message, retry_in = ?delay, "run attempt failed; it will be retried");
                 with_retry(shared, || Box::pin(coord::retry_later(&shared.pool, claim, &message, delay))).await;

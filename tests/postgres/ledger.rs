@@ -1,8 +1,8 @@
 use std::time::Duration;
 
+use audotics_trainer::contract::request::RetrainRequest;
 use audotics_trainer::db::coord::{self, EventDraft, Finish};
 use audotics_trainer::db::ledger;
-use audotics_trainer::worker::request::RetrainRequest;
 
 use crate::helpers::TestDb;
 

@@ -1,7 +1,8 @@
 use audotics_trainer::data::Dataset;
-use audotics_trainer::db::load::{DataQuality, LoadOptions, load};
-use audotics_trainer::features::idx;
-use audotics_trainer::pairs::{CoListenIndex, DEFAULT_POSITIVE_KINDS};
+use audotics_trainer::data::features::idx;
+use audotics_trainer::data::source::{DataQuality, LoadOptions};
+use audotics_trainer::db::load::load;
+use audotics_trainer::training::pairs::{CoListenIndex, DEFAULT_POSITIVE_KINDS};
 
 use crate::helpers::{TestDb, interaction_sql, track_sql};
 

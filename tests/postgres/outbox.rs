@@ -1,7 +1,7 @@
 use std::time::Duration;
 
+use audotics_trainer::contract::request::RetrainRequest;
 use audotics_trainer::db::coord::{self, EventDraft, Finish, SATISFIES_PER_EVENT};
-use audotics_trainer::worker::request::RetrainRequest;
 
 use crate::helpers::TestDb;
 

@@ -198,7 +198,7 @@ async fn a_resumed_postgres_run_ignores_tracks_and_interactions_that_arrived_aft
                 std::fs::read_dir(p.join("checkpoints")).into_iter().flatten().flatten().any(|f| {
                     f.file_name()
                         .to_str()
-                        .and_then(audotics_trainer::checkpoint::position_of)
+                        .and_then(audotics_trainer::training::checkpoint::position_of)
                         .is_some_and(|(epoch, _)| epoch >= 2)
                 })
             });

@@ -3,10 +3,13 @@
 use bytes::Bytes;
 
 use audotics_trainer::data::Watermark;
-use audotics_trainer::storage::publish::{
+use audotics_trainer::publish::versions::{
     VersionInfo, apply_retention, publish_version, read_latest, read_manifest, verify,
 };
-use audotics_trainer::storage::{ModelStore, StoreError, layout};
+use audotics_trainer::publish::{
+    layout,
+    store::{ModelStore, StoreError},
+};
 
 use crate::s3::{S3Server, fast_retry};
 
@@ -50,7 +53,7 @@ async fn publish(
     store: &ModelStore,
     version: &str,
     files: Vec<(String, Bytes)>,
-) -> anyhow::Result<audotics_trainer::storage::publish::PublishedVersion> {
+) -> anyhow::Result<audotics_trainer::publish::versions::PublishedVersion> {
     publish_as(store, "run", version, files).await
 }
 
@@ -59,7 +62,7 @@ async fn publish_as(
     run_id: &str,
     version: &str,
     files: Vec<(String, Bytes)>,
-) -> anyhow::Result<audotics_trainer::storage::publish::PublishedVersion> {
+) -> anyhow::Result<audotics_trainer::publish::versions::PublishedVersion> {
     let watermark = Watermark {
         newest_interaction_at: Some("2026-01-01T00:00:00.000Z".into()),
         newest_interaction_ms: Some(1_767_225_600_000),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use audotics_trainer::storage::{ModelStore, RetryPolicy};
+use audotics_trainer::publish::store::{ModelStore, RetryPolicy};
 
 pub const ACCESS_KEY: &str = "audotics-test";
 pub const SECRET_KEY: &str = "audotics-test-secret";

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use audotics_trainer::data::Watermark;
-use audotics_trainer::storage::publish::{VersionInfo, publish_version, read_latest, read_manifest, verify};
-use audotics_trainer::storage::{RetryPolicy, StoreError};
+use audotics_trainer::publish::store::{RetryPolicy, StoreError};
+use audotics_trainer::publish::versions::{VersionInfo, publish_version, read_latest, read_manifest, verify};
 
 use crate::s3::S3Server;
 
@@ -40,7 +40,8 @@ async fn a_missing_bucket_is_not_retried() {
         ("aws_secret_access_key", crate::s3::SECRET_KEY.to_string()),
     ];
     let slow = RetryPolicy { attempts: 5, min_delay: Duration::from_secs(2), max_delay: Duration::from_secs(2) };
-    let store = audotics_trainer::storage::ModelStore::open_s3_with("s3://no-such-bucket/x", &options, slow).unwrap();
+    let store =
+        audotics_trainer::publish::store::ModelStore::open_s3_with("s3://no-such-bucket/x", &options, slow).unwrap();
     // (s3s-fs accepts a PUT into a missing bucket by creating the folder; a GET shows the outcome.)
     let started = Instant::now();
     let err = store.get("m/latest.json").await.unwrap_err();
@@ -192,7 +193,7 @@ async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_manifest
     #[derive(Parser)]
     struct Flags {
         #[command(flatten)]
-        train: audotics_trainer::cli::TrainArgs,
+        train: audotics_trainer::cli::train_args::TrainArgs,
     }
     let server = S3Server::start();
     let store = server.store("fence");
@@ -210,7 +211,7 @@ async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_manifest
         config,
         DataSpec::Postgres(spec),
         MinimumSizes::default(),
-        audotics_trainer::device::DeviceChoice::Cpu,
+        audotics_trainer::system::device::DeviceChoice::Cpu,
     );
     let run_id = created.run_id.clone();
     assert!(save_manifest(&store, &created, None).await.unwrap().is_some(), "created when absent");

@@ -513,7 +513,7 @@ pub fn newest_checkpoint(store: &Path) -> Option<(usize, usize)> {
     let runs = std::fs::read_dir(store.join("content-based/runs")).ok()?;
     runs.filter_map(Result::ok)
         .flat_map(|run| std::fs::read_dir(run.path().join("checkpoints")).into_iter().flatten().filter_map(Result::ok))
-        .filter_map(|f| audotics_trainer::checkpoint::position_of(f.file_name().to_str()?))
+        .filter_map(|f| audotics_trainer::training::checkpoint::position_of(f.file_name().to_str()?))
         .max()
 }
 

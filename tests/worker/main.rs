@@ -156,9 +156,9 @@ async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load(
         assert!(store.exists(&url[prefix.len()..]).await.unwrap(), "{url} is missing");
     }
     let manifest_key = &event["artifacts"]["manifest"].as_str().unwrap()[prefix.len()..];
-    let manifest = audotics_trainer::storage::publish::read_manifest(&store, manifest_key, None).await.unwrap();
-    audotics_trainer::storage::publish::verify(&store, &manifest).await.unwrap();
-    let latest = audotics_trainer::storage::publish::read_latest(&store, "content-based").await.unwrap().unwrap();
+    let manifest = audotics_trainer::publish::versions::read_manifest(&store, manifest_key, None).await.unwrap();
+    audotics_trainer::publish::versions::verify(&store, &manifest).await.unwrap();
+    let latest = audotics_trainer::publish::versions::read_latest(&store, "content-based").await.unwrap().unwrap();
     assert_eq!(latest.version, version);
 
     // Keras 3 loads the archive from the store and predicts the published embeddings.
@@ -191,7 +191,7 @@ async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load(
 /// the published embeddings: what `keras_check.py` compares.
 async fn consumer_inputs(
     db: &TestDb,
-    store: &audotics_trainer::storage::ModelStore,
+    store: &audotics_trainer::publish::store::ModelStore,
     event: &serde_json::Value,
     prefix: &str,
     dir: &std::path::Path,
@@ -514,7 +514,7 @@ async fn a_worse_model_is_rejected_by_the_quality_gate_and_its_request_answered(
     let metadata_path = setup
         .store
         .path()
-        .join(format!("content-based/versions/{good_version}/{}", audotics_trainer::storage::layout::METADATA));
+        .join(format!("content-based/versions/{good_version}/{}", audotics_trainer::publish::layout::METADATA));
     let mut metadata: serde_json::Value = serde_json::from_slice(&std::fs::read(&metadata_path).unwrap()).unwrap();
     metadata["final_metrics"]["recall_at_10"] = serde_json::json!(0.0);
     std::fs::write(&metadata_path, serde_json::to_vec(&metadata).unwrap()).unwrap();

@@ -1,12 +1,14 @@
 //! The fault suite (issue 7), after RabbitMQ's Jepsen tests: a workload (N worker processes, a
 //! publisher of retrain requests for several models, consumers recording every answer), a nemesis
-//! injecting faults on a seeded random schedule, and the checker in `audotics_trainer::chaos` over
+//! injecting faults on a seeded random schedule, and the checker ([`checker`], over the [`history`] the others record) over
 //! what was recorded and the final state.
 //!
 //! The README's test command runs the short profile; longer runs are the same test with
 //! `CHAOS_*` settings (see [`Profile::from_env`] and RELIABILITY.md).
 
+mod checker;
 mod cluster;
+mod history;
 mod nemesis;
 mod observe;
 mod workload;
@@ -14,8 +16,7 @@ mod workload;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use audotics_trainer::chaos::checker;
-use audotics_trainer::chaos::history::History;
+use history::History;
 use tokio::sync::watch;
 
 use cluster::Cluster;

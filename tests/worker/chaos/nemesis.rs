@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use audotics_trainer::chaos::history::MalformedSent;
+use super::history::MalformedSent;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

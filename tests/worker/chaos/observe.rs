@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use super::history::*;
 use audotics_trainer::broker;
-use audotics_trainer::chaos::history::*;
-use audotics_trainer::storage::{ModelStore, layout, publish};
+use audotics_trainer::publish::{layout, store::ModelStore, versions};
 use sqlx::Row;
 use tokio::sync::watch;
 
@@ -21,10 +21,10 @@ pub async fn sample_latest(store: ModelStore, models: Vec<String>, stop: watch::
     let mut samples = Vec::new();
     while !*stop.borrow() {
         for model in &models {
-            let Ok(Some(latest)) = publish::read_latest(&store, model).await else { continue };
+            let Ok(Some(latest)) = versions::read_latest(&store, model).await else { continue };
             let manifest_present = match store.exists(&latest.manifest).await {
                 Ok(true) => true,
-                Ok(false) => match publish::read_latest(&store, model).await {
+                Ok(false) => match versions::read_latest(&store, model).await {
                     Ok(Some(again)) if again.version == latest.version => false,
                     _ => continue,
                 },
@@ -165,8 +165,8 @@ pub async fn verify_versions(store: &ModelStore, all: &[Recorded]) -> Vec<Versio
             continue;
         }
         let key = layout::version_object(model, version, layout::MANIFEST);
-        let problem = match publish::read_manifest(store, &key, r.body["manifest_sha256"].as_str()).await {
-            Ok(manifest) => publish::verify(store, &manifest).await.err().map(|e| format!("{e:#}")),
+        let problem = match versions::read_manifest(store, &key, r.body["manifest_sha256"].as_str()).await {
+            Ok(manifest) => versions::verify(store, &manifest).await.err().map(|e| format!("{e:#}")),
             Err(e) => Some(format!("{e:#}")),
         };
         checks.push(VersionCheck { model: model.to_string(), version: version.to_string(), problem });

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::history::{MalformedSent, SentRequest};
 use audotics_trainer::broker::{self, BrokerSettings, Delivered};
-use audotics_trainer::chaos::history::{MalformedSent, SentRequest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
