@@ -20,7 +20,7 @@ use crate::data::source::DataSource;
 use crate::training::eval::RankingMetrics;
 use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig};
 use crate::training::pairs::MiningStats;
-use crate::training::trainer::{Baselines, History, TrainConfig};
+use crate::training::trainer::{Baselines, EpochHistory, TrainConfig};
 
 /// The platform's `model_type`.
 pub const MODEL_TYPE: &str = "content-based";
@@ -61,7 +61,7 @@ pub struct ModelMetadata {
     pub track_ids: Vec<String>,
     pub num_tracks: usize,
     pub embedding_size: usize,
-    pub training_history: History,
+    pub training_history: EpochHistory,
     /// The published (best) epoch's held-out ranking metrics.
     pub final_metrics: RankingMetrics,
     pub baselines: Baselines,

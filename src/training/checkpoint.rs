@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::training::model::TRAINABLE_NAMES;
 use crate::training::optim::AdamState;
-use crate::training::trainer::{EpochCursor, History, TrainConfig, TrainingState};
+use crate::training::trainer::{EpochCursor, EpochHistory, TrainConfig, TrainingState};
 
 const FORMAT: &str = "audotics-checkpoint/1";
 
@@ -118,7 +118,7 @@ pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) ->
         }),
     };
     state.epoch = get("epoch")?.parse()?;
-    state.history = serde_json::from_str::<History>(get("history")?)?;
+    state.history = serde_json::from_str::<EpochHistory>(get("history")?)?;
     Ok(get("saved_at")?.clone())
 }
 

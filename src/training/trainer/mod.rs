@@ -1,0 +1,303 @@
+//! The training loop: synchronous and CPU/GPU bound, so callers run it off the async runtime
+//! (`spawn_blocking`). Per epoch: sample pairs, train on shuffled batches, evaluate on held-out
+//! interactions, then hand the state to the observer (which checkpoints it and may stop the run).
+
+mod config;
+mod prepared;
+mod state;
+
+pub use config::{Holdout, StopReason, TrainConfig, best_epoch, should_stop_early};
+pub use prepared::{HoldoutSummary, PreparedData};
+pub use state::{EpochCursor, EpochHistory, EpochMetrics, TrainingState};
+
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::training::cpu_step::CpuStep;
+use crate::training::eval::{EvalSet, RankingMetrics};
+use crate::training::loss::{self, LossConfig, LossKind, PairBatch};
+use crate::training::model::{BatchStats, DropoutMasks, Encoder, HostDropout, l2_normalize};
+use crate::training::pairs::PairSampler;
+
+/// What the observer tells the loop after each epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Stop now: after an epoch its checkpoint is already saved; after a batch, the loop hands the
+    /// state (with its [`EpochCursor`]) to [`TrainObserver::interrupted`].
+    Stop,
+}
+
+/// Receives progress; `epoch_finished` typically checkpoints the state.
+pub trait TrainObserver {
+    fn epoch_started(&mut self, _epoch: usize, _pairs: usize) {}
+    /// After each optimiser step; `Stop` ends the run at this batch boundary.
+    fn batch_finished(&mut self, _pairs: usize) -> Control {
+        Control::Continue
+    }
+    fn epoch_finished(&mut self, state: &TrainingState, metrics: &EpochMetrics) -> anyhow::Result<Control>;
+    /// The run stopped inside an epoch; `state.cursor` says where (typically checkpointed).
+    fn interrupted(&mut self, _state: &TrainingState) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reference metrics of what a platform could run instead of the model, on the same held-out
+/// listens, computed once per run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Baselines {
+    /// Standardised raw features as embeddings.
+    pub raw_features: RankingMetrics,
+    /// Training users per track.
+    pub popularity: RankingMetrics,
+    /// Item-based collaborative filtering: cosine-normalised co-occurrence of training positives,
+    /// queried with the user's training tracks. Absent from versions published before it existed.
+    #[serde(default)]
+    pub item_cf: RankingMetrics,
+    /// Seeded random scores: the floor of floors.
+    #[serde(default)]
+    pub random: RankingMetrics,
+}
+
+/// The trainer for one run: data, settings and the fixed evaluation set.
+pub struct Trainer<'a> {
+    config: &'a TrainConfig,
+    data: &'a PreparedData,
+    sampler: PairSampler,
+    eval: EvalSet<'a>,
+    logq: Option<Tensor>,
+    /// The fused CPU step (`None` on a GPU, or when autograd is asked for).
+    cpu_step: Option<CpuStep>,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(config: &'a TrainConfig, data: &'a PreparedData) -> anyhow::Result<Self> {
+        let sampler = PairSampler::new(config.sampling.clone(), &data.train, data.num_tracks());
+        let eval = EvalSet::new(&data.train, &data.heldout, config.eval_users, config.seed);
+        let logq = if config.loss.logq_correction && config.loss.kind == LossKind::Contrastive {
+            let lq = loss::log_sampling_probability(&data.track_counts);
+            Some(Tensor::from_vec(lq, data.num_tracks(), data.features.device())?)
+        } else {
+            None
+        };
+        let device = data.features.device();
+        let cpu_step = (device.is_cpu() && data.features.dtype() == DType::F32)
+            .then(|| CpuStep::new(config.encoder, config.loss.clone(), &data.features, logq.as_ref()))
+            .transpose()?;
+        Ok(Self { config, data, sampler, eval, logq, cpu_step })
+    }
+
+    /// `fused` or `autograd`: how this trainer's steps compute gradients.
+    pub fn step_name(&self) -> &'static str {
+        if self.cpu_step.is_some() { "fused" } else { "autograd" }
+    }
+
+    /// Trains through candle's autograd even on the CPU (the reference path; for comparisons).
+    pub fn use_autograd(mut self) -> Self {
+        self.cpu_step = None;
+        self
+    }
+
+    /// Pairs one epoch yields at most (for progress reporting and the insufficient-data check).
+    pub fn pairs_per_epoch(&self) -> usize {
+        self.sampler.max_pairs(&self.data.train)
+    }
+
+    pub fn baselines(&self) -> anyhow::Result<Baselines> {
+        let raw = l2_normalize(&self.data.features)?;
+        let popularity: Vec<f32> = self.data.track_counts.iter().map(|&c| c as f32).collect();
+        Ok(Baselines {
+            raw_features: self.eval.evaluate_embeddings(&raw)?,
+            popularity: self.eval.evaluate_global_scores(&popularity),
+            item_cf: self.eval.evaluate_item_cf(self.data.num_tracks()),
+            random: self.eval.evaluate_random(self.data.num_tracks(), self.config.seed),
+        })
+    }
+
+    /// The fixed evaluation set (users and their held-out tracks), for extra baselines.
+    pub fn eval_set(&self) -> &EvalSet<'a> {
+        &self.eval
+    }
+
+    /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]`.
+    pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
+        self.eval.evaluate_embeddings(embeddings)
+    }
+
+    /// Trains from `state` (fresh or restored) until `config.epochs` or until the observer stops.
+    /// Returns whether all epochs are done.
+    pub fn run(&self, state: &mut TrainingState, observer: &mut dyn TrainObserver) -> anyhow::Result<bool> {
+        while state.epoch < self.config.epochs {
+            let epoch = self.run_epoch(state, observer).with_context(|| format!("epoch {}", state.epoch + 1))?;
+            let Some(metrics) = epoch else {
+                observer.interrupted(state)?;
+                return Ok(false);
+            };
+            state.epoch += 1;
+            state.history.push(&metrics);
+            if observer.epoch_finished(state, &metrics)? == Control::Stop {
+                break;
+            }
+        }
+        Ok(state.epoch >= self.config.epochs)
+    }
+
+    /// One epoch, or its remainder after a stop inside it. `None` when the observer stopped it at a
+    /// batch boundary (`state.cursor` then says where to continue).
+    fn run_epoch(
+        &self,
+        state: &mut TrainingState,
+        observer: &mut dyn TrainObserver,
+    ) -> anyhow::Result<Option<EpochMetrics>> {
+        let started = Instant::now();
+        let cpu_started = crate::system::procstat::cpu_seconds();
+        let (pairs, mut cursor) = match state.cursor.take() {
+            Some(cursor) => (self.sampler.sample_epoch(&self.data.train, &mut cursor.rng_at_start.clone()), cursor),
+            None => {
+                let rng_at_start = state.rng.clone();
+                let pairs = self.sampler.sample_epoch(&self.data.train, &mut state.rng);
+                (pairs, EpochCursor { rng_at_start, next_step: 0, loss_sum: 0.0, batches: 0, trained: 0 })
+            }
+        };
+        anyhow::ensure!(!pairs.is_empty(), "no training pairs: every user has fewer than two positive training tracks");
+        observer.epoch_started(state.epoch + 1, pairs.len());
+        let device = self.data.features.device();
+        let (anchors, partners): (Vec<u32>, Vec<u32>) = pairs.iter().map(|p| (p[0], p[1])).unzip();
+        let trained_before = cursor.trained;
+        let steps = pairs.len().div_ceil(self.config.batch_size);
+        while cursor.next_step < steps {
+            let start = cursor.next_step * self.config.batch_size;
+            cursor.next_step += 1;
+            let len = self.config.batch_size.min(pairs.len() - start);
+            if len < 2 && self.config.loss.kind == LossKind::Contrastive {
+                continue; // a single pair has no in-batch negatives
+            }
+            let (ta, tb) = (&anchors[start..start + len], &partners[start..start + len]);
+            let loss = match &self.cpu_step {
+                Some(step) => {
+                    let masks = HostDropout::sample(&self.config.encoder, 2 * len, &mut state.rng);
+                    step.train_batch(&state.encoder, &mut state.optimizer, ta, tb, &masks)?
+                }
+                None => {
+                    let (ta, tb) = (loss::track_tensor(ta, device)?, loss::track_tensor(tb, device)?);
+                    let masks =
+                        DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
+                    let (loss, stats) = training_loss(
+                        &state.encoder,
+                        &self.data.features,
+                        &ta,
+                        &tb,
+                        &masks,
+                        &self.config.loss,
+                        self.logq.as_ref(),
+                    )?;
+                    state.optimizer.step(&loss.backward()?)?;
+                    state.encoder.update_moving_stats(&stats)?;
+                    loss.to_scalar::<f32>()?
+                }
+            };
+            cursor.loss_sum += loss as f64;
+            cursor.batches += 1;
+            cursor.trained += len;
+            if observer.batch_finished(len) == Control::Stop && cursor.next_step < steps {
+                state.cursor = Some(cursor);
+                return Ok(None);
+            }
+        }
+        let EpochCursor { loss_sum, batches, trained, .. } = cursor;
+        let train_seconds = started.elapsed().as_secs_f64();
+        let train_cpu_seconds = cpu_started.zip(crate::system::procstat::cpu_seconds()).map(|(a, b)| b - a);
+        let val_loss = self.validation_loss(&state.encoder)?;
+        let embeddings = state.encoder.embed(&self.data.features)?;
+        let ranking = self.evaluate(&embeddings)?;
+        let mean_pairwise_cosine = embeddings.mean(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        Ok(Some(EpochMetrics {
+            epoch: state.epoch + 1,
+            loss: loss_sum / batches.max(1) as f64,
+            val_loss,
+            ranking,
+            mean_pairwise_cosine,
+            pairs: trained,
+            pairs_per_second: (trained - trained_before) as f64 / train_seconds.max(1e-9),
+            train_seconds,
+            train_cpu_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    /// The loss on the fixed validation pairs, in inference mode, batched like training.
+    fn validation_loss(&self, encoder: &Encoder) -> anyhow::Result<f64> {
+        let pairs = &self.data.validation_pairs;
+        if pairs.len() < 2 {
+            return Ok(f64::NAN);
+        }
+        let (anchors, partners) = split_pairs(pairs, self.data.features.device())?;
+        let (mut sum, mut batches) = (0.0, 0usize);
+        for start in (0..pairs.len()).step_by(self.config.batch_size) {
+            let len = self.config.batch_size.min(pairs.len() - start);
+            if len < 2 {
+                continue;
+            }
+            let ta = anchors.narrow(0, start, len)?;
+            let tb = partners.narrow(0, start, len)?;
+            let x = self.data.features.index_select(&Tensor::cat(&[&ta, &tb], 0)?, 0)?;
+            let z = l2_normalize(&encoder.forward_eval(&x)?)?;
+            sum += pair_loss(&z, &ta, &tb, &self.config.loss, self.logq.as_ref())?.to_scalar::<f32>()? as f64;
+            batches += 1;
+        }
+        Ok(sum / batches as f64)
+    }
+}
+
+/// The training-mode loss of one batch of pairs (track indices `ta[i]`, `tb[i]`), with the BatchNorm
+/// statistics to apply after the optimiser step. Anchors and partners go through the encoder as one
+/// `[2B, 11]` batch, so BatchNorm's batch statistics cover both sides of every pair.
+pub fn training_loss(
+    encoder: &Encoder,
+    features: &Tensor,
+    ta: &Tensor,
+    tb: &Tensor,
+    masks: &DropoutMasks,
+    config: &LossConfig,
+    logq: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, BatchStats)> {
+    let x = features.index_select(&Tensor::cat(&[ta, tb], 0)?, 0)?;
+    let (h, stats) = encoder.forward_train(&x, masks)?;
+    Ok((pair_loss(&l2_normalize(&h)?, ta, tb, config, logq)?, stats))
+}
+
+/// The loss given normalised embeddings `z`: anchors in its first half, partners in its second.
+fn pair_loss(
+    z: &Tensor,
+    ta: &Tensor,
+    tb: &Tensor,
+    config: &LossConfig,
+    logq: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let b = ta.dim(0)?;
+    let za = z.narrow(0, 0, b)?;
+    let zb = z.narrow(0, b, b)?;
+    let logq_a = logq.map(|lq| lq.index_select(ta, 0)).transpose()?;
+    let logq_b = logq.map(|lq| lq.index_select(tb, 0)).transpose()?;
+    let batch = PairBatch { za: &za, zb: &zb, ta, tb, logq_a: logq_a.as_ref(), logq_b: logq_b.as_ref() };
+    let objective = loss::batch_loss(config, &batch)?;
+    // The cosine objective stays exactly the old trainer's.
+    if config.centering_weight > 0.0 && config.kind == LossKind::Contrastive {
+        objective + (z.mean(0)?.sqr()?.sum_all()? * config.centering_weight)?
+    } else {
+        Ok(objective)
+    }
+}
+
+/// The two columns of a pair list as `[P]` u32 tensors on `device`.
+fn split_pairs(pairs: &[[u32; 2]], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let a: Vec<u32> = pairs.iter().map(|p| p[0]).collect();
+    let b: Vec<u32> = pairs.iter().map(|p| p[1]).collect();
+    Ok((Tensor::from_vec(a, pairs.len(), device)?, Tensor::from_vec(b, pairs.len(), device)?))
+}
+
+#[cfg(test)]
+mod tests;
