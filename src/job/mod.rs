@@ -3,28 +3,26 @@
 //! run in the Postgres ledger whenever a database is configured.
 
 mod blocking;
-pub mod manifest;
+mod outcome;
+pub mod run_record;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use serde_json::json;
 use sqlx::PgPool;
 use tracing::{Instrument, error, info, info_span, warn};
 
-pub use manifest::{DataSpec, MinimumSizes, PostgresSpec, RunManifest};
+pub use outcome::{Published, RejectedVersion, ResourceRefusal, RunOutcome};
+pub use run_record::{DataSpec, MinimumSizes, PostgresSpec, RunRecord, load_run_record, save_run_record};
 
 use crate::data::source::LoadOptions;
 use crate::data::{Dataset, synthetic};
 use crate::db::{self, ledger};
-use crate::publish::artifacts::ModelMetadata;
 use crate::publish::{gate, layout, store::ModelStore};
 use crate::system::device::DeviceChoice;
-use crate::system::procstat::human;
 use crate::training::checkpoint;
-use crate::training::resources::{MemoryBudget, MemoryEstimate};
+use crate::training::resources::MemoryBudget;
 use crate::training::trainer::TrainConfig;
 use blocking::{BlockingRun, Trained};
 
@@ -143,71 +141,6 @@ impl RunDefaults {
     }
 }
 
-/// How a run ended.
-#[derive(Debug)]
-pub enum RunOutcome {
-    /// All epochs done and the version's artifacts written.
-    Published(Box<Published>),
-    /// Stopped on request after `epochs_completed` epochs; `--resume <run_id>` continues it.
-    Stopped { run_id: String, epochs_completed: usize },
-    /// The data is below the minimum sizes; nothing was trained.
-    InsufficientData { run_id: String, reason: String },
-    /// Trained, but the quality gate kept the current version; nothing was uploaded.
-    Rejected(Box<Rejected>),
-    /// The run would need more memory than the budget; nothing was trained. Retrying cannot help.
-    ResourceLimit(Box<ResourceRefusal>),
-}
-
-/// A run refused before training because its estimated peak memory exceeds the budget.
-#[derive(Debug, Clone)]
-pub struct ResourceRefusal {
-    pub run_id: String,
-    pub estimate: MemoryEstimate,
-    pub budget: MemoryBudget,
-}
-
-impl ResourceRefusal {
-    pub fn reason(&self) -> String {
-        format!(
-            "estimated peak memory {} (data and process {}, training step {}, validation {}, evaluation and export {}) exceeds the worker's memory budget {} ({}); lower params.batch_size or raise WORKER_MEMORY_LIMIT",
-            human(self.estimate.peak_bytes),
-            human(self.estimate.in_use_bytes),
-            human(self.estimate.train_step_bytes),
-            human(self.estimate.validation_bytes),
-            human(self.estimate.evaluate_and_export_bytes),
-            human(self.budget.bytes),
-            self.budget.source.as_str(),
-        )
-    }
-}
-
-/// A version the quality gate refused.
-#[derive(Debug)]
-pub struct Rejected {
-    pub run_id: String,
-    pub version: String,
-    pub reason: String,
-    pub metadata: ModelMetadata,
-    /// Every check, the figures it compared, and the current version's score on this run's
-    /// held-out listens.
-    pub gate: gate::GateReport,
-}
-
-/// A published version.
-#[derive(Debug)]
-pub struct Published {
-    pub run_id: String,
-    pub version: String,
-    pub metadata: ModelMetadata,
-    /// Artifact name → full URL (`manifest` included).
-    pub artifacts: BTreeMap<String, String>,
-    /// URL of the version's folder.
-    pub location: String,
-    pub manifest_sha256: String,
-    /// Whether `latest.json` names this version now.
-    pub is_latest: bool,
-}
-
 /// Runs `job` against `store`.
 pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome> {
     let pool = match (&job.pool, &job.database_url) {
@@ -219,15 +152,15 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         }
         (None, None) => None,
     };
-    let (mut manifest, manifest_tag) = match (&job.resume, job.run_id) {
-        (Some(run_id), _) => load_manifest(store, &job.model, run_id).await?,
-        (None, Some(id)) if store.exists(&layout::run_manifest(&job.model, &id.to_string())).await? => {
-            load_manifest(store, &job.model, &id.to_string()).await?
+    let (mut record, record_tag) = match (&job.resume, job.run_id) {
+        (Some(run_id), _) => load_run_record(store, &job.model, run_id).await?,
+        (None, Some(id)) if store.exists(&layout::run_record(&job.model, &id.to_string())).await? => {
+            load_run_record(store, &job.model, &id.to_string()).await?
         }
         (None, id) => {
             let id = id.unwrap_or_else(uuid::Uuid::now_v7);
             let started = job.started_at.unwrap_or_else(chrono::Utc::now);
-            let m = RunManifest::started_at(
+            let m = RunRecord::started_at(
                 id,
                 started,
                 &job.model,
@@ -236,30 +169,29 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
                 job.minimums,
                 job.device,
             );
-            match save_manifest(store, &m, None).await? {
+            match save_run_record(store, &m, None).await? {
                 Some(tag) => (m, tag),
-                // Another owner of this run wrote it first: its manifest is the run's.
-                None => load_manifest(store, &job.model, &m.run_id).await?,
+                // Another owner of this run wrote it first: its record is the run's.
+                None => load_run_record(store, &job.model, &m.run_id).await?,
             }
         }
     };
     anyhow::ensure!(
-        !matches!(manifest.data, DataSpec::Postgres(_)) || pool.is_some(),
+        !matches!(record.data, DataSpec::Postgres(_)) || pool.is_some(),
         "run {} reads the platform's database: give --database-url (or DATABASE_URL)",
-        manifest.run_id
+        record.run_id
     );
-    let span =
-        info_span!("training_run", run_id = %manifest.run_id, model = %manifest.model, version = %manifest.version);
+    let span = info_span!("training_run", run_id = %record.run_id, model = %record.model, version = %record.version);
     async {
         info!(resumed = job.resume.is_some(), store = %store.root_url(), "run started");
-        let run_id = manifest.run_uuid()?;
+        let run_id = record.run_uuid()?;
         if let Some(pool) = &pool {
-            let config = serde_json::to_value(&manifest.config)?;
-            ledger::record_start(pool, run_id, &manifest.model, &manifest.version, job.trigger, &config)
+            let config = serde_json::to_value(&record.config)?;
+            ledger::record_start(pool, run_id, &record.model, &record.version, job.trigger, &config)
                 .await
                 .context("cannot record the run in the training_runs ledger")?;
         }
-        let result = execute(store, &job, &mut manifest, manifest_tag, pool.as_ref()).await;
+        let result = execute(store, &job, &mut record, record_tag, pool.as_ref()).await;
         if let Some(pool) = &pool {
             record_end(pool, run_id, &result, job.lease_token).await?;
         }
@@ -273,23 +205,23 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
 async fn execute(
     store: &ModelStore,
     job: &TrainJob,
-    manifest: &mut RunManifest,
-    manifest_tag: Option<String>,
+    record: &mut RunRecord,
+    record_tag: Option<String>,
     pool: Option<&PgPool>,
 ) -> anyhow::Result<RunOutcome> {
-    let resume_from = latest_checkpoint(store, manifest).await?;
-    let dataset = load_dataset(manifest, pool).await?;
-    if let DataSpec::Postgres(spec) = &mut manifest.data
+    let resume_from = latest_checkpoint(store, record).await?;
+    let dataset = load_dataset(record, pool).await?;
+    if let DataSpec::Postgres(spec) = &mut record.data
         && spec.interactions_until_ms.is_none()
     {
         // Pin the history and the catalogue this run trains on, so a resume reads the same rows.
         spec.interactions_until_ms = Some(dataset.watermark.newest_interaction_ms.unwrap_or(i64::MIN));
         spec.tracks_until_ms = Some(dataset.watermark.newest_track_created_ms.unwrap_or(0));
         anyhow::ensure!(
-            save_manifest(store, manifest, Some(manifest_tag)).await?.is_some(),
+            save_run_record(store, record, Some(record_tag)).await?.is_some(),
             "{} changed since this worker read it: another worker took the run over (this one's lease \
              was lost), so this one stops without writing the run's state",
-            layout::run_manifest(&manifest.model, &manifest.run_id)
+            layout::run_record(&record.model, &record.run_id)
         );
     }
     info!(
@@ -300,7 +232,7 @@ async fn execute(
     let context = BlockingRun {
         store: store.clone(),
         runtime: tokio::runtime::Handle::current(),
-        manifest: manifest.clone(),
+        record: record.clone(),
         resume_from,
         show_progress: job.show_progress,
         stop: job.stop.clone(),
@@ -319,15 +251,15 @@ async fn execute(
         .context("training task panicked")??;
     match trained {
         Trained::Stopped { epochs_completed } => {
-            info!(epochs_completed, "run stopped on request; resume with --resume {}", manifest.run_id);
-            Ok(RunOutcome::Stopped { run_id: manifest.run_id.clone(), epochs_completed })
+            info!(epochs_completed, "run stopped on request; resume with --resume {}", record.run_id);
+            Ok(RunOutcome::Stopped { run_id: record.run_id.clone(), epochs_completed })
         }
         Trained::InsufficientData { reason } => {
             warn!(%reason, "insufficient data: nothing trained");
-            Ok(RunOutcome::InsufficientData { run_id: manifest.run_id.clone(), reason })
+            Ok(RunOutcome::InsufficientData { run_id: record.run_id.clone(), reason })
         }
         Trained::OverBudget { estimate, budget } => {
-            let refusal = ResourceRefusal { run_id: manifest.run_id.clone(), estimate, budget };
+            let refusal = ResourceRefusal { run_id: record.run_id.clone(), estimate, budget };
             warn!(reason = %refusal.reason(), "resource limit: nothing trained");
             Ok(RunOutcome::ResourceLimit(Box::new(refusal)))
         }
@@ -336,19 +268,20 @@ async fn execute(
             if !gate.passed {
                 let reason = format!("quality gate: {}", gate.reason());
                 warn!(%reason, "version not published");
-                return Ok(RunOutcome::Rejected(Box::new(Rejected {
-                    run_id: manifest.run_id.clone(),
-                    version: manifest.version.clone(),
+                return Ok(RunOutcome::Rejected(Box::new(RejectedVersion {
+                    run_id: record.run_id.clone(),
+                    version: record.version.clone(),
                     reason,
                     metadata: files.metadata,
                     gate,
                 })));
             }
-            blocking::publish(store, manifest, *files, job.keep_versions).await
+            blocking::publish(store, record, *files, job.keep_versions).await
         }
     }
 }
 
+/// Records how the run ended in the ledger, unless the run's lease moved on (its new owner records it).
 async fn record_end(
     pool: &PgPool,
     run_id: uuid::Uuid,
@@ -356,39 +289,7 @@ async fn record_end(
     lease_token: Option<uuid::Uuid>,
 ) -> anyhow::Result<()> {
     let (status, end) = match result {
-        Ok(RunOutcome::Published(p)) => {
-            let m = &p.metadata;
-            let end = ledger::RunEnd {
-                data_watermark_ms: m.data.watermark.newest_interaction_ms,
-                interaction_count: Some(m.data.watermark.interactions as i64),
-                counts: Some(serde_json::to_value(&m.data)?),
-                metrics: Some(
-                    json!({"final": m.final_metrics, "baselines": m.baselines, "quality_gate": m.quality_gate}),
-                ),
-                artifact_location: Some(p.location.clone()),
-                error: None,
-            };
-            (ledger::RunStatus::Succeeded, end)
-        }
-        Ok(RunOutcome::Stopped { .. }) => (ledger::RunStatus::Stopped, ledger::RunEnd::default()),
-        Ok(RunOutcome::Rejected(r)) => (
-            ledger::RunStatus::Rejected,
-            ledger::RunEnd {
-                metrics: Some(json!({
-                    "final": r.metadata.final_metrics,
-                    "baselines": r.metadata.baselines,
-                    "quality_gate": r.gate,
-                })),
-                error: Some(r.reason.clone()),
-                ..Default::default()
-            },
-        ),
-        Ok(RunOutcome::InsufficientData { reason, .. }) => {
-            (ledger::RunStatus::InsufficientData, ledger::RunEnd { error: Some(reason.clone()), ..Default::default() })
-        }
-        Ok(RunOutcome::ResourceLimit(r)) => {
-            (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(r.reason()), ..Default::default() })
-        }
+        Ok(outcome) => (outcome.status(), outcome.ledger_end()?),
         Err(e) => (ledger::RunStatus::Failed, ledger::RunEnd { error: Some(format!("{e:#}")), ..Default::default() }),
     };
     match ledger::record_end(pool, run_id, status, &end, lease_token).await {
@@ -404,41 +305,12 @@ async fn record_end(
     }
 }
 
-/// Writes `run.json` only if it is as this worker last read it (`read`: `None` when it must not
-/// exist yet, else its entity tag): the fence that keeps a worker whose lease was taken over from
-/// overwriting the new owner's manifest. `None` when someone else wrote it in between, else the
-/// new entity tag.
-pub async fn save_manifest(
-    store: &ModelStore,
-    manifest: &RunManifest,
-    read: Option<Option<String>>,
-) -> anyhow::Result<Option<Option<String>>> {
-    let key = layout::run_manifest(&manifest.model, &manifest.run_id);
-    let bytes = serde_json::to_vec_pretty(manifest)?.into();
-    store.put_if_unchanged_tagged(&key, bytes, read).await.with_context(|| format!("writing {key}"))
-}
-
-/// Reads `run.json` with its entity tag (for [`save_manifest`]).
-pub async fn load_manifest(
-    store: &ModelStore,
-    model: &str,
-    run_id: &str,
-) -> anyhow::Result<(RunManifest, Option<String>)> {
-    let key = layout::run_manifest(model, run_id);
-    let (bytes, tag) = store
-        .get_versioned(&key)
-        .await
-        .with_context(|| format!("cannot resume run {run_id}: no {key} in {}", store.root_url()))?;
-    let manifest = serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run manifest"))?;
-    Ok((manifest, tag))
-}
-
 /// The newest checkpoint of the run, if any: `((completed epochs, steps into the next), bytes)`.
 async fn latest_checkpoint(
     store: &ModelStore,
-    manifest: &RunManifest,
+    record: &RunRecord,
 ) -> anyhow::Result<Option<((usize, usize), bytes::Bytes)>> {
-    let keys = store.list(&layout::checkpoints_dir(&manifest.model, &manifest.run_id)).await?;
+    let keys = store.list(&layout::checkpoints_dir(&record.model, &record.run_id)).await?;
     let newest = keys
         .iter()
         .filter_map(|k| Some((checkpoint::position_of(k.rsplit('/').next()?)?, k)))
@@ -449,10 +321,10 @@ async fn latest_checkpoint(
     }
 }
 
-async fn load_dataset(manifest: &RunManifest, pool: Option<&PgPool>) -> anyhow::Result<Dataset> {
+async fn load_dataset(record: &RunRecord, pool: Option<&PgPool>) -> anyhow::Result<Dataset> {
     let span = info_span!("load_data");
     async {
-        match &manifest.data {
+        match &record.data {
             DataSpec::Synthetic(spec) => {
                 let spec = spec.clone();
                 warn!(
@@ -467,7 +339,7 @@ async fn load_dataset(manifest: &RunManifest, pool: Option<&PgPool>) -> anyhow::
                 let pool = pool.context("no database connection")?;
                 let options = LoadOptions {
                     playlists: spec.playlists,
-                    positive_kinds: manifest.config.positive_kinds.clone(),
+                    positive_kinds: record.config.positive_kinds.clone(),
                     interactions_until_ms: spec.interactions_until_ms,
                     tracks_until_ms: spec.tracks_until_ms,
                 };

@@ -43,7 +43,7 @@ pub fn run_dir(model: &str, run_id: &str) -> String {
     format!("{model}/runs/{run_id}")
 }
 
-pub fn run_manifest(model: &str, run_id: &str) -> String {
+pub fn run_record(model: &str, run_id: &str) -> String {
     format!("{}/{RUN_MANIFEST}", run_dir(model, run_id))
 }
 

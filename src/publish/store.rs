@@ -315,7 +315,7 @@ impl ModelStore {
         op.retry(backoff)
             .sleep(tokio::time::sleep)
             .when(StoreError::is_transient)
-            .notify(|e, delay| tracing::warn!(key, error = %e, cause = %error_chain(e), ?delay, "model store operation failed; retrying"))
+            .notify(|e, delay| tracing::warn!(key, error.message = %e, error.cause_chain = %error_chain(e), ?delay, "model store operation failed; retrying"))
             .await
     }
 }

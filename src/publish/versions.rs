@@ -266,7 +266,7 @@ pub async fn apply_retention(store: &ModelStore, model: &str, keep: usize) -> an
         if checkpoints.is_empty() {
             continue;
         }
-        let Ok(bytes) = store.get(&layout::run_manifest(model, run_id)).await else { continue };
+        let Ok(bytes) = store.get(&layout::run_record(model, run_id)).await else { continue };
         let Ok(run) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
         let Some(version) = run["version"].as_str() else { continue };
         if store.exists(&layout::version_object(model, version, layout::MANIFEST)).await? {

@@ -7,7 +7,7 @@ pub fn on_stop_signals(on_first: impl FnOnce() + Send + 'static) {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                tracing::warn!(error.message = %e, "cannot listen for SIGTERM");
                 return;
             }
         };

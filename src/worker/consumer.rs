@@ -138,7 +138,10 @@ async fn session(shared: &Arc<Shared>, outage_since: &mut Option<Instant>) -> an
                 }
             }
             next = consumer.next() => match next {
-                Some((source, Ok(delivery))) => handle(shared, source, delivery).await,
+                Some((source, Ok(delivery))) => {
+                    let disposition = handle(shared, source, &delivery).await;
+                    settle(shared, &delivery, disposition).await;
+                }
                 Some((_, Err(e))) => break SessionEnd::Lost(format!("consumer error: {e}")),
                 None => break SessionEnd::Lost("the consumer stream ended".into()),
             }
@@ -192,47 +195,77 @@ enum Source {
     Legacy,
 }
 
-/// One delivery: dead-letter it, re-route it (a drained legacy request for a model this worker
-/// does not serve), or record it and then ack it.
-async fn handle(shared: &Arc<Shared>, source: Source, delivery: Delivery) {
-    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str().to_string());
-    let parsed = request::parse(&delivery.data, message_id.as_deref(), &shared.settings.models)
+/// What becomes of one delivery once [`handle`] has looked at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Disposition {
+    /// Recorded in the database (or a duplicate of a recorded one): ack it.
+    Ack,
+    /// Not recorded (shutdown came first): hand it back for another worker.
+    Requeue,
+    /// Invalid: to the dead-letter exchange with its reason, then ack it.
+    DeadLetter { reason: &'static str, detail: String },
+    /// A request for another pool drained from the legacy queue: publish it again, routed by model.
+    Reroute,
+}
+
+/// One delivery, decided and recorded: parsed and admitted, then recorded in the database (retrying
+/// while the database is unreachable). The broker side is [`settle`]'s.
+async fn handle(shared: &Arc<Shared>, source: Source, delivery: &Delivery) -> Disposition {
+    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
+    let parsed = request::parse(&delivery.data, message_id, &shared.settings.models)
         .and_then(|r| admission::check_batch_fits(r, shared.memory_budget, shared.settings.runs.config.loss.kind));
     match parsed {
-        Err(rejected) if source == Source::Legacy && rejected.reason == request::InvalidReason::UnknownModel => {
-            // Another pool's request, left on the old shared queue: route it by model like a new one.
-            metrics::counter!("audotics_legacy_requests_rerouted_total").increment(1);
-            info!(routing_key = %delivery.routing_key, "re-routing a request from the legacy queue by model");
-            republish(shared, &delivery, message_id.as_deref(), broker::RETRAIN_EXCHANGE, None).await;
-        }
-        Err(mut rejected) => {
-            if source == Source::Unrouted && rejected.reason == request::InvalidReason::UnknownModel {
-                rejected.detail = format!(
-                    "{} (no worker serves it: no queue is bound for {})",
-                    rejected.detail, delivery.routing_key
-                );
-            }
-            metrics::counter!("audotics_retrain_requests_total", "outcome" => "dead_lettered").increment(1);
-            metrics::counter!("audotics_dead_letters_total", "reason" => rejected.reason.as_str()).increment(1);
-            warn!(
-                reason = rejected.reason.as_str(),
-                detail = %rejected.detail,
-                routing_key = %delivery.routing_key,
-                bytes = delivery.data.len(),
-                "dead-lettering an invalid retrain request"
-            );
-            dead_letter(shared, &delivery, message_id.as_deref(), rejected.reason.as_str(), &rejected.detail).await;
-        }
+        Err(invalid) => refusal(source, invalid, delivery.routing_key.as_str()),
         Ok(request) => {
             let span = info_span!("retrain_request", event_id = %request.event_id, model = %request.model);
-            record_and_ack(shared, delivery, request).instrument(span).await;
+            record(shared, delivery.redelivered, request).instrument(span).await
         }
     }
 }
 
-async fn dead_letter(shared: &Shared, delivery: &Delivery, message_id: Option<&str>, reason: &str, detail: &str) {
-    let headers = broker::dead_letter_headers(delivery.properties.headers().as_ref(), reason, detail);
-    republish(shared, delivery, message_id, DEAD_LETTER_EXCHANGE, Some(headers)).await;
+/// What to do with a request that fails parsing or admission: a request drained from the legacy
+/// queue for a model no queue of this worker serves is another pool's, and is re-routed; anything
+/// else is dead-lettered with its reason.
+fn refusal(source: Source, mut invalid: request::InvalidRequest, routing_key: &str) -> Disposition {
+    if invalid.reason == request::InvalidReason::UnknownModel {
+        match source {
+            Source::Legacy => return Disposition::Reroute,
+            Source::Unrouted => {
+                invalid.detail =
+                    format!("{} (no worker serves it: no queue is bound for {routing_key})", invalid.detail)
+            }
+            Source::ModelQueue => {}
+        }
+    }
+    Disposition::DeadLetter { reason: invalid.reason.as_str(), detail: invalid.detail }
+}
+
+/// Carries out `disposition` on the broker. A republish that fails requeues the delivery instead.
+async fn settle(shared: &Shared, delivery: &Delivery, disposition: Disposition) {
+    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
+    match disposition {
+        Disposition::Ack => ack(delivery).await,
+        Disposition::Requeue => requeue(delivery).await,
+        Disposition::Reroute => {
+            // Another pool's request, left on the old shared queue: route it by model like a new one.
+            metrics::counter!("audotics_legacy_requests_rerouted_total").increment(1);
+            info!(routing_key = %delivery.routing_key, "re-routing a request from the legacy queue by model");
+            republish(shared, delivery, message_id, broker::RETRAIN_EXCHANGE, None).await;
+        }
+        Disposition::DeadLetter { reason, detail } => {
+            metrics::counter!("audotics_retrain_requests_total", "outcome" => "dead_lettered").increment(1);
+            metrics::counter!("audotics_dead_letters_total", "reason" => reason).increment(1);
+            warn!(
+                reason,
+                detail = %detail,
+                routing_key = %delivery.routing_key,
+                bytes = delivery.data.len(),
+                "dead-lettering an invalid retrain request"
+            );
+            let headers = broker::dead_letter_headers(delivery.properties.headers().as_ref(), reason, &detail);
+            republish(shared, delivery, message_id, DEAD_LETTER_EXCHANGE, Some(headers)).await;
+        }
+    }
 }
 
 /// Publishes the delivery's body (same routing key) to `exchange` with confirms, then acks it.
@@ -264,14 +297,14 @@ async fn republish(
             // Requeued: the publish is retried on redelivery (and RabbitMQ's delivery limit
             // dead-letters the message itself if this keeps failing).
             warn!(error.message = %e, exchange, "cannot republish the message; requeueing it");
-            let _ = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+            requeue(delivery).await;
         }
     }
 }
 
-/// Records the request (retrying while the database is unreachable), then acks it. On shutdown
-/// before it is recorded, it is requeued for another worker.
-async fn record_and_ack(shared: &Arc<Shared>, delivery: Delivery, request: RetrainRequest) {
+/// Records the request, retrying while the database is unreachable; on shutdown before it is
+/// recorded, [`Disposition::Requeue`] hands it to another worker.
+async fn record(shared: &Arc<Shared>, redelivered: bool, request: RetrainRequest) -> Disposition {
     let mut delay = Duration::from_millis(200);
     let recorded = loop {
         match super::runner::bounded(shared.lease(), coord::record_request(&shared.pool, &request)).await {
@@ -280,8 +313,7 @@ async fn record_and_ack(shared: &Arc<Shared>, delivery: Delivery, request: Retra
                 metrics::counter!("audotics_database_errors_total", "operation" => "record_request").increment(1);
                 if shared.shutting_down() {
                     warn!(error.message = %e, "shutdown before the request was recorded; requeueing it");
-                    let _ = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await;
-                    return;
+                    return Disposition::Requeue;
                 }
                 warn!(error.message = %e, retry_in = ?delay, "cannot record the request; retrying");
                 tokio::time::sleep(delay.mul_f64(rand::rng().random_range(0.5..1.5))).await;
@@ -295,17 +327,18 @@ async fn record_and_ack(shared: &Arc<Shared>, delivery: Delivery, request: Retra
         Recorded::Satisfied { .. } => "satisfied",
     };
     metrics::counter!("audotics_retrain_requests_total", "outcome" => outcome).increment(1);
-    info!(
-        outcome,
-        redelivered = delivery.redelivered,
-        reason = request.reason.as_deref().unwrap_or(""),
-        "retrain request recorded"
-    );
-    ack(&delivery).await;
+    info!(outcome, redelivered, reason = request.reason.as_deref().unwrap_or(""), "retrain request recorded");
     match recorded {
         Recorded::Pending => shared.scheduler_wake.notify_one(),
         Recorded::Satisfied { .. } => shared.outbox_wake.notify_one(),
         Recorded::Duplicate => {}
+    }
+    Disposition::Ack
+}
+
+async fn requeue(delivery: &Delivery) {
+    if let Err(e) = delivery.nack(BasicNackOptions { multiple: false, requeue: true }).await {
+        warn!(error.message = %e, "nack failed; the message will be redelivered when its channel closes");
     }
 }
 
@@ -316,5 +349,48 @@ async fn ack(delivery: &Delivery) {
         // redelivery is recognised as a duplicate.
         Ok(false) => warn!("ack on a channel from before recovery; the message will be redelivered"),
         Err(e) => warn!(error.message = %e, "ack failed; the message will be redelivered"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::request::{InvalidReason, InvalidRequest};
+
+    fn invalid(reason: InvalidReason) -> InvalidRequest {
+        InvalidRequest { reason, detail: "model \"jazz\" is not served".into() }
+    }
+
+    #[test]
+    fn another_pools_request_drained_from_the_legacy_queue_is_rerouted() {
+        let d = refusal(Source::Legacy, invalid(InvalidReason::UnknownModel), "retrain.jazz");
+        assert_eq!(d, Disposition::Reroute);
+    }
+
+    #[test]
+    fn an_unrouted_request_is_dead_lettered_saying_no_worker_serves_it() {
+        let d = refusal(Source::Unrouted, invalid(InvalidReason::UnknownModel), "retrain.jazz");
+        assert_eq!(
+            d,
+            Disposition::DeadLetter {
+                reason: "unknown_model",
+                detail: "model \"jazz\" is not served (no worker serves it: no queue is bound for retrain.jazz)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn other_invalid_requests_are_dead_lettered_with_their_reason_whatever_the_queue() {
+        for source in [Source::ModelQueue, Source::Unrouted, Source::Legacy] {
+            let d = refusal(source, invalid(InvalidReason::InvalidParams), "retrain.content-based");
+            assert_eq!(
+                d,
+                Disposition::DeadLetter { reason: "invalid_params", detail: "model \"jazz\" is not served".into() }
+            );
+        }
+        let d = refusal(Source::ModelQueue, invalid(InvalidReason::UnknownModel), "retrain.jazz");
+        assert!(
+            matches!(d, Disposition::DeadLetter { reason: "unknown_model", ref detail } if !detail.contains("no queue"))
+        );
     }
 }

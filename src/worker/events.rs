@@ -6,8 +6,8 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::db::coord::EventDraft;
-use crate::job::{Published, Rejected};
+use crate::db::coord::{Claim, EventDraft};
+use crate::job::{Published, RejectedVersion, ResourceRefusal};
 
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -88,7 +88,7 @@ fn metrics_json(m: &crate::publish::artifacts::ModelMetadata) -> Value {
 }
 
 /// `model-rejected.<model>`: the quality gate kept the current version.
-pub fn model_rejected(model: &str, r: &Rejected) -> EventDraft {
+pub fn model_rejected(model: &str, r: &RejectedVersion) -> EventDraft {
     let event_id = model_rejected_id(model, &r.version);
     let body = json!({
         "schema_version": SCHEMA_VERSION,
@@ -132,6 +132,17 @@ pub fn model_failed(model: &str, run_id: Uuid, outcome: &str, error: &str, attem
         "satisfies": [],
     });
     EventDraft { event_id, routing_key: format!("model-failed.{model}"), body }
+}
+
+/// `model-failed.<model>` for a run refused because it needs more memory than the worker's budget:
+/// the estimate and the budget travel with it, so the caller can size its next request.
+pub fn model_over_budget(model: &str, claim: &Claim, refusal: &ResourceRefusal) -> EventDraft {
+    let mut event = model_failed(model, claim.run_id, "resource_limit", &refusal.reason(), claim.attempt);
+    event.body["estimate"] = serde_json::to_value(&refusal.estimate).unwrap_or_default();
+    event.body["estimate_bytes"] = refusal.estimate.peak_bytes.into();
+    event.body["budget_bytes"] = refusal.budget.bytes.into();
+    event.body["budget_source"] = refusal.budget.source.as_str().into();
+    event
 }
 
 #[cfg(test)]

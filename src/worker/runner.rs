@@ -8,44 +8,53 @@ use rand::Rng;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Shared, events};
-use crate::db::coord::{self, Claim, Finish, PublishedVersion};
+use crate::db::coord::{self, Claim, Finish, NewestVersion};
+use crate::db::ledger;
 use crate::job::{self, RunOutcome, StopFlag, TrainJob};
 
 /// Claims and runs until shutdown.
+/// What one step of the runner did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Claimed a run and carried it to its end (published, rejected, failed, released or retrying).
+    Ran,
+    /// Nothing to run now: no pending request, the database unreachable, or the clock off.
+    Idle,
+}
+
+/// The runner: one step after another, waiting between idle ones for a new request, the poll
+/// interval or shutdown.
 pub(super) async fn run(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
-    loop {
-        if shared.shutting_down() {
-            return;
-        }
-        if !shared.clock_ok() {
-            // The clock watcher logs why and checks again; requests wait in the database meanwhile.
-            tokio::select! {
-                _ = tokio::time::sleep(shared.poll()) => {}
-                _ = shutdown.wait_for(|s| *s) => {}
-            }
+    while !shared.shutting_down() {
+        if run_one(&shared).await == Step::Ran {
             continue;
         }
-        match bounded(
-            shared.lease(),
-            coord::claim(&shared.pool, &shared.worker_id, &shared.settings.models, shared.lease()),
-        )
-        .await
-        {
-            Ok(Some(claim)) => {
-                execute(&shared, claim).await;
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                metrics::counter!("audotics_database_errors_total", "operation" => "claim").increment(1);
-                warn!(error.message = %e, "cannot look for runs to claim; retrying");
-            }
-        }
         tokio::select! {
-            _ = shared.scheduler_wake.notified() => {}
+            _ = shared.scheduler_wake.notified(), if shared.clock_ok() => {}
             _ = tokio::time::sleep(shared.poll()) => {}
             _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+}
+
+/// Claims one run for the models this worker serves, if any is due, and executes it.
+pub(super) async fn run_one(shared: &Arc<Shared>) -> Step {
+    if !shared.clock_ok() {
+        // The clock watcher logs why and checks again; requests wait in the database meanwhile.
+        return Step::Idle;
+    }
+    let claim = coord::claim(&shared.pool, &shared.worker_id, &shared.settings.models, shared.lease());
+    match bounded(shared.lease(), claim).await {
+        Ok(Some(claim)) => {
+            execute(shared, claim).await;
+            Step::Ran
+        }
+        Ok(None) => Step::Idle,
+        Err(e) => {
+            metrics::counter!("audotics_database_errors_total", "operation" => "claim").increment(1);
+            warn!(error.message = %e, "cannot look for runs to claim; retrying");
+            Step::Idle
         }
     }
 }
@@ -265,64 +274,7 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
         return give_up_deadline(shared, claim).await;
     }
     let model = claim.model.as_str();
-    let (status, finish) = match result {
-        Ok(RunOutcome::Published(p)) => {
-            let watermark =
-                p.metadata.data.watermark.newest_interaction_ms.and_then(chrono::DateTime::from_timestamp_millis);
-            let finish = Finish {
-                state: "succeeded",
-                answer: "model-ready",
-                version: Some(p.version.clone()),
-                error: None,
-                event: events::model_ready(&p),
-                published: Some(PublishedVersion {
-                    data_watermark: watermark,
-                    recall_at_10: p.metadata.final_metrics.recall_at_10,
-                }),
-            };
-            ("succeeded", finish)
-        }
-        Ok(RunOutcome::Rejected(r)) => {
-            let finish = Finish {
-                state: "rejected",
-                answer: "model-rejected",
-                version: Some(r.version.clone()),
-                error: Some(r.reason.clone()),
-                event: events::model_rejected(model, &r),
-                published: None,
-            };
-            ("rejected", finish)
-        }
-        Ok(RunOutcome::InsufficientData { reason, .. }) => {
-            let event = events::model_failed(model, claim.run_id, "insufficient_data", &reason, claim.attempt);
-            let finish = Finish {
-                state: "insufficient_data",
-                answer: "model-failed",
-                version: None,
-                error: Some(reason),
-                event,
-                published: None,
-            };
-            ("insufficient_data", finish)
-        }
-        Ok(RunOutcome::ResourceLimit(r)) => {
-            let reason = r.reason();
-            metrics::counter!("audotics_runs_over_budget_total", "model" => claim.model.clone()).increment(1);
-            let mut event = events::model_failed(model, claim.run_id, "resource_limit", &reason, claim.attempt);
-            event.body["estimate"] = serde_json::to_value(&r.estimate).unwrap_or_default();
-            event.body["estimate_bytes"] = r.estimate.peak_bytes.into();
-            event.body["budget_bytes"] = r.budget.bytes.into();
-            event.body["budget_source"] = r.budget.source.as_str().into();
-            let finish = Finish {
-                state: "failed",
-                answer: "model-failed",
-                version: None,
-                error: Some(reason),
-                event,
-                published: None,
-            };
-            ("resource_limit", finish)
-        }
+    let outcome = match result {
         Ok(RunOutcome::Stopped { epochs_completed, .. }) => {
             let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
             info!(
@@ -333,30 +285,58 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
             );
             return "released";
         }
+        Ok(outcome) => outcome,
         Err(e) => {
             let message = format!("{e:#}");
-            if claim.attempt as usize >= shared.settings.max_attempts {
-                error!(error.message = %message, attempts = claim.attempt, "run failed for good");
-                let event = events::model_failed(model, claim.run_id, "failed", &message, claim.attempt);
-                let finish = Finish {
-                    state: "failed",
-                    answer: "model-failed",
-                    version: None,
-                    error: Some(message),
-                    event,
-                    published: None,
-                };
-                ("failed", finish)
-            } else {
+            if (claim.attempt as usize) < shared.settings.max_attempts {
                 let base = shared.settings.retry_seconds as f64 * 2f64.powi(claim.attempt - 1);
                 let delay = Duration::from_secs_f64(base * rand::rng().random_range(0.75..1.25));
                 warn!(error.message = %message, retry_in = ?delay, "run attempt failed; it will be retried");
                 with_retry(shared, || Box::pin(coord::retry_later(&shared.pool, claim, &message, delay))).await;
                 return "retrying";
             }
+            error!(error.message = %message, attempts = claim.attempt, "run failed for good");
+            let event = events::model_failed(model, claim.run_id, "failed", &message, claim.attempt);
+            let finish = Finish {
+                state: ledger::RunStatus::Failed.as_str(),
+                answer: "model-failed",
+                version: None,
+                error: Some(message),
+                event,
+                published: None,
+            };
+            return record_finish(shared, claim, finish, "failed").await;
         }
     };
-    record_finish(shared, claim, finish, status).await
+    let (label, answer, version, event, published) = match &outcome {
+        RunOutcome::Published(p) => {
+            let newest = NewestVersion {
+                data_watermark: p
+                    .metadata
+                    .data
+                    .watermark
+                    .newest_interaction_ms
+                    .and_then(chrono::DateTime::from_timestamp_millis),
+                recall_at_10: p.metadata.final_metrics.recall_at_10,
+            };
+            ("succeeded", "model-ready", Some(p.version.clone()), events::model_ready(p), Some(newest))
+        }
+        RunOutcome::Rejected(r) => {
+            ("rejected", "model-rejected", Some(r.version.clone()), events::model_rejected(model, r), None)
+        }
+        RunOutcome::InsufficientData { reason, .. } => {
+            let event = events::model_failed(model, claim.run_id, "insufficient_data", reason, claim.attempt);
+            ("insufficient_data", "model-failed", None, event, None)
+        }
+        RunOutcome::ResourceLimit(r) => {
+            metrics::counter!("audotics_runs_over_budget_total", "model" => claim.model.clone()).increment(1);
+            ("resource_limit", "model-failed", None, events::model_over_budget(model, claim, r), None)
+        }
+        RunOutcome::Stopped { .. } => unreachable!("a stopped run released its lease above"),
+    };
+    let finish =
+        Finish { state: outcome.status().as_str(), answer, version, error: outcome.reason(), event, published };
+    record_finish(shared, claim, finish, label).await
 }
 
 /// Ends the run in one transaction with its answers and outbox event; `status`, or `lease_lost`

@@ -174,7 +174,7 @@ async fn retention(store: &ModelStore) {
         let run = format!("0190000{i}-0000-7000-8000-000000000000");
         store
             .put(
-                &layout::run_manifest("m", &run),
+                &layout::run_record("m", &run),
                 serde_json::to_vec(&serde_json::json!({"version": format!("2026010{i}T000000Z-cccccc")})).unwrap(),
             )
             .await
@@ -185,7 +185,7 @@ async fn retention(store: &ModelStore) {
     let unfinished = "01900000-0000-7000-8000-000000000000";
     store
         .put(
-            &layout::run_manifest("m", unfinished),
+            &layout::run_record("m", unfinished),
             serde_json::to_vec(&serde_json::json!({"version": "20251231T000000Z-dddddd"})).unwrap(),
         )
         .await

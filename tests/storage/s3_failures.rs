@@ -185,9 +185,9 @@ async fn a_write_conditioned_on_a_stale_read_is_refused() {
 /// lease while another took the run over and pinned the data) cannot overwrite the new owner's
 /// manifest on waking, and learns that it lost the run.
 #[tokio::test]
-async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_manifest() {
-    use audotics_trainer::job::manifest::{DataSpec, MinimumSizes, PostgresSpec, RunManifest};
-    use audotics_trainer::job::{load_manifest, save_manifest};
+async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_record() {
+    use audotics_trainer::job::run_record::{DataSpec, MinimumSizes, PostgresSpec, RunRecord};
+    use audotics_trainer::job::{load_run_record, save_run_record};
     use clap::Parser;
 
     #[derive(Parser)]
@@ -204,7 +204,7 @@ async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_manifest
         interactions_until_ms: None,
         tracks_until_ms: None,
     };
-    let created = RunManifest::started_at(
+    let created = RunRecord::started_at(
         uuid::Uuid::now_v7(),
         chrono::Utc::now(),
         "content-based",
@@ -214,23 +214,23 @@ async fn a_worker_that_lost_its_run_cannot_overwrite_the_new_owners_run_manifest
         audotics_trainer::system::device::DeviceChoice::Cpu,
     );
     let run_id = created.run_id.clone();
-    assert!(save_manifest(&store, &created, None).await.unwrap().is_some(), "created when absent");
-    assert!(save_manifest(&store, &created, None).await.unwrap().is_none(), "never created twice");
+    assert!(save_run_record(&store, &created, None).await.unwrap().is_some(), "created when absent");
+    assert!(save_run_record(&store, &created, None).await.unwrap().is_none(), "never created twice");
 
-    let pin = |m: &mut RunManifest, ms: i64| {
+    let pin = |m: &mut RunRecord, ms: i64| {
         let DataSpec::Postgres(spec) = &mut m.data else { unreachable!() };
         spec.interactions_until_ms = Some(ms);
         spec.tracks_until_ms = Some(ms);
     };
-    let (mut stale_owner, stale_tag) = load_manifest(&store, "content-based", &run_id).await.unwrap();
-    let (mut new_owner, new_tag) = load_manifest(&store, "content-based", &run_id).await.unwrap();
+    let (mut stale_owner, stale_tag) = load_run_record(&store, "content-based", &run_id).await.unwrap();
+    let (mut new_owner, new_tag) = load_run_record(&store, "content-based", &run_id).await.unwrap();
     pin(&mut new_owner, 2_000);
-    assert!(save_manifest(&store, &new_owner, Some(new_tag)).await.unwrap().is_some());
+    assert!(save_run_record(&store, &new_owner, Some(new_tag)).await.unwrap().is_some());
     pin(&mut stale_owner, 1_000);
     assert!(
-        save_manifest(&store, &stale_owner, Some(stale_tag)).await.unwrap().is_none(),
+        save_run_record(&store, &stale_owner, Some(stale_tag)).await.unwrap().is_none(),
         "the stale owner's write must be refused"
     );
-    let (stored, _) = load_manifest(&store, "content-based", &run_id).await.unwrap();
+    let (stored, _) = load_run_record(&store, "content-based", &run_id).await.unwrap();
     assert_eq!(stored, new_owner, "the new owner's pin stands");
 }

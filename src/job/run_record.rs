@@ -6,8 +6,11 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
+use anyhow::Context;
+
 use crate::data::source::SyntheticSpec;
 use crate::publish::artifacts::TRAINER_VERSION;
+use crate::publish::{layout, store::ModelStore};
 use crate::system::device::DeviceChoice;
 use crate::training::trainer::TrainConfig;
 
@@ -74,7 +77,7 @@ impl MinimumSizes {
 
 /// `run.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunManifest {
+pub struct RunRecord {
     pub run_id: String,
     pub model: String,
     pub version: String,
@@ -87,7 +90,7 @@ pub struct RunManifest {
     pub trainer_version: String,
 }
 
-impl RunManifest {
+impl RunRecord {
     /// A new run of `model`: a fresh time-ordered id, and a version name fixed now so that a resumed
     /// run publishes under the same one.
     pub fn new(model: &str, config: TrainConfig, data: DataSpec, minimums: MinimumSizes, device: DeviceChoice) -> Self {
@@ -133,6 +136,35 @@ fn version_name(start: DateTime<Utc>, run_id: uuid::Uuid) -> String {
     let random = (run_id.as_u128() & 0x3fff) as u32;
     let millis = start.timestamp_subsec_millis().min(999);
     format!("{}-{:06x}", start.format("%Y%m%dT%H%M%SZ"), (millis << 14) | random)
+}
+
+/// Writes `run.json` only if it is as this worker last read it (`read`: `None` when it must not
+/// exist yet, else its entity tag): the fence that keeps a worker whose lease was taken over from
+/// overwriting the new owner's record. `None` when someone else wrote it in between, else the
+/// new entity tag.
+pub async fn save_run_record(
+    store: &ModelStore,
+    record: &RunRecord,
+    read: Option<Option<String>>,
+) -> anyhow::Result<Option<Option<String>>> {
+    let key = layout::run_record(&record.model, &record.run_id);
+    let bytes = serde_json::to_vec_pretty(record)?.into();
+    store.put_if_unchanged_tagged(&key, bytes, read).await.with_context(|| format!("writing {key}"))
+}
+
+/// Reads `run.json` with its entity tag (for [`save_run_record`]).
+pub async fn load_run_record(
+    store: &ModelStore,
+    model: &str,
+    run_id: &str,
+) -> anyhow::Result<(RunRecord, Option<String>)> {
+    let key = layout::run_record(model, run_id);
+    let (bytes, tag) = store
+        .get_versioned(&key)
+        .await
+        .with_context(|| format!("cannot resume run {run_id}: no {key} in {}", store.root_url()))?;
+    let record = serde_json::from_slice(&bytes).with_context(|| format!("{key} is not a valid run record"))?;
+    Ok((record, tag))
 }
 
 #[cfg(test)]

@@ -1,0 +1,218 @@
+//! The blocking half of a run (everything that touches candle) and the publication of its files.
+//!
+//! Files: this one (the run's steps: prepare, check, train, pick the best epoch, judge),
+//! `checkpointer` (a checkpoint per epoch; the best one read back), `current` (the live version
+//! scored for the gate), `version` (metadata, files, upload).
+
+mod checkpointer;
+mod current;
+mod version;
+
+pub(super) use version::{VersionFiles, publish};
+
+use anyhow::Context;
+use tracing::info;
+
+use super::{RunRecord, StopFlag};
+use crate::data::Dataset;
+use crate::publish::gate;
+use crate::publish::store::ModelStore;
+use crate::system::device;
+use crate::system::telemetry::EpochProgress;
+use crate::training::checkpoint;
+use crate::training::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
+use crate::training::trainer::{Baselines, PreparedData, StopReason, Trainer, TrainingState, best_epoch};
+use checkpointer::Checkpointer;
+use version::Scores;
+
+/// The blocking half of a run: everything that touches candle.
+pub(super) struct BlockingRun {
+    pub store: ModelStore,
+    pub runtime: tokio::runtime::Handle,
+    pub record: RunRecord,
+    /// The newest checkpoint: `((completed epochs, steps into the next), bytes)`.
+    pub resume_from: Option<((usize, usize), bytes::Bytes)>,
+    pub show_progress: bool,
+    pub stop: StopFlag,
+    pub memory_budget: Option<MemoryBudget>,
+    pub keep_checkpoints: usize,
+    /// The lease holder's fence in checkpoint names (see [`checkpoint::owned_file_name_of`]).
+    pub owner: Option<String>,
+    /// What the version must beat to be published.
+    pub gate: gate::GateSettings,
+}
+
+pub(super) enum Trained {
+    Done(Box<VersionFiles>),
+    Stopped { epochs_completed: usize },
+    InsufficientData { reason: String },
+    OverBudget { estimate: MemoryEstimate, budget: MemoryBudget },
+}
+
+impl BlockingRun {
+    /// Trains the run to its end (or a stop) and builds the version's files from its best epoch.
+    pub fn train(self, dataset: Dataset) -> anyhow::Result<Trained> {
+        let config = &self.record.config;
+        let device = device::select(self.record.device)?;
+        info!(device = %device::describe(&device), "device selected");
+        let data = PreparedData::new(&dataset, config, &device)?;
+        let trainer = Trainer::new(config, &data)?;
+        info!(
+            tracks = data.num_tracks(),
+            users = data.mining.users,
+            training_user_tracks = data.train.len(),
+            heldout_user_tracks = data.heldout.len(),
+            pairs_per_epoch = trainer.pairs_per_epoch(),
+            skipped_non_positive = data.mining.non_positive_interactions,
+            rss_mib = crate::system::procstat::rss_bytes().unwrap_or(0) >> 20,
+            "data prepared"
+        );
+        if let Some(refused) = self.refuse(&dataset, &data, &trainer) {
+            return Ok(refused);
+        }
+        log_holdout(&data, &trainer);
+        let baselines = baselines(&trainer)?;
+        let ended = match self.run_epochs(&trainer, &device)? {
+            Epochs::Ended(ended) => ended,
+            Epochs::StopRequested { epochs_completed } => return Ok(Trained::Stopped { epochs_completed }),
+        };
+
+        // The published weights are the best epoch's, restored from its checkpoint (kept for this).
+        let state = &ended.state;
+        let best_epoch =
+            best_epoch(&state.history.recall_at_10, config.min_delta).context("a finished run has an epoch")?;
+        let best = match best_epoch == state.epoch {
+            true => None,
+            false => Some(self.restore_epoch(best_epoch, &device)?),
+        };
+        let weights = best.as_ref().unwrap_or(state);
+        let embeddings = weights.encoder.embed(&data.features)?;
+        let final_metrics = trainer.evaluate(&embeddings)?;
+        info!(
+            best_epoch,
+            epochs_trained = state.epoch,
+            stop_reason = ended.stop_reason.as_str(),
+            recall_at_10 = final_metrics.recall_at_10,
+            "training ended; publishing the best epoch's weights"
+        );
+        let current = match self.gate.tolerance {
+            Some(_) => self.score_current(&trainer, &dataset)?,
+            None => None,
+        };
+        let gate = gate::judge(&final_metrics, &baselines, current, self.gate);
+        for check in &gate.checks {
+            info!(check = %check.name, passed = check.passed, required = check.required, "{}", check.detail);
+        }
+        let scores = Scores { final_metrics, baselines, best_epoch, stop_reason: ended.stop_reason, gate };
+        let metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
+        Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata)?)))
+    }
+
+    /// Why this run must not train at all: data below the minimum sizes, nothing to pair, or a
+    /// memory estimate above the worker's budget.
+    fn refuse(&self, dataset: &Dataset, data: &PreparedData, trainer: &Trainer) -> Option<Trained> {
+        let shortfall =
+            self.record.minimums.shortfall(data.num_tracks(), data.mining.users, dataset.interactions.len());
+        if let Some(reason) = shortfall.or_else(|| {
+            (trainer.pairs_per_epoch() == 0).then(|| "no user has two distinct positive tracks to pair".to_string())
+        }) {
+            return Some(Trained::InsufficientData { reason });
+        }
+        let budget = self.memory_budget?;
+        let sizes = DataSizes {
+            tracks: data.num_tracks(),
+            pairs_per_epoch: trainer.pairs_per_epoch(),
+            validation_pairs: data.validation_pairs.len(),
+        };
+        let estimate = resources::estimate(&self.record.config, sizes, budget.in_use_now());
+        info!(
+            peak_mib = estimate.peak_bytes >> 20,
+            in_use_mib = estimate.in_use_bytes >> 20,
+            train_step_mib = estimate.train_step_bytes >> 20,
+            validation_mib = estimate.validation_bytes >> 20,
+            evaluate_and_export_mib = estimate.evaluate_and_export_bytes >> 20,
+            budget_mib = budget.bytes >> 20,
+            budget_source = budget.source.as_str(),
+            "memory estimate"
+        );
+        (estimate.peak_bytes > budget.bytes).then_some(Trained::OverBudget { estimate, budget })
+    }
+
+    /// Trains from the newest checkpoint (or the seed) until the last epoch, early stopping, or a
+    /// stop request (its checkpoint is written).
+    fn run_epochs(&self, trainer: &Trainer, device: &candle_core::Device) -> anyhow::Result<Epochs> {
+        let config = &self.record.config;
+        let mut state = TrainingState::new(config, device)?;
+        let mut saved_at = None;
+        if let Some(((epoch, step), bytes)) = &self.resume_from {
+            saved_at = Some(
+                checkpoint::restore(bytes, &mut state, config)
+                    .with_context(|| format!("restoring checkpoint of epoch {epoch}"))?,
+            );
+            metrics::counter!("audotics_runs_resumed_total", "model" => self.record.model.clone()).increment(1);
+            info!(epoch, step, "resumed from checkpoint");
+        }
+        // A run resumed after its early-stopping epoch was checkpointed has already stopped.
+        let stopped_before = config.early_stop(&state.history);
+        let mut observer = Checkpointer {
+            run: self,
+            progress: EpochProgress::new(self.show_progress),
+            saved_at,
+            early_stopped: stopped_before,
+        };
+        let finished = stopped_before || trainer.run(&mut state, &mut observer)?;
+        let (saved_at, early_stopped) = (observer.saved_at.take(), observer.early_stopped);
+        drop(observer);
+        if !finished && !early_stopped {
+            return Ok(Epochs::StopRequested { epochs_completed: state.epoch });
+        }
+        let stop_reason = if early_stopped { StopReason::EarlyStopping } else { StopReason::MaxEpochs };
+        // The date of the last checkpoint, not "now": a publish retried after a crash must produce
+        // byte-identical files, or the immutable version would refuse them.
+        let training_date = saved_at.context("a finished run has a checkpoint")?;
+        Ok(Epochs::Ended(Box::new(EpochsEnded { state, stop_reason, training_date })))
+    }
+}
+
+/// Where training left the run.
+enum Epochs {
+    Ended(Box<EpochsEnded>),
+    StopRequested { epochs_completed: usize },
+}
+
+/// The epochs of a run that trained to its end (the last epoch, or early stopping).
+struct EpochsEnded {
+    state: TrainingState,
+    stop_reason: StopReason,
+    /// When the last checkpoint was written: the version's `training_date`.
+    training_date: String,
+}
+
+fn log_holdout(data: &PreparedData, trainer: &Trainer) {
+    let h = &data.holdout;
+    info!(
+        holdout = h.kind.as_str(),
+        fraction = h.fraction,
+        cutoff = h.cutoff.as_deref().unwrap_or(""),
+        heldout_pairs = h.heldout_pairs,
+        evaluated_users = trainer.eval_set().users.len(),
+        "held-out listens"
+    );
+}
+
+/// What a platform could run instead of the model, scored on the same held-out listens.
+fn baselines(trainer: &Trainer) -> anyhow::Result<Baselines> {
+    let started = std::time::Instant::now();
+    let baselines = trainer.baselines()?;
+    info!(
+        random_recall_at_10 = baselines.random.recall_at_10,
+        popularity_recall_at_10 = baselines.popularity.recall_at_10,
+        raw_recall_at_10 = baselines.raw_features.recall_at_10,
+        item_cf_recall_at_10 = baselines.item_cf.recall_at_10,
+        item_cf_recall_at_10_se = baselines.item_cf.recall_at_10_se,
+        seconds = started.elapsed().as_secs_f64(),
+        peak_rss_mib = crate::system::procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+        "baselines"
+    );
+    Ok(baselines)
+}
