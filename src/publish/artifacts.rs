@@ -18,12 +18,12 @@ use crate::data::Watermark;
 use crate::data::features::{FEATURE_NAMES, Standardizer};
 use crate::data::source::DataSource;
 use crate::training::eval::RankingMetrics;
-use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig};
+use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig, ModelKind};
 use crate::training::pairs::MiningStats;
 use crate::training::trainer::{Baselines, EpochHistory, TrainConfig};
 
 /// The platform's `model_type`.
-pub const MODEL_TYPE: &str = "content-based";
+pub const MODEL_TYPE: &str = ModelKind::ContentBased.as_str();
 /// This crate's version, recorded in every artifact.
 pub const TRAINER_VERSION: &str = env!("CARGO_PKG_VERSION");
 

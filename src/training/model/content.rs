@@ -1,4 +1,4 @@
-//! The platform's track encoder, in candle:
+//! The content-based kind: the platform's track encoder, in candle:
 //!
 //! `Input(11) → BatchNorm → Dense(2E, relu) → Dropout(p) → Dense(E, relu) → Dropout(p) → Dense(E, tanh)`
 //!
