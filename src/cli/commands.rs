@@ -37,13 +37,7 @@ pub(super) async fn retrain(args: RetrainArgs) -> anyhow::Result<ExitCode> {
     // Refuse here what the worker would dead-letter (params out of bounds, an over-long reason).
     crate::contract::request::parse(&bytes, None, std::slice::from_ref(&args.model))
         .map_err(|r| anyhow::anyhow!("invalid request ({}): {}", r.reason.as_str(), r.detail))?;
-    let settings = broker::BrokerSettings {
-        url: args.amqp_url.clone(),
-        delivery_limit: args.delivery_limit as i64,
-        dead_letter_max_messages: args.dead_letter_max_messages as i64,
-        prefetch: 1,
-        connection_name: "audotics-trainer retrain".into(),
-    };
+    let settings = client_settings(&args.amqp_url, args.delivery_limit, args.dead_letter_max_messages, "retrain");
     let connection = broker::connect(&settings).await?;
     // No model queue: a model no worker serves is dead-lettered (`unknown_model`), not kept waiting.
     broker::declare_topology(&connection, &settings, &[]).await?;
@@ -165,13 +159,8 @@ pub(super) async fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) async fn replay_dead_letters(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let settings = broker::BrokerSettings {
-        url: args.amqp_url.clone(),
-        delivery_limit: args.delivery_limit as i64,
-        dead_letter_max_messages: args.dead_letter_max_messages as i64,
-        prefetch: 1,
-        connection_name: "audotics-trainer replay-dead-letters".into(),
-    };
+    let settings =
+        client_settings(&args.amqp_url, args.delivery_limit, args.dead_letter_max_messages, "replay-dead-letters");
     let letters = super::operator::replay_dead_letters(&settings, args.limit, args.replay).await?;
     for letter in &letters {
         println!("{}", serde_json::to_string(letter)?);
@@ -215,4 +204,21 @@ fn spawn_signal_handler(stop: StopFlag) {
         tracing::warn!("stop requested: stopping at the next batch boundary and writing a checkpoint");
         stop.request();
     });
+}
+
+/// Broker settings of a one-shot client command (`retrain`, `replay-dead-letters`): one message at
+/// a time, and the queue arguments the workers declare, so that declaring the topology agrees with them.
+fn client_settings(
+    url: &str,
+    delivery_limit: usize,
+    dead_letter_max_messages: usize,
+    command: &str,
+) -> broker::BrokerSettings {
+    broker::BrokerSettings {
+        url: url.to_string(),
+        delivery_limit: delivery_limit as i64,
+        dead_letter_max_messages: dead_letter_max_messages as i64,
+        prefetch: 1,
+        connection_name: format!("audotics-trainer {command}"),
+    }
 }
