@@ -1,5 +1,5 @@
 //! Command-line interface: [`args`] (the commands and flags, with [`train_args`] and
-//! [`worker_args`]), [`commands`] (their bodies) and [`operator`] (rollback, dead-letter replay).
+//! [`worker_args`]), `commands` (their bodies) and [`operator`] (rollback, dead-letter replay).
 //! Invalid values exit with status 2 and one line naming the flag; `main.rs` calls [`parse`] and
 //! [`run`].
 
