@@ -8,6 +8,7 @@
 pub mod features;
 pub mod source;
 pub mod synthetic;
+pub mod tags;
 
 use std::collections::HashMap;
 
@@ -22,6 +23,8 @@ pub struct Catalogue {
     pub track_ids: Vec<String>,
     /// Raw features in [`crate::data::features::FEATURE_NAMES`] order.
     pub features: Vec<FeatureRow>,
+    /// Artists and album of each track, interned.
+    pub tags: tags::TrackTags,
 }
 
 impl Catalogue {

@@ -25,6 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, StandardNormal};
 
 use super::source::{DataSource, SyntheticSpec};
+use super::tags::TrackTags;
 use super::{Catalogue, Dataset, Interactions};
 use crate::data::features::{FeatureRow, NUM_FEATURES, idx};
 
@@ -80,7 +81,11 @@ pub fn generate(spec: &SyntheticSpec) -> Dataset {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5EED_DA7A_5EED_DA7A);
     let genres = spec.genres.max(1);
     let centres: Vec<FeatureRow> = (0..genres).map(|_| genre_centre(&mut rng)).collect();
-    let (catalogue, mut genre_tracks) = generate_catalogue(spec.tracks, &centres, &mut rng);
+    let (mut catalogue, mut genre_tracks) = generate_catalogue(spec.tracks, &centres, &mut rng);
+    // Artists and albums come from a generator of their own, so that adding them changed nothing
+    // else: the features and the history are what they were before tracks had artists.
+    let mut tag_rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0xA271_57A1_B0B5_0003);
+    catalogue.tags = generate_tags(&catalogue.features, &genre_tracks, &centres, &mut tag_rng);
     let genre_weights = zipf_weights(genres, 0.6);
     let genres: Vec<Genre> = genre_tracks
         .iter_mut()
@@ -115,6 +120,122 @@ fn generate_catalogue(n: usize, centres: &[FeatureRow], rng: &mut ChaCha8Rng) ->
         genre_tracks[g].push(i as u32);
     }
     (catalogue, genre_tracks)
+}
+
+/// Mean tracks per artist; artist sizes inside a genre are Zipf-like around it.
+const TRACKS_PER_ARTIST: usize = 8;
+/// Tracks per album, at most (an artist's tracks in id order, cut into albums).
+const TRACKS_PER_ALBUM: usize = 10;
+/// Share of tracks that credit a second artist of the same genre (a feature).
+const FEATURING_PROBABILITY: f64 = 0.1;
+
+/// Artists within genres and albums within artists. Each artist of a genre has a sound of its own
+/// (a point near the genre's centre) and a Zipf-like share of the genre's tracks; a track goes to
+/// an artist with probability proportional to that share times the closeness of its features to
+/// the artist's sound. So an artist's tracks sound alike and, since listeners choose by sound, are
+/// listened to together: artists carry signal, as they do on a real platform.
+fn generate_tags(
+    features: &[FeatureRow],
+    genre_tracks: &[Vec<u32>],
+    centres: &[FeatureRow],
+    rng: &mut ChaCha8Rng,
+) -> TrackTags {
+    let mut artist_of = vec![Vec::new(); features.len()];
+    let mut names = NameMaker::default();
+    let mut artist_tracks: Vec<Vec<u32>> = Vec::new();
+    let mut artist_names: Vec<String> = Vec::new();
+    for (tracks, centre) in genre_tracks.iter().zip(centres) {
+        let n_artists = tracks.len().div_ceil(TRACKS_PER_ARTIST).max(1);
+        let first = artist_tracks.len();
+        let sounds: Vec<FeatureRow> = (0..n_artists).map(|_| jitter(centre, 0.6, rng)).collect();
+        let shares = zipf_weights(n_artists, 0.8);
+        for _ in 0..n_artists {
+            artist_names.push(names.artist(rng));
+            artist_tracks.push(Vec::new());
+        }
+        for &t in tracks {
+            let weights: Vec<f64> = sounds
+                .iter()
+                .zip(&shares)
+                .map(|(sound, share)| share * taste_affinity(&features[t as usize], sound) as f64 + 1e-12)
+                .collect();
+            let a = first + sample_cumulative(&cumulative(&weights), rng);
+            artist_of[t as usize].push(a);
+            artist_tracks[a].push(t);
+            if n_artists > 1 && rng.random_bool(FEATURING_PROBABILITY) {
+                let other = first + (a - first + rng.random_range(1..n_artists)) % n_artists;
+                artist_of[t as usize].push(other);
+            }
+        }
+    }
+    let mut album_of = vec![None; features.len()];
+    for (a, tracks) in artist_tracks.iter().enumerate() {
+        for chunk in tracks.chunks(TRACKS_PER_ALBUM) {
+            let album = format!("{} — {}", artist_names[a], names.album(rng));
+            for &t in chunk {
+                album_of[t as usize] = Some(album.clone());
+            }
+        }
+    }
+    let mut tags = TrackTags::default();
+    for (artists, album) in artist_of.iter().zip(&album_of) {
+        tags.push(artists.iter().map(|&a| artist_names[a].as_str()), album.as_deref());
+    }
+    tags
+}
+
+/// Plausible band and album names, distinct across the catalogue.
+#[derive(Default)]
+struct NameMaker {
+    used: std::collections::HashSet<String>,
+}
+
+impl NameMaker {
+    const FIRST: [&str; 16] = [
+        "Velvet", "Neon", "Silver", "Midnight", "Paper", "Golden", "Electric", "Hollow", "Crimson", "Lunar", "Static",
+        "Wild", "Glass", "Northern", "Quiet", "Sunday",
+    ];
+    const SECOND: [&str; 16] = [
+        "Harbor",
+        "Echoes",
+        "Foxes",
+        "Machines",
+        "Lights",
+        "Rivers",
+        "Parade",
+        "Ghosts",
+        "Tigers",
+        "Satellites",
+        "Gardens",
+        "Wolves",
+        "Kites",
+        "Avenue",
+        "Signals",
+        "Orchards",
+    ];
+
+    fn artist(&mut self, rng: &mut ChaCha8Rng) -> String {
+        let base = format!(
+            "{} {}",
+            Self::FIRST[rng.random_range(0..Self::FIRST.len())],
+            Self::SECOND[rng.random_range(0..Self::SECOND.len())]
+        );
+        let mut name = base.clone();
+        let mut n = 2;
+        while !self.used.insert(name.clone()) {
+            name = format!("{base} {n}");
+            n += 1;
+        }
+        name
+    }
+
+    fn album(&mut self, rng: &mut ChaCha8Rng) -> String {
+        format!(
+            "{} {}",
+            Self::SECOND[rng.random_range(0..Self::SECOND.len())],
+            Self::FIRST[rng.random_range(0..Self::FIRST.len())]
+        )
+    }
 }
 
 /// A genre's centre in the informative features; noise features stay 0 (unused).
@@ -327,5 +448,55 @@ mod tests {
         counts.sort_unstable_by(|a, b| b.cmp(a));
         let top_decile: usize = counts[..60].iter().sum();
         assert!(top_decile as f64 > 0.3 * 20_000.0, "top 10% of tracks get {top_decile} of 20000 plays");
+    }
+
+    #[test]
+    fn artists_group_similar_tracks_within_a_genre_and_albums_within_an_artist() {
+        let d = generate(&SyntheticSpec { tracks: 2_000, ..small() });
+        let tags = &d.catalogue.tags;
+        assert_eq!(tags.len(), 2_000);
+        assert!((1..=2).contains(&tags.artists_of(0).len()));
+        assert!((0..tags.len()).all(|t| !tags.artists_of(t).is_empty() && tags.album_of(t).is_some()));
+        let mut sizes = tags.tracks_per_artist();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mean = sizes.iter().sum::<u32>() as f64 / sizes.len() as f64;
+        assert!(sizes[0] as f64 > 3.0 * mean, "artist sizes are skewed: largest {} vs mean {mean:.1}", sizes[0]);
+        // Tracks of one artist sound more alike than random pairs of tracks.
+        let dist = |a: usize, b: usize| -> f32 {
+            INFORMATIVE
+                .iter()
+                .map(|&(f, s)| ((d.catalogue.features[a][f] - d.catalogue.features[b][f]) / s).powi(2))
+                .sum()
+        };
+        let (mut same, mut same_n, mut any, mut any_n) = (0f64, 0, 0f64, 0);
+        for t in 1..tags.len() {
+            any += dist(t - 1, t) as f64;
+            any_n += 1;
+            if let Some(u) = (0..t).rev().take(200).find(|&u| tags.artists_of(u)[0] == tags.artists_of(t)[0]) {
+                same += dist(u, t) as f64;
+                same_n += 1;
+            }
+        }
+        assert!(
+            same / (same_n as f64) < 0.7 * any / (any_n as f64),
+            "same-artist distance {} vs random {}",
+            same / same_n as f64,
+            any / any_n as f64
+        );
+        // An album never spans two lead artists.
+        let mut lead_of_album = std::collections::HashMap::new();
+        for t in 0..tags.len() {
+            let lead = tags.artists_of(t)[0];
+            assert_eq!(*lead_of_album.entry(tags.album_of(t).unwrap()).or_insert(lead), lead);
+        }
+    }
+
+    #[test]
+    fn tags_are_a_function_of_the_seed() {
+        let a = generate(&small());
+        let b = generate(&small());
+        assert_eq!(a.catalogue.tags, b.catalogue.tags);
+        let c = generate(&SyntheticSpec { seed: 8, ..small() });
+        assert_ne!(a.catalogue.tags, c.catalogue.tags);
     }
 }

@@ -46,6 +46,34 @@ impl<'a> Row<'a> {
             .transpose()
     }
 
+    /// A one-dimensional `text[]` column: `None` for NULL, its non-NULL elements otherwise (NULL
+    /// elements are skipped). PostgreSQL's binary array: ndim, has-null flag, element type, then
+    /// per dimension its length and lower bound, then each element as a length-prefixed value.
+    pub fn text_array(&self, i: usize) -> anyhow::Result<Option<Vec<&'a str>>> {
+        let Some(b) = self.raw(i) else { return Ok(None) };
+        let int = |at: usize| read_i32(b, at).ok_or_else(|| anyhow::anyhow!("array column truncated at byte {at}"));
+        let dims = int(0)?;
+        if dims == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        anyhow::ensure!(dims == 1, "array column has {dims} dimensions; one was expected");
+        let count = usize::try_from(int(12)?).map_err(|_| anyhow::anyhow!("array column has a negative length"))?;
+        let mut at = 20;
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = int(at)?;
+            at += 4;
+            if len < 0 {
+                continue;
+            }
+            let element = b.get(at..at + len as usize).ok_or_else(|| anyhow::anyhow!("array element truncated"))?;
+            out.push(std::str::from_utf8(element).context("array element is not UTF-8")?);
+            at += len as usize;
+        }
+        anyhow::ensure!(at == b.len(), "{} bytes after the array's last element", b.len() - at);
+        Ok(Some(out))
+    }
+
     /// A `timestamp` (without time zone, taken as UTC) in milliseconds since the Unix epoch.
     pub fn timestamp_ms(&self, i: usize) -> anyhow::Result<Option<i64>> {
         // PostgreSQL's binary timestamp: i64 microseconds since 2000-01-01T00:00:00.
@@ -239,5 +267,54 @@ mod tests {
         assert!(dec.feed(&bytes, |_| Ok(())).is_err(), "three fields where two were expected");
         let mut dec = CopyBinaryDecoder::new(3);
         assert!(dec.feed(b"COPY? no, this is text at all", |_| Ok(())).is_err());
+    }
+
+    /// PostgreSQL's binary form of a one-dimensional text[] (NULL elements as `None`).
+    fn text_array_bytes(elements: &[Option<&str>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if elements.is_empty() {
+            out.extend(0i32.to_be_bytes()); // no dimensions
+            out.extend(0i32.to_be_bytes());
+            out.extend(25u32.to_be_bytes()); // text
+            return out;
+        }
+        out.extend(1i32.to_be_bytes());
+        out.extend(i32::from(elements.iter().any(Option::is_none)).to_be_bytes());
+        out.extend(25u32.to_be_bytes());
+        out.extend((elements.len() as i32).to_be_bytes());
+        out.extend(1i32.to_be_bytes()); // lower bound
+        for e in elements {
+            match e {
+                Some(t) => {
+                    out.extend((t.len() as i32).to_be_bytes());
+                    out.extend(t.as_bytes());
+                }
+                None => out.extend((-1i32).to_be_bytes()),
+            }
+        }
+        out
+    }
+
+    fn decode_array(bytes: Option<&[u8]>) -> anyhow::Result<Option<Vec<String>>> {
+        let fields = [bytes.map(|b| (0, b.len()))];
+        let row = Row { data: bytes.unwrap_or_default(), fields: &fields };
+        Ok(row.text_array(0)?.map(|v| v.into_iter().map(String::from).collect()))
+    }
+
+    #[test]
+    fn text_arrays_decode_with_null_and_empty_and_null_elements() {
+        let two = text_array_bytes(&[Some("Daft Punk"), Some("Pharrell Williams")]);
+        assert_eq!(decode_array(Some(&two)).unwrap(), Some(vec!["Daft Punk".into(), "Pharrell Williams".into()]));
+        assert_eq!(decode_array(Some(&text_array_bytes(&[]))).unwrap(), Some(vec![]));
+        assert_eq!(decode_array(None).unwrap(), None);
+        let with_null = text_array_bytes(&[None, Some("Justice")]);
+        assert_eq!(decode_array(Some(&with_null)).unwrap(), Some(vec!["Justice".into()]));
+        assert!(decode_array(Some(&two[..two.len() - 1])).is_err(), "a truncated element is an error");
+        let mut trailing = two.clone();
+        trailing.push(0);
+        assert!(decode_array(Some(&trailing)).is_err(), "bytes after the last element are an error");
+        let mut two_dims = two.clone();
+        two_dims[..4].copy_from_slice(&2i32.to_be_bytes());
+        assert!(decode_array(Some(&two_dims)).is_err());
     }
 }

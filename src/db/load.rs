@@ -39,7 +39,8 @@ fn tracks_sql(created_until_ms: Option<i64>) -> String {
         r#"COPY (
     SELECT t."id", f."id",
            f."acousticness", f."danceability", f."energy", f."instrumentalness", f."key"::float8,
-           f."liveness", f."loudness", f."mode"::float8, f."speechiness", f."tempo", f."valence"
+           f."liveness", f."loudness", f."mode"::float8, f."speechiness", f."tempo", f."valence",
+           t."artists", t."album"
     FROM "Track" t LEFT JOIN "TrackFeatures" f ON f."trackId" = t."id"{filter}
     ORDER BY t."id" COLLATE "C"
 ) TO STDOUT (FORMAT binary)"#
@@ -158,7 +159,7 @@ async fn load_tracks(
 ) -> anyhow::Result<Catalogue> {
     let mut catalogue = Catalogue::default();
     let mut clamped = [0u64; NUM_FEATURES];
-    let rows = copy_rows(pool, &tracks_sql(created_until_ms), 2 + NUM_FEATURES, |row| {
+    let rows = copy_rows(pool, &tracks_sql(created_until_ms), 2 + NUM_FEATURES + 2, |row| {
         let id = row.text(0)?.context("Track.id is NULL")?;
         if row.raw(1).is_none() {
             quality.tracks_without_features += 1;
@@ -170,8 +171,10 @@ async fn load_tracks(
         }
         match validate_features(&values, &mut clamped) {
             Ok(features) => {
+                let artists = row.text_array(2 + NUM_FEATURES).context("Track.artists")?.unwrap_or_default();
                 catalogue.track_ids.push(id.to_string());
                 catalogue.features.push(features);
+                catalogue.tags.push(artists, row.text(3 + NUM_FEATURES).context("Track.album")?);
             }
             Err(Invalid::Null) => quality.tracks_with_null_features += 1,
             Err(Invalid::NonFinite) => quality.tracks_with_non_finite_features += 1,

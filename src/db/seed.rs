@@ -156,7 +156,15 @@ fn esc(v: &str) -> String {
 
 /// A one-element Postgres array literal, `{"…"}`, escaped for COPY text.
 fn text_array(v: &str) -> String {
-    esc(&format!("{{\"{}\"}}", v.replace('\\', "\\\\").replace('"', "\\\"")))
+    text_array_of([v])
+}
+
+/// A `text[]` literal in COPY text format: each element double-quoted and escaped for the array
+/// literal, then the whole escaped for COPY.
+fn text_array_of<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> =
+        values.into_iter().map(|v| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+    esc(&format!("{{{}}}", quoted.join(",")))
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -198,8 +206,10 @@ impl<'a> SeedRows<'a> {
                 format!("{uid}\t{uid}@synthetic.audotics.invalid\tSynthetic user {i}\t{c1}\t{c1}")
             })),
             tracks: Box::new(catalogue.track_ids.iter().enumerate().map(move |(i, tid)| {
-                let artists = text_array("Synthetic artist");
-                format!("{tid}\tsynthetic-{tid}\tSynthetic track {i}\t{artists}\tSynthetic album\t0\t{c2}\t{c2}")
+                let tags = &catalogue.tags;
+                let artists = text_array_of(tags.artists_of(i).iter().map(|&a| tags.artists.name(a)));
+                let album = esc(tags.album_of(i).map_or("", |a| tags.albums.name(a)));
+                format!("{tid}\tsynthetic-{tid}\tSynthetic track {i}\t{artists}\t{album}\t0\t{c2}\t{c2}")
             })),
             features: Box::new(
                 catalogue.track_ids.iter().zip(&catalogue.features).map(move |(tid, f)| features_line(tid, f, &c3)),

@@ -1,6 +1,6 @@
 use audotics_trainer::data::Dataset;
 use audotics_trainer::data::features::idx;
-use audotics_trainer::data::source::{DataQuality, LoadOptions};
+use audotics_trainer::data::source::{DataQuality, LoadOptions, SyntheticSpec};
 use audotics_trainer::db::load::load;
 use audotics_trainer::training::pairs::{CoListenIndex, DEFAULT_POSITIVE_KINDS};
 
@@ -136,4 +136,41 @@ async fn a_database_without_the_platforms_tables_is_one_clear_error() {
     let db = TestDb::new().await;
     let err = load(&db.pool, &options(), "test").await.unwrap_err().to_string();
     assert!(err.contains(r#"lacks the platform's tables "Track", "TrackFeatures", "TrackInteraction""#), "{err}");
+}
+
+#[tokio::test]
+async fn artists_and_albums_load_interned_and_null_or_empty_ones_are_none() {
+    let db = TestDb::new().await;
+    db.seed_synthetic(&["--synthetic-tracks", "200", "--synthetic-users", "20", "--synthetic-interactions", "1000"]);
+    let spec = SyntheticSpec { tracks: 200, users: 20, interactions: 1000, ..SyntheticSpec::default() };
+    let generated = audotics_trainer::data::synthetic::generate(&spec);
+    let (seeded, _) = load_db(&db, &options()).await;
+    assert_eq!(seeded.catalogue.track_ids, generated.catalogue.track_ids);
+    assert_eq!(seeded.catalogue.tags, generated.catalogue.tags, "the Postgres path reads the tags it was seeded with");
+    assert!(seeded.catalogue.tags.artists.len() > 10);
+
+    // Tracks sort by id after the seeded ones ('~' > any hex digit); NULL and empty arrays, NULL
+    // elements, a repeated credit, quotes and commas in names, and a blank album.
+    for (id, artists, album) in [
+        ("~1", "NULL", "''"),
+        ("~2", "ARRAY[]::text[]", "'  '"),
+        ("~3", r#"ARRAY[NULL, 'Daft Punk', 'Daft Punk', 'Earth, Wind & Fire']"#, "'Discovery'"),
+        ("~4", r#"ARRAY['The "Band"']"#, "'Discovery'"),
+    ] {
+        db.exec(&track_sql(id, None)).await;
+        db.exec(&format!(r#"UPDATE "Track" SET artists = {artists}, album = {album} WHERE id = '{id}'"#)).await;
+    }
+    let (loaded, _) = load_db(&db, &options()).await;
+    let tags = &loaded.catalogue.tags;
+    let row = |id: &str| loaded.catalogue.track_ids.iter().position(|t| t == id).unwrap();
+    let names = |t: usize| -> Vec<&str> { tags.artists_of(t).iter().map(|&a| tags.artists.name(a)).collect() };
+    assert!(names(row("~1")).is_empty());
+    assert_eq!(tags.album_of(row("~1")), None);
+    assert!(names(row("~2")).is_empty());
+    assert_eq!(tags.album_of(row("~2")), None, "a blank album is no album");
+    assert_eq!(names(row("~3")), ["Daft Punk", "Earth, Wind & Fire"]);
+    assert_eq!(names(row("~4")), [r#"The "Band""#]);
+    assert_eq!(tags.album_of(row("~3")), tags.album_of(row("~4")));
+    assert_eq!(tags.albums.name(tags.album_of(row("~3")).unwrap()), "Discovery");
+    assert_eq!(tags.len(), loaded.catalogue.len());
 }
