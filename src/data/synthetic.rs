@@ -126,13 +126,14 @@ fn generate_catalogue(n: usize, centres: &[FeatureRow], rng: &mut ChaCha8Rng) ->
 const TRACKS_PER_ARTIST: usize = 8;
 /// Tracks per album, at most (an artist's tracks in id order, cut into albums).
 const TRACKS_PER_ALBUM: usize = 10;
+/// Artists a track's sound is compared with: drawn by share from its genre's artists.
+const ARTIST_CANDIDATES: usize = 8;
 /// Share of tracks that credit a second artist of the same genre (a feature).
 const FEATURING_PROBABILITY: f64 = 0.1;
 
 /// Artists within genres and albums within artists. Each artist of a genre has a sound of its own
 /// (a point near the genre's centre) and a Zipf-like share of the genre's tracks; a track goes to
-/// an artist with probability proportional to that share times the closeness of its features to
-/// the artist's sound. So an artist's tracks sound alike and, since listeners choose by sound, are
+/// one of a few artists drawn by share, the one whose sound is closest to its features most likely. So an artist's tracks sound alike and, since listeners choose by sound, are
 /// listened to together: artists carry signal, as they do on a real platform.
 fn generate_tags(
     features: &[FeatureRow],
@@ -148,18 +149,18 @@ fn generate_tags(
         let n_artists = tracks.len().div_ceil(TRACKS_PER_ARTIST).max(1);
         let first = artist_tracks.len();
         let sounds: Vec<FeatureRow> = (0..n_artists).map(|_| jitter(centre, 0.6, rng)).collect();
-        let shares = zipf_weights(n_artists, 0.8);
+        let shares = cumulative(&zipf_weights(n_artists, 0.8));
         for _ in 0..n_artists {
             artist_names.push(names.artist(rng));
             artist_tracks.push(Vec::new());
         }
         for &t in tracks {
-            let weights: Vec<f64> = sounds
-                .iter()
-                .zip(&shares)
-                .map(|(sound, share)| share * taste_affinity(&features[t as usize], sound) as f64 + 1e-12)
-                .collect();
-            let a = first + sample_cumulative(&cumulative(&weights), rng);
+            // Candidates drawn by share, one kept by closeness: share × closeness without scoring
+            // every artist of the genre for every track (quadratic in the genre's size).
+            let candidates: [usize; ARTIST_CANDIDATES] = std::array::from_fn(|_| sample_cumulative(&shares, rng));
+            let closeness: Vec<f64> =
+                candidates.iter().map(|&c| taste_affinity(&features[t as usize], &sounds[c]) as f64 + 1e-12).collect();
+            let a = first + candidates[sample_cumulative(&cumulative(&closeness), rng)];
             artist_of[t as usize].push(a);
             artist_tracks[a].push(t);
             if n_artists > 1 && rng.random_bool(FEATURING_PROBABILITY) {
@@ -168,26 +169,29 @@ fn generate_tags(
             }
         }
     }
-    let mut album_of = vec![None; features.len()];
+    let mut album_names = Vec::new();
+    let mut album_of = vec![0usize; features.len()];
     for (a, tracks) in artist_tracks.iter().enumerate() {
         for chunk in tracks.chunks(TRACKS_PER_ALBUM) {
-            let album = format!("{} — {}", artist_names[a], names.album(rng));
             for &t in chunk {
-                album_of[t as usize] = Some(album.clone());
+                album_of[t as usize] = album_names.len();
             }
+            album_names.push(format!("{} — {}", artist_names[a], names.album(rng)));
         }
     }
     let mut tags = TrackTags::default();
-    for (artists, album) in artist_of.iter().zip(&album_of) {
-        tags.push(artists.iter().map(|&a| artist_names[a].as_str()), album.as_deref());
+    for (artists, &album) in artist_of.iter().zip(&album_of) {
+        tags.push(artists.iter().map(|&a| artist_names[a].as_str()), Some(album_names[album].as_str()));
     }
     tags
 }
 
-/// Plausible band and album names, distinct across the catalogue.
+/// Plausible band and album names. Artist names are distinct: a pair of words already used gets
+/// a number ("Velvet Harbor 2"); album names are prefixed with their artist's.
 #[derive(Default)]
 struct NameMaker {
-    used: std::collections::HashSet<String>,
+    /// Artists named so far after each (first, second) word pair.
+    uses: std::collections::HashMap<(usize, usize), u32>,
 }
 
 impl NameMaker {
@@ -215,18 +219,11 @@ impl NameMaker {
     ];
 
     fn artist(&mut self, rng: &mut ChaCha8Rng) -> String {
-        let base = format!(
-            "{} {}",
-            Self::FIRST[rng.random_range(0..Self::FIRST.len())],
-            Self::SECOND[rng.random_range(0..Self::SECOND.len())]
-        );
-        let mut name = base.clone();
-        let mut n = 2;
-        while !self.used.insert(name.clone()) {
-            name = format!("{base} {n}");
-            n += 1;
-        }
-        name
+        let pair = (rng.random_range(0..Self::FIRST.len()), rng.random_range(0..Self::SECOND.len()));
+        let uses = self.uses.entry(pair).or_insert(0);
+        *uses += 1;
+        let base = format!("{} {}", Self::FIRST[pair.0], Self::SECOND[pair.1]);
+        if *uses == 1 { base } else { format!("{base} {uses}") }
     }
 
     fn album(&mut self, rng: &mut ChaCha8Rng) -> String {

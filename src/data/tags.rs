@@ -1,16 +1,18 @@
 //! The artists and album of each track (the platform's `"Track".artists TEXT[]` and `album TEXT`),
-//! interned like ids: one `String` per distinct name, and per track a few `u32`s.
+//! interned like ids: one allocation per distinct name, and per track a few `u32`s.
 //!
 //! A NULL or empty artist array and a NULL or empty album are fine: the track simply has none. The
 //! names are kept as the platform spells them (trimmed); a repeated artist of one track counts once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Distinct names, each with a dense id in order of first appearance.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Names {
-    names: Vec<String>,
-    index: HashMap<String, u32>,
+    /// The table and its lookup index share each name's one allocation.
+    names: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, u32>,
 }
 
 impl Names {
@@ -20,8 +22,9 @@ impl Names {
             return id;
         }
         let id = u32::try_from(self.names.len()).expect("fewer than 2^32 distinct names");
-        self.names.push(name.to_string());
-        self.index.insert(name.to_string(), id);
+        let name: Arc<str> = Arc::from(name);
+        self.names.push(Arc::clone(&name));
+        self.index.insert(name, id);
         id
     }
 

@@ -8,11 +8,10 @@ use rand::Rng;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::{Shared, events};
-use crate::db::coord::{self, Claim, Finish, NewestVersion};
+use crate::db::coord::{self, Claim, EventDraft, Finish, NewestVersion};
 use crate::db::ledger;
 use crate::job::{self, RunOutcome, StopFlag, TrainJob};
 
-/// Claims and runs until shutdown.
 /// What one step of the runner did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
@@ -242,15 +241,9 @@ async fn fail_run(
     attempts: i32,
     extra: serde_json::Value,
 ) -> &'static str {
-    let end = crate::db::ledger::RunEnd { error: Some(message.clone()), ..Default::default() };
-    let ledger = crate::db::ledger::record_end(
-        &shared.pool,
-        claim.run_id,
-        crate::db::ledger::RunStatus::Failed,
-        &end,
-        Some(claim.token),
-    );
-    if let Err(e) = ledger.await {
+    let end = ledger::RunEnd { error: Some(message.clone()), ..Default::default() };
+    let recorded = ledger::record_end(&shared.pool, claim.run_id, ledger::RunStatus::Failed, &end, Some(claim.token));
+    if let Err(e) = recorded.await {
         warn!(error.message = %e, "cannot record the failed run's end in the training_runs ledger");
     }
     let mut event = events::model_failed(&claim.model, claim.run_id, outcome, &message, attempts);
@@ -259,9 +252,14 @@ async fn fail_run(
             event.body[k] = v;
         }
     }
-    let finish =
-        Finish { state: "failed", answer: "model-failed", version: None, error: Some(message), event, published: None };
-    record_finish(shared, claim, finish, "failed").await
+    record_failure(shared, claim, event, message).await
+}
+
+/// Ends the run as `failed`, answering its requests with the `model-failed` `event`.
+async fn record_failure(shared: &Shared, claim: &Claim, event: EventDraft, message: String) -> &'static str {
+    let state = ledger::RunStatus::Failed.as_str();
+    let finish = Finish { state, answer: "model-failed", version: None, error: Some(message), event, published: None };
+    record_finish(shared, claim, finish, state).await
 }
 
 /// Records how the run ended (retrying while the database is unreachable); returns the status.
@@ -275,16 +273,6 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
     }
     let model = claim.model.as_str();
     let outcome = match result {
-        Ok(RunOutcome::Stopped { epochs_completed, .. }) => {
-            let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
-            info!(
-                epochs_completed,
-                released,
-                clock_ok = shared.clock_ok(),
-                "run stopped (shutdown, or this worker's clock is off); lease released for another worker"
-            );
-            return "released";
-        }
         Ok(outcome) => outcome,
         Err(e) => {
             let message = format!("{e:#}");
@@ -297,15 +285,7 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
             }
             error!(error.message = %message, attempts = claim.attempt, "run failed for good");
             let event = events::model_failed(model, claim.run_id, "failed", &message, claim.attempt);
-            let finish = Finish {
-                state: ledger::RunStatus::Failed.as_str(),
-                answer: "model-failed",
-                version: None,
-                error: Some(message),
-                event,
-                published: None,
-            };
-            return record_finish(shared, claim, finish, "failed").await;
+            return record_failure(shared, claim, event, message).await;
         }
     };
     let (label, answer, version, event, published) = match &outcome {
@@ -332,7 +312,16 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
             metrics::counter!("audotics_runs_over_budget_total", "model" => claim.model.clone()).increment(1);
             ("resource_limit", "model-failed", None, events::model_over_budget(model, claim, r), None)
         }
-        RunOutcome::Stopped { .. } => unreachable!("a stopped run released its lease above"),
+        RunOutcome::Stopped { epochs_completed, .. } => {
+            let released = with_retry(shared, || Box::pin(coord::release(&shared.pool, claim))).await;
+            info!(
+                epochs_completed,
+                released,
+                clock_ok = shared.clock_ok(),
+                "run stopped (shutdown, or this worker's clock is off); lease released for another worker"
+            );
+            return "released";
+        }
     };
     let finish =
         Finish { state: outcome.status().as_str(), answer, version, error: outcome.reason(), event, published };

@@ -24,37 +24,29 @@ pub(in crate::job) struct VersionFiles {
 }
 
 impl VersionFiles {
-    /// Every artifact of the version with `metadata`, from the weights it publishes.
+    /// Every artifact of the version with `metadata`, from the weights it publishes, in upload
+    /// order; the metadata comes last.
     pub(super) fn new(
         state: &TrainingState,
         embeddings: &candle_core::Tensor,
         metadata: ModelMetadata,
     ) -> anyhow::Result<Self> {
-        let files = version_files(state, embeddings, &metadata)?;
+        let version = &metadata.model_version;
+        let host = HostWeights::from_encoder(&state.encoder)?;
+        let (tfjs_model, tfjs_shard) = tfjs::model(&host)?;
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            (layout::WEIGHTS, artifacts::weights_bytes(&state.encoder, version)?),
+            (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
+            (layout::KERAS, keras::archive(&host, &metadata.training_date)?),
+            (TFJS_SHARD, tfjs_shard),
+            (layout::TFJS_MODEL, tfjs_model),
+            (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
+            (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),
+            (layout::METADATA, serde_json::to_vec_pretty(&metadata)?),
+        ];
+        let files = files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect();
         Ok(Self { metadata, files })
     }
-}
-
-/// Every artifact of a version, in upload order; the metadata comes last.
-fn version_files(
-    state: &TrainingState,
-    embeddings: &candle_core::Tensor,
-    metadata: &ModelMetadata,
-) -> anyhow::Result<Vec<(String, Bytes)>> {
-    let version = &metadata.model_version;
-    let host = HostWeights::from_encoder(&state.encoder)?;
-    let (tfjs_model, tfjs_shard) = tfjs::model(&host)?;
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        (layout::WEIGHTS, artifacts::weights_bytes(&state.encoder, version)?),
-        (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
-        (layout::KERAS, keras::archive(&host, &metadata.training_date)?),
-        (TFJS_SHARD, tfjs_shard),
-        (layout::TFJS_MODEL, tfjs_model),
-        (model_card::CURVES_SVG, model_card::curves_svg(metadata).into_bytes()),
-        (layout::MODEL_CARD, model_card::markdown(metadata).into_bytes()),
-        (layout::METADATA, serde_json::to_vec_pretty(metadata)?),
-    ];
-    Ok(files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect())
 }
 
 /// The published model's held-out metrics, the baselines', and which epoch it is.
