@@ -24,7 +24,8 @@ use crate::data::synthetic;
 use crate::system::device::{self, DeviceChoice};
 use crate::system::procstat;
 use crate::training::loss::{LossConfig, LossKind};
-use crate::training::model::EncoderConfig;
+use crate::training::model::tables::TableConfig;
+use crate::training::model::{EncoderConfig, ModelKind};
 use crate::training::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
 use crate::training::trainer::{
     Control, EpochMetrics, PreparedData, TrainConfig, TrainObserver, Trainer, TrainingState,
@@ -44,6 +45,9 @@ pub struct BenchArgs {
     /// Objectives to measure (comma-separated).
     #[arg(long, env = "AUDOTICS_BENCH_LOSSES", value_enum, value_delimiter = ',', default_values_t = [LossKind::Contrastive])]
     pub losses: Vec<LossKind>,
+    /// Model kinds to measure (comma-separated): content, collaborative, hybrid.
+    #[arg(long, env = "AUDOTICS_BENCH_MODEL_KINDS", value_enum, value_delimiter = ',', default_values_t = [ModelKind::ContentBased])]
+    pub model_kinds: Vec<ModelKind>,
     /// Epochs per configuration (at least 2: the first is not counted). With --time-budget-seconds,
     /// the most epochs to train; with the `tf-export` example, the epochs whose pairs are written.
     #[arg(long, env = "AUDOTICS_BENCH_EPOCHS", default_value_t = 3)]
@@ -71,6 +75,10 @@ pub struct BenchArgs {
     pub roofline: bool,
 }
 
+fn content_kind() -> String {
+    ModelKind::ContentBased.as_str().to_string()
+}
+
 /// One measured configuration.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct BenchResult {
@@ -78,6 +86,9 @@ pub struct BenchResult {
     pub users: usize,
     pub interactions: usize,
     pub loss: String,
+    /// `content-based`, `collaborative` or `hybrid` (results before the kinds existed: content).
+    #[serde(default = "content_kind")]
+    pub model_kind: String,
     pub batch_size: usize,
     pub device: String,
     pub cpu_threads: usize,
@@ -146,13 +157,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     // Peak memory is per process (and the allocator keeps freed pages), so each configuration runs
     // in a fresh child process of this binary; a single configuration runs here.
-    let results = if args.batch_sizes.len() * args.losses.len() == 1 {
+    let results = if args.batch_sizes.len() * args.losses.len() * args.model_kinds.len() == 1 {
         tokio::task::spawn_blocking(move || measure(&args)).await??
     } else {
         let mut results = Vec::new();
-        for &loss in &args.losses {
-            for &batch in &args.batch_sizes {
-                results.push(measure_in_child(&args, loss, batch).await?);
+        for &kind in &args.model_kinds {
+            for &loss in &args.losses {
+                for &batch in &args.batch_sizes {
+                    results.push(measure_in_child(&args, kind, loss, batch).await?);
+                }
             }
         }
         results
@@ -167,13 +180,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> anyhow::Result<BenchResult> {
+async fn measure_in_child(
+    args: &BenchArgs,
+    kind: ModelKind,
+    loss: LossKind,
+    batch: usize,
+) -> anyhow::Result<BenchResult> {
     let exe = std::env::current_exe()?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("bench")
         .args(["--tracks", &args.tracks.to_string(), "--users", &args.users.to_string()])
         .args(["--interactions", &args.interactions.to_string(), "--epochs", &args.epochs.to_string()])
         .args(["--batch-sizes", &batch.to_string(), "--losses", &loss.to_string()])
+        .args(["--model-kinds", clap::ValueEnum::to_possible_value(&kind).expect("named").get_name()])
         .args(["--max-pairs-per-epoch", &args.max_pairs_per_epoch.to_string()])
         .args(["--embedding-size", &args.embedding_size.to_string(), "--seed", &args.seed.to_string()])
         .args(["--device", &format!("{:?}", args.device).to_lowercase()])
@@ -185,7 +204,7 @@ async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> any
         cmd.arg("--autograd-step");
     }
     let out = cmd.output().await?;
-    anyhow::ensure!(out.status.success(), "benchmark of batch {batch} / {loss} failed");
+    anyhow::ensure!(out.status.success(), "benchmark of {} / batch {batch} / {loss} failed", kind.as_str());
     let stdout = String::from_utf8(out.stdout)?;
     let line =
         stdout.lines().find(|l| l.starts_with('{')).ok_or_else(|| anyhow::anyhow!("no result from the child"))?;
@@ -194,15 +213,16 @@ async fn measure_in_child(args: &BenchArgs, loss: LossKind, batch: usize) -> any
 
 fn print_table<'a>(results: impl Iterator<Item = &'a BenchResult>) {
     println!(
-        "| tracks | users | interactions | loss | batch | device | step | threads | pairs/epoch | pairs/s (median) | GFLOP/s | CPU-s per 1M pairs | peak RSS MiB |"
+        "| tracks | users | interactions | kind | loss | batch | device | step | threads | pairs/epoch | pairs/s (median) | GFLOP/s | CPU-s per 1M pairs | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in results {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} | {} | {} |",
             r.tracks,
             r.users,
             r.interactions,
+            r.model_kind,
             r.loss,
             r.batch_size,
             r.device,
@@ -239,14 +259,15 @@ fn print_budget_table<'a>(results: impl Iterator<Item = &'a BenchResult>) {
 }
 
 /// The training settings `bench` measures (the trainer's defaults, bar the sizes and the pair cap).
-pub fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> TrainConfig {
+pub fn train_config(args: &BenchArgs, kind: ModelKind, loss: LossKind, batch_size: usize) -> TrainConfig {
+    let centering_weight = kind.default_centering_weight();
     TrainConfig {
         epochs: args.epochs,
         batch_size,
         validation_split: 0.2,
         learning_rate: 1e-3,
         encoder: EncoderConfig { embedding_size: args.embedding_size, dropout: 0.2 },
-        loss: LossConfig { kind: loss, temperature: 0.05, logq_correction: true, centering_weight: 1.0 },
+        loss: LossConfig { kind: loss, temperature: 0.05, logq_correction: true, centering_weight },
         sampling: SamplingConfig { max_pairs_per_epoch: args.max_pairs_per_epoch, ..SamplingConfig::default() },
         positive_kinds: DEFAULT_POSITIVE_KINDS.map(String::from).to_vec(),
         seed: args.seed,
@@ -255,6 +276,9 @@ pub fn train_config(args: &BenchArgs, loss: LossKind, batch_size: usize) -> Trai
         holdout: crate::training::trainer::Holdout::Random,
         patience: 0,
         min_delta: 0.0,
+        model_kind: kind,
+        tables: (!kind.is_content()).then(TableConfig::default),
+        cold_tracks: 0.0,
     }
 }
 
@@ -274,18 +298,22 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
     let device = device::select(args.device)?;
     let dataset = synthetic_dataset(args);
     let mut results = Vec::new();
-    for &loss in &args.losses {
-        for &batch_size in &args.batch_sizes {
-            let config = train_config(args, loss, batch_size);
+    for (&kind, &loss, &batch_size) in args
+        .model_kinds
+        .iter()
+        .flat_map(|k| args.losses.iter().flat_map(move |l| args.batch_sizes.iter().map(move |b| (k, l, b))))
+    {
+        {
+            let config = train_config(args, kind, loss, batch_size);
             let data = PreparedData::new(&dataset, &config, &device)?;
             let trainer = Trainer::new(&config, &data)?;
             let trainer = if args.autograd_step { trainer.use_autograd() } else { trainer };
-            let mut state = TrainingState::new(&config, &device)?;
+            let mut state = trainer.fresh_state(&device)?;
             let mut recorder = Recorder { budget_seconds: args.time_budget_seconds, ..Recorder::default() };
             trainer.run(&mut state, &mut recorder)?;
             let budget = match args.time_budget_seconds {
                 Some(seconds) => {
-                    let ranking = trainer.evaluate(&state.encoder.embed(&data.features)?)?;
+                    let ranking = trainer.evaluate_state(&state, &trainer.embed(&state)?)?;
                     let train_seconds = recorder.clock.elapsed();
                     let pairs_per_epoch = trainer.pairs_per_epoch().max(1) as f64;
                     let partial = state.cursor.as_ref().map_or(0.0, |c| c.trained as f64 / pairs_per_epoch);
@@ -312,12 +340,18 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
             let cpu: Option<f64> =
                 if later.is_empty() { None } else { later.iter().map(|m| m.train_cpu_seconds).sum() };
             let pairs: usize = later.iter().map(|m| m.pairs).sum();
-            let flops_per_pair = roofline::flops_per_pair(args.embedding_size, batch_size, loss);
+            // The dense products of the content encoder and the loss; the tables' gathers and
+            // scatters are memory traffic, not counted (the collaborative kind: the loss's alone).
+            let flops_per_pair = match kind.has_content() {
+                true => roofline::flops_per_pair(args.embedding_size, batch_size, loss),
+                false => roofline::loss_flops_per_pair(args.embedding_size, batch_size, loss),
+            };
             let result = BenchResult {
                 tracks: args.tracks,
                 users: args.users,
                 interactions: args.interactions,
                 loss: loss.to_string(),
+                model_kind: kind.as_str().to_string(),
                 batch_size,
                 device: device::describe(&device),
                 cpu_threads: candle_core::utils::get_num_threads(),
@@ -404,6 +438,7 @@ mod tests {
             interactions: 2_000,
             batch_sizes: vec![batch],
             losses: vec![LossKind::Contrastive],
+            model_kinds: vec![ModelKind::ContentBased],
             epochs: 3,
             max_pairs_per_epoch: 0,
             embedding_size: 8,

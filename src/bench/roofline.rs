@@ -21,11 +21,15 @@ pub fn flops_per_pair(embedding_size: usize, batch: usize, loss: LossKind) -> f6
     let e = embedding_size;
     let macs_per_row = NUM_FEATURES * 2 * e + 2 * e * e + e * e;
     let encoder = 2 * 3 * 2 * macs_per_row;
-    let objective = match loss {
-        LossKind::Contrastive => 3 * 2 * batch * e,
-        LossKind::Cosine => 0,
-    };
-    (encoder + objective) as f64
+    encoder as f64 + loss_flops_per_pair(embedding_size, batch, loss)
+}
+
+/// The objective's share of [`flops_per_pair`]: the in-batch logits and their two gradients.
+pub fn loss_flops_per_pair(embedding_size: usize, batch: usize, loss: LossKind) -> f64 {
+    match loss {
+        LossKind::Contrastive => (3 * 2 * batch * embedding_size) as f64,
+        LossKind::Cosine => 0.0,
+    }
 }
 
 /// One matrix product of the step: `[m, k]·[k, n]`, with the operands' layouts as the step uses them.

@@ -51,18 +51,7 @@ impl TrackLabels {
 /// Same-label baseline: a track scores the number of the user's training tracks sharing a label.
 pub fn label_baseline(eval: &EvalSet, labels: &[Vec<u32>]) -> RankingMetrics {
     let num_labels = labels.iter().flatten().max().map_or(0, |m| *m as usize + 1);
-    let mut weight = vec![0f32; num_labels];
-    eval.evaluate_user_scores(labels.len(), |train, scores| {
-        weight.iter_mut().for_each(|w| *w = 0.0);
-        for &t in train {
-            for &l in &labels[t as usize] {
-                weight[l as usize] += 1.0;
-            }
-        }
-        for (score, track_labels) in scores.iter_mut().zip(labels) {
-            *score = track_labels.iter().map(|&l| weight[l as usize]).sum();
-        }
-    })
+    eval.evaluate_shared_labels(labels.len(), num_labels, |t| &labels[t])
 }
 
 /// The reference baselines, scored on exactly the held-out split `train` makes with `config`.

@@ -9,6 +9,7 @@ use crate::contract::request::RetrainRequest;
 use crate::job::{self, DataSpec, RunOutcome, StopFlag, TrainJob};
 use crate::publish::artifacts::ModelMetadata;
 use crate::publish::store::ModelStore;
+use crate::training::eval::RankingMetrics;
 use crate::training::resources::MemoryBudget;
 
 /// Publishes one `retrain` request with confirms; fails when no queue would receive it.
@@ -185,17 +186,30 @@ fn print_scores(m: &ModelMetadata) {
         f.heldout
     );
     let b = &m.baselines;
+    let pair = |r: &RankingMetrics| format!("{:.4} / {:.4}", r.recall_at_10, r.ndcg_at_10);
     println!(
-        "baselines, Recall@10 / NDCG@10: item-CF {:.4} / {:.4} | popularity {:.4} / {:.4} | raw features {:.4} / {:.4} | random {:.4} / {:.4}",
-        b.item_cf.recall_at_10,
-        b.item_cf.ndcg_at_10,
-        b.popularity.recall_at_10,
-        b.popularity.ndcg_at_10,
-        b.raw_features.recall_at_10,
-        b.raw_features.ndcg_at_10,
-        b.random.recall_at_10,
-        b.random.ndcg_at_10,
+        "baselines, Recall@10 / NDCG@10: item-CF {} | shared artist {} | shared album {} | popularity {} | raw features {} | random {}",
+        pair(&b.item_cf),
+        pair(&b.shared_artist),
+        pair(&b.shared_album),
+        pair(&b.popularity),
+        pair(&b.raw_features),
+        pair(&b.random),
     );
+    if let (Some(cold), Some(summary)) = (&b.cold, &m.data.cold_holdout) {
+        let model = m.final_cold_metrics.as_ref().map_or("n/a (no row for an unplayed track)".to_string(), |r| {
+            format!("{:.4} ± {:.4} / {:.4}", r.recall_at_10, r.recall_at_10_se, r.ndcg_at_10)
+        });
+        println!(
+            "cold tracks ({} held out, {} pairs), Recall@10 / NDCG@10: model {model} | shared artist {} | shared album {} | raw features {} | random {}",
+            summary.tracks,
+            summary.heldout_pairs,
+            pair(&cold.shared_artist),
+            pair(&cold.shared_album),
+            pair(&cold.raw_features),
+            pair(&cold.random),
+        );
+    }
 }
 
 /// First Ctrl-C/SIGTERM: stop at the next batch boundary (a checkpoint is written). Second: exit now.

@@ -97,13 +97,27 @@ mod tests {
     }
 
     #[test]
-    fn worker_models_follow_the_request_model_key_rule() {
+    fn worker_models_follow_the_request_model_key_rule_and_name_a_kind() {
+        use crate::training::model::ModelKind;
         let models = |value: &str| match Cli::try_parse_from(["t", "worker", &format!("--models={value}")]) {
             Ok(Cli { command: Command::Worker(w), .. }) => Ok(w.models),
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string()),
         };
-        assert_eq!(models("content-based,cf-2").unwrap(), ["content-based", "cf-2"]);
+        let content = ModelKind::ContentBased;
+        let pairs = |list: &[(&str, ModelKind)]| list.iter().map(|(k, m)| (k.to_string(), *m)).collect::<Vec<_>>();
+        assert_eq!(models("content-based,cf-2").unwrap(), pairs(&[("content-based", content), ("cf-2", content)]));
+        assert_eq!(
+            models("content-based=content,hybrid=hybrid,cf=collaborative,old=content-based").unwrap(),
+            pairs(&[
+                ("content-based", content),
+                ("hybrid", ModelKind::Hybrid),
+                ("cf", ModelKind::Collaborative),
+                ("old", content)
+            ])
+        );
+        let error = models("hybrid=deep").unwrap_err();
+        assert!(error.contains("unknown model kind `deep` for `hybrid`"), "{error}");
         for bad in ["content_based", "-lead", "Upper", &"x".repeat(64)] {
             let error = models(bad).unwrap_err();
             assert!(error.contains("1-63 characters"), "{bad}: {error}");
@@ -150,6 +164,40 @@ mod tests {
         }
         assert!(parse_train(&["--model", "Bad Key"]).unwrap_err().contains("--model"));
         assert!(parse_train(&["--dropout", "1"]).unwrap_err().contains("--dropout"));
+        for (flag, value) in [
+            ("--model-kind", "deep"),
+            ("--centering-weight", "-1"),
+            ("--cold-tracks", "1"),
+            ("--identity-dropout", "1"),
+            ("--table-learning-rate", "0"),
+            ("--vocab-min-count", "0"),
+        ] {
+            let err = parse_train(&[flag, value]).expect_err(&format!("{flag} {value} must be refused"));
+            assert!(err.contains(flag), "{flag} {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn each_kind_gets_its_tables_and_centering_default_unless_a_weight_is_given() {
+        use crate::training::model::ModelKind;
+        let config = |args: &[&str]| parse_train(args).unwrap().train_config();
+        let content = config(&[]);
+        assert_eq!(
+            (content.model_kind, content.tables, content.loss.centering_weight),
+            (ModelKind::ContentBased, None, 1.0)
+        );
+        let hybrid = config(&["--model-kind", "hybrid", "--identity-dropout", "0.3", "--cold-tracks", "0.1"]);
+        assert_eq!(hybrid.model_kind, ModelKind::Hybrid);
+        assert_eq!(hybrid.tables.unwrap().identity_dropout, 0.3);
+        assert_eq!((hybrid.loss.centering_weight, hybrid.cold_tracks), (0.0, 0.1));
+        for auto in ["auto", ""] {
+            assert_eq!(
+                config(&["--model-kind", "collaborative", "--centering-weight", auto]).loss.centering_weight,
+                0.0
+            );
+        }
+        assert_eq!(config(&["--model-kind", "collaborative", "--centering-weight", "0.5"]).loss.centering_weight, 0.5);
+        assert_eq!(config(&["--model-kind", "content-based"]).model_kind, ModelKind::ContentBased, "today's spelling");
     }
 
     #[test]

@@ -4,13 +4,15 @@
 use clap::Args;
 
 use super::values::{
-    at_least_one, dropout_rate, model_key, non_empty, non_negative_finite, open_unit_interval, positive_finite,
+    WeightOrAuto, at_least_one, dropout_rate, model_key, non_empty, non_negative_finite, open_unit_interval,
+    positive_finite, share_below_one, weight_or_auto,
 };
 use crate::data::source::SyntheticSpec;
 use crate::job::{MinimumSizes, RunDefaults};
 use crate::system::device::DeviceChoice;
 use crate::training::loss::{LossConfig, LossKind};
-use crate::training::model::EncoderConfig;
+use crate::training::model::tables::TableConfig;
+use crate::training::model::{EncoderConfig, ModelKind};
 use crate::training::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
 use crate::training::trainer::{Holdout, TrainConfig};
 
@@ -43,6 +45,27 @@ pub struct TrainArgs {
     /// Model key: the top-level folder of the store.
     #[arg(long, env = "AUDOTICS_MODEL", default_value = "content-based", value_parser = model_key)]
     pub model: String,
+    /// What to train: content (audio features; embeds any track), collaborative (a learned row per
+    /// played track) or hybrid (audio + artists + album + track identity).
+    #[arg(long, env = "AUDOTICS_MODEL_KIND", value_enum, default_value = "content")]
+    pub model_kind: ModelKind,
+    /// Collaborative and hybrid kinds: Adam's learning rate for embedding-table rows (> 0).
+    #[arg(long, env = "AUDOTICS_TABLE_LEARNING_RATE", default_value_t = TableConfig::default().learning_rate, value_parser = positive_finite, allow_negative_numbers = true)]
+    pub table_learning_rate: f64,
+    /// Hybrid: probability that a training row's track-identity term is dropped, in [0, 1).
+    #[arg(long, env = "AUDOTICS_IDENTITY_DROPOUT", default_value_t = TableConfig::default().identity_dropout, value_parser = dropout_rate, allow_negative_numbers = true)]
+    pub identity_dropout: f32,
+    /// Hybrid: probability that a training row's album term is dropped, in [0, 1).
+    #[arg(long, env = "AUDOTICS_ALBUM_DROPOUT", default_value_t = TableConfig::default().album_dropout, value_parser = dropout_rate, allow_negative_numbers = true)]
+    pub album_dropout: f32,
+    /// Hybrid: catalogue tracks an artist or album needs for an embedding row of its own; rarer
+    /// ones share the out-of-vocabulary row.
+    #[arg(long, env = "AUDOTICS_VOCAB_MIN_COUNT", default_value_t = TableConfig::default().min_count, value_parser = at_least_one)]
+    pub vocab_min_count: usize,
+    /// Share of the catalogue held out as cold tracks, with all their listens, for the cold-start
+    /// evaluation, in [0, 1) (0: none). Those tracks' listens are never trained on.
+    #[arg(long, env = "AUDOTICS_COLD_TRACKS", default_value_t = 0.0, value_parser = share_below_one, allow_negative_numbers = true)]
+    pub cold_tracks: f64,
     /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
     #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
     pub loss: LossKind,
@@ -53,9 +76,11 @@ pub struct TrainArgs {
     #[arg(long, env = "AUDOTICS_LOGQ_CORRECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub logq_correction: bool,
     /// Weight of the penalty on the squared norm of each batch's mean embedding (0 = off): keeps
-    /// embeddings from sharing one dominant direction.
-    #[arg(long, env = "AUDOTICS_CENTERING_WEIGHT", default_value_t = 1.0, value_parser = non_negative_finite, allow_negative_numbers = true)]
-    pub centering_weight: f64,
+    /// embeddings from sharing one dominant direction. Unset: 1 for the content kind (without it
+    /// the audio encoder collapses), 0 for the table kinds (measured: it costs them Recall@10).
+    /// `auto` or empty: unset.
+    #[arg(long, env = "AUDOTICS_CENTERING_WEIGHT", default_value = "auto", value_parser = weight_or_auto, allow_negative_numbers = true)]
+    pub centering_weight: WeightOrAuto,
     /// Dropout rate after each hidden layer, in [0, 1).
     #[arg(long, env = "AUDOTICS_DROPOUT", default_value_t = 0.2, value_parser = dropout_rate, allow_negative_numbers = true)]
     pub dropout: f32,
@@ -149,7 +174,7 @@ impl TrainArgs {
                 kind: self.loss,
                 temperature: self.temperature,
                 logq_correction: self.logq_correction,
-                centering_weight: self.centering_weight,
+                centering_weight: self.centering_weight.0.unwrap_or(self.model_kind.default_centering_weight()),
             },
             sampling: SamplingConfig {
                 pairs_per_track: self.pairs_per_track,
@@ -164,6 +189,9 @@ impl TrainArgs {
             holdout: self.holdout.unwrap_or_default(),
             patience: self.patience,
             min_delta: self.min_delta,
+            model_kind: self.model_kind,
+            tables: (!self.model_kind.is_content()).then_some(self.table_config()),
+            cold_tracks: self.cold_tracks,
         }
     }
 
@@ -179,9 +207,21 @@ impl TrainArgs {
     }
 
     /// What every run of this process starts from; `from_database` as for [`Self::train_config_for`].
+    /// The embedding-table settings (collaborative and hybrid kinds).
+    pub fn table_config(&self) -> TableConfig {
+        TableConfig {
+            identity_dropout: self.identity_dropout,
+            album_dropout: self.album_dropout,
+            min_count: self.vocab_min_count,
+            learning_rate: self.table_learning_rate,
+        }
+    }
+
     pub fn run_defaults(&self, from_database: bool) -> RunDefaults {
         RunDefaults {
             config: self.train_config_for(from_database),
+            tables: self.table_config(),
+            centering_weight: self.centering_weight.0,
             minimums: MinimumSizes {
                 tracks: self.min_tracks,
                 users: self.min_users,

@@ -3,7 +3,8 @@
 use clap::Args;
 
 use super::train_args::TrainArgs;
-use super::values::{at_least_one, model_key, non_negative_finite};
+use super::values::{at_least_one, model_binding, non_negative_finite};
+use crate::training::model::ModelKind;
 use crate::training::resources::{Limit, parse_limit};
 use crate::worker::WorkerSettings;
 
@@ -14,9 +15,11 @@ pub struct WorkerArgs {
     /// RabbitMQ URL (`amqp://user:pass@host:port/vhost`).
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
-    /// Model keys this worker trains (comma-separated); requests for others are dead-lettered.
-    #[arg(long, env = "WORKER_MODELS", value_delimiter = ',', default_value = "content-based", value_parser = model_key)]
-    pub models: Vec<String>,
+    /// Model keys this worker trains (comma-separated), each `key` (the content kind) or `key=kind`
+    /// (content, collaborative, hybrid), e.g. `content-based,hybrid=hybrid`; requests for other keys
+    /// are dead-lettered.
+    #[arg(long, env = "WORKER_MODELS", value_delimiter = ',', default_value = "content-based", value_parser = model_binding)]
+    pub models: Vec<(String, ModelKind)>,
     /// This worker's name in leases and logs (default: host name and process id).
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
@@ -85,7 +88,8 @@ impl WorkerArgs {
     pub fn settings(&self) -> WorkerSettings {
         WorkerSettings {
             amqp_url: self.amqp_url.clone(),
-            models: self.models.clone(),
+            models: self.models.iter().map(|(key, _)| key.clone()).collect(),
+            model_kinds: self.models.iter().cloned().collect(),
             worker_id: self.worker_id.clone(),
             lease_seconds: self.lease_seconds,
             grace_seconds: self.grace_seconds,

@@ -90,6 +90,11 @@ pub struct TrainJob {
 #[derive(Debug, Clone)]
 pub struct RunDefaults {
     pub config: TrainConfig,
+    /// The table settings a run of a collaborative or hybrid model key uses (the worker maps keys
+    /// to kinds; `config.tables` is set for the CLI's one run).
+    pub tables: crate::training::model::tables::TableConfig,
+    /// `--centering-weight` as given; unset, each kind's default applies ([`Self::config_for`]).
+    pub centering_weight: Option<f64>,
     pub minimums: MinimumSizes,
     pub device: DeviceChoice,
     pub min_lift: f64,
@@ -103,6 +108,18 @@ pub struct RunDefaults {
 }
 
 impl RunDefaults {
+    /// `config` for a run of `kind`: its tables' settings, and the kind's centering weight unless
+    /// one was given.
+    pub fn config_for(&self, kind: crate::training::model::ModelKind) -> TrainConfig {
+        let mut config = self.config.clone();
+        config.model_kind = kind;
+        config.tables = (!kind.is_content()).then_some(self.tables);
+        if self.centering_weight.is_none() {
+            config.loss.centering_weight = kind.default_centering_weight();
+        }
+        config
+    }
+
     /// The platform's data, read up to what is there when the run starts.
     pub fn postgres_data(&self) -> DataSpec {
         DataSpec::Postgres(PostgresSpec {

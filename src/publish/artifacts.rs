@@ -18,12 +18,16 @@ use crate::data::Watermark;
 use crate::data::features::{FEATURE_NAMES, Standardizer};
 use crate::data::source::DataSource;
 use crate::training::eval::RankingMetrics;
+use crate::training::model::tables::Tables;
+use crate::training::model::vocab::{OOV_ROW, TrackInputs};
 use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig, ModelKind};
 use crate::training::pairs::MiningStats;
 use crate::training::trainer::{Baselines, EpochHistory, TrainConfig};
 
-/// The platform's `model_type`.
+/// The platform's `model_type` of the content kind.
 pub const MODEL_TYPE: &str = ModelKind::ContentBased.as_str();
+/// The vocabularies of a kind with tables: which name each artist and album row stands for.
+pub const VOCABULARIES: &str = "vocabularies.json";
 /// This crate's version, recorded in every artifact.
 pub const TRAINER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -42,6 +46,9 @@ pub struct DataSummary {
     /// How the held-out listens were chosen (absent before time-ordered hold-outs: random).
     #[serde(default)]
     pub holdout: crate::training::trainer::HoldoutSummary,
+    /// The cold-track hold-out, when the run made one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_holdout: Option<crate::training::trainer::ColdSummary>,
     pub watermark: Watermark,
 }
 
@@ -64,6 +71,14 @@ pub struct ModelMetadata {
     pub training_history: EpochHistory,
     /// The published (best) epoch's held-out ranking metrics.
     pub final_metrics: RankingMetrics,
+    /// The same epoch ranking only the cold tracks, when the run held some out (and the kind can
+    /// embed a track without listens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_cold_metrics: Option<RankingMetrics>,
+    /// Collaborative kind: how many tracks have a learned row (the others' embeddings are zeros;
+    /// `vocabularies.json` lists which).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_tracks: Option<usize>,
     pub baselines: Baselines,
     pub architecture: serde_json::Value,
     pub hyperparameters: TrainConfig,
@@ -133,6 +148,81 @@ pub fn weights_bytes(encoder: &Encoder, version: &str) -> anyhow::Result<Vec<u8>
         ("layout".to_string(), "keras: dense kernels [in, out]".to_string()),
     ]);
     Ok(safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))?)
+}
+
+/// `weights.safetensors` of a kind with tables: the content encoder's tensors (hybrid) as in
+/// [`weights_bytes`], and each table as `<table>.embeddings` `[rows, E]`.
+pub fn weights_bytes_with_tables(
+    kind: ModelKind,
+    encoder: &Encoder,
+    tables: &Tables,
+    version: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    if kind.has_content() {
+        for (n, t) in encoder.named_tensors() {
+            tensors.push((n.to_string(), t.to_device(&Device::Cpu)?));
+        }
+    }
+    for table in tables.tables.iter().flatten() {
+        let t = Tensor::from_slice(&table.values, (table.rows, table.dim), &Device::Cpu)?;
+        tensors.push((format!("{}.embeddings", table.name), t));
+    }
+    let metadata = HashMap::from([
+        ("format".to_string(), "audotics-weights/1".to_string()),
+        ("model_type".to_string(), kind.as_str().to_string()),
+        ("model_version".to_string(), version.to_string()),
+        ("embedding_size".to_string(), encoder.config.embedding_size.to_string()),
+        ("feature_names".to_string(), FEATURE_NAMES.join(",")),
+        ("layout".to_string(), "keras: dense kernels [in, out]; embedding tables [rows, E]".to_string()),
+    ]);
+    Ok(safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
+}
+
+/// `vocabularies.json`: the artist and album vocabularies (row 0 is the out-of-vocabulary bucket,
+/// `names[i]` is row `i + 1`), how to find a track's rows, and which identity rows are learned.
+pub fn vocabularies_json(inputs: &TrackInputs, learned: Option<&[bool]>) -> serde_json::Value {
+    json!({
+        "format": "audotics-vocabularies/1",
+        "artists": {"oov_row": OOV_ROW, "min_count": inputs.artists.min_count, "names": inputs.artists.names, "oov_names": inputs.artists.oov_names},
+        "albums": {"oov_row": OOV_ROW, "min_count": inputs.albums.min_count, "names": inputs.albums.names, "oov_names": inputs.albums.oov_names},
+        "track_rows": "row i of track_embedding is track_ids[i] of the metadata",
+        "max_artists": inputs.max_artists(),
+        "learned_track_rows": learned.map(|l| l.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i).collect::<Vec<_>>()),
+    })
+}
+
+/// The architecture of a kind with tables, for the metadata.
+pub fn architecture_of(
+    kind: ModelKind,
+    config: &EncoderConfig,
+    tables: &crate::training::model::tables::TableConfig,
+) -> serde_json::Value {
+    let e = config.embedding_size;
+    match kind {
+        ModelKind::ContentBased => architecture(config),
+        ModelKind::Collaborative => json!({
+            "input": {"track_index": "row of the catalogue (metadata track_ids)"},
+            "layers": [{"type": "Embedding", "name": "track_embedding", "output_dim": e}],
+            "output": "L2-normalised embedding; tracks without training listens have no learned row (zeros)",
+        }),
+        ModelKind::Hybrid => json!({
+            "inputs": {
+                "features": "11 standardised audio features (feature_means / feature_stds)",
+                "artist_indices": "padded artist rows (vocabularies.json; 0 = out of vocabulary), mean over present ones",
+                "album_index": "album row (0 = out of vocabulary)",
+                "track_index": "identity row (catalogue order); a new track has none",
+            },
+            "sum": [
+                {"content": architecture(config)["layers"]},
+                {"type": "Embedding", "name": "artist_embedding", "output_dim": e, "reduce": "mean"},
+                {"type": "Embedding", "name": "album_embedding", "output_dim": e},
+                {"type": "Embedding", "name": "track_embedding", "output_dim": e},
+            ],
+            "training_dropout": {"identity": tables.identity_dropout, "album": tables.album_dropout, "kind": "whole term, no rescaling"},
+            "output": "L2-normalised sum (UnitNormalization)",
+        }),
+    }
 }
 
 /// `embeddings.safetensors` bytes from `[num_tracks, E]` normalised embeddings.

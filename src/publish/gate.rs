@@ -163,6 +163,9 @@ mod tests {
             popularity: metrics(popularity, n),
             item_cf: metrics(0.5, n),
             random: metrics(0.001, n),
+            shared_artist: metrics(0.2, n),
+            shared_album: metrics(0.2, n),
+            cold: None,
         }
     }
 

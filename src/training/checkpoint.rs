@@ -43,10 +43,18 @@ pub fn to_bytes(state: &TrainingState, config: &TrainConfig, saved_at: &str) -> 
         tensors.push((format!("adam.m.{name}"), adam.first_moment[i].clone()));
         tensors.push((format!("adam.v.{name}"), adam.second_moment[i].clone()));
     }
+    for table in state.tables.tables.iter().flatten() {
+        let shape = (table.rows, table.dim);
+        for (part, values) in [("values", &table.values), ("m", &table.first_moment), ("v", &table.second_moment)] {
+            let t = Tensor::from_slice(values, shape, &Device::Cpu)?;
+            tensors.push((format!("table.{}.{part}", table.name), t));
+        }
+    }
     let mut metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("epoch".to_string(), state.epoch.to_string()),
         ("adam_step".to_string(), adam.step.to_string()),
+        ("table_step".to_string(), state.tables.step.to_string()),
         ("rng_seed".to_string(), hex::encode(state.rng.get_seed())),
         ("rng_stream".to_string(), state.rng.get_stream().to_string()),
         ("rng_word_pos".to_string(), state.rng.get_word_pos().to_string()),
@@ -96,6 +104,24 @@ pub fn restore(bytes: &[u8], state: &mut TrainingState, config: &TrainConfig) ->
     let first_moment = TRAINABLE_NAMES.iter().map(|n| take(format!("adam.m.{n}"))).collect::<anyhow::Result<_>>()?;
     let second_moment = TRAINABLE_NAMES.iter().map(|n| take(format!("adam.v.{n}"))).collect::<anyhow::Result<_>>()?;
     state.optimizer.restore(AdamState { first_moment, second_moment, step: get("adam_step")?.parse()? })?;
+    for table in state.tables.tables.iter_mut().flatten() {
+        let name = table.name;
+        let (rows, dim) = (table.rows, table.dim);
+        for (part, values) in
+            [("values", &mut table.values), ("m", &mut table.first_moment), ("v", &mut table.second_moment)]
+        {
+            let t = take(format!("table.{name}.{part}"))?;
+            anyhow::ensure!(
+                t.dims() == [rows, dim],
+                "table {name} has shape {:?} in the checkpoint, {rows}×{dim} in this catalogue",
+                t.dims()
+            );
+            *values = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        }
+    }
+    if !state.tables.is_empty() {
+        state.tables.step = get("table_step")?.parse()?;
+    }
 
     let rng = |prefix: &str| -> anyhow::Result<ChaCha8Rng> {
         let seed: [u8; 32] = hex::decode(get(&format!("{prefix}rng_seed"))?)?
@@ -198,6 +224,9 @@ mod tests {
             holdout: crate::training::trainer::Holdout::Random,
             patience: 0,
             min_delta: 0.0,
+            model_kind: Default::default(),
+            tables: None,
+            cold_tracks: 0.0,
         }
     }
 

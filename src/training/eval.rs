@@ -20,6 +20,8 @@
 //! - **item-based collaborative filtering** ([`EvalSet::evaluate_item_cf`]): a track's score is the sum,
 //!   over the user's training tracks `i`, of the cosine similarity of the two tracks' sets of training
 //!   users, `cooc(i, j) / sqrt(cnt(i)·cnt(j))`;
+//! - **shared artist** ([`EvalSet::evaluate_shared_labels`]): a track's score is the number of the
+//!   user's training tracks that credit one of its artists;
 //! - **random** ([`EvalSet::evaluate_random`]): seeded uniform scores, whose expected Recall@10 is
 //!   `10 / candidates`, the floor any model must clear.
 //!
@@ -60,6 +62,8 @@ pub struct EvalSet<'a> {
     pub train: &'a UserTracks,
     pub heldout: &'a UserTracks,
     pub users: Vec<usize>,
+    /// When set, only these tracks are ranked (the cold-start evaluation: the cold tracks).
+    candidates: Option<&'a [bool]>,
 }
 
 impl<'a> EvalSet<'a> {
@@ -74,7 +78,16 @@ impl<'a> EvalSet<'a> {
             users.truncate(max_users);
             users.sort_unstable();
         }
-        Self { train, heldout, users }
+        Self { train, heldout, users, candidates: None }
+    }
+
+    /// The same users, ranking only the tracks `candidates` marks (every held-out track must be one).
+    pub fn only_candidates(self, candidates: &'a [bool]) -> Self {
+        Self { candidates: Some(candidates), ..self }
+    }
+
+    fn accumulator(&self, num_tracks: usize) -> Accumulator<'a> {
+        Accumulator::new(num_tracks, self.candidates)
     }
 
     /// Metrics for L2-normalised embeddings `[num_tracks, D]` (model output or normalised raw features).
@@ -111,7 +124,7 @@ impl<'a> EvalSet<'a> {
         }
         let host: Vec<f32> = embeddings.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
         let on_device_t = embeddings.to_dtype(DType::F32)?.t()?.contiguous()?;
-        let mut acc = Accumulator::new(n);
+        let mut acc = self.accumulator(n);
         for chunk in self.users.chunks(USERS_PER_CHUNK) {
             let mut queries = vec![0f32; chunk.len() * d];
             for (row, &u) in chunk.iter().enumerate() {
@@ -136,7 +149,7 @@ impl<'a> EvalSet<'a> {
     /// The score buffer is zeroed in full before each user: O(num_tracks) per user, the same order as
     /// the top-K scan that ranks the user's candidates anyway.
     pub fn evaluate_user_scores(&self, num_tracks: usize, mut fill: impl FnMut(&[u32], &mut [f32])) -> RankingMetrics {
-        let mut acc = Accumulator::new(num_tracks);
+        let mut acc = self.accumulator(num_tracks);
         let mut scores = vec![0f32; num_tracks];
         for &u in &self.users {
             scores.iter_mut().for_each(|s| *s = 0.0);
@@ -148,7 +161,7 @@ impl<'a> EvalSet<'a> {
 
     /// Metrics for ranking every user's candidates by one global score (popularity).
     pub fn evaluate_global_scores(&self, scores: &[f32]) -> RankingMetrics {
-        let mut acc = Accumulator::new(scores.len());
+        let mut acc = self.accumulator(scores.len());
         for &u in &self.users {
             acc.add_user(scores, self.train.user(u), self.heldout.user(u));
         }
@@ -172,7 +185,7 @@ impl<'a> EvalSet<'a> {
             .users
             .par_chunks(USERS_PER_TASK)
             .map(|chunk| {
-                let mut acc = Accumulator::new(num_tracks);
+                let mut acc = self.accumulator(num_tracks);
                 let mut scratch = cf.scratch();
                 let mut scores = vec![0f32; num_tracks];
                 for &u in chunk {
@@ -183,7 +196,31 @@ impl<'a> EvalSet<'a> {
                 acc
             })
             .collect();
-        parts.into_iter().reduce(Accumulator::merge).unwrap_or_else(|| Accumulator::new(0)).finish()
+        parts.into_iter().reduce(Accumulator::merge).unwrap_or_else(|| self.accumulator(0)).finish()
+    }
+
+    /// Shared-label baseline (same artist, same subgenre): a track scores the number of the user's
+    /// training tracks it shares a label with, `Σ_{l ∈ labels(j)} #{i ∈ I : l ∈ labels(i)}`. What a
+    /// platform's "more by this artist" rule does; unlike item-CF it ranks tracks no one has played.
+    /// `labels(t)` are track `t`'s distinct label ids, all below `num_labels`.
+    pub fn evaluate_shared_labels<'l>(
+        &self,
+        num_tracks: usize,
+        num_labels: usize,
+        labels: impl Fn(usize) -> &'l [u32],
+    ) -> RankingMetrics {
+        let mut weight = vec![0f32; num_labels];
+        self.evaluate_user_scores(num_tracks, |train, scores| {
+            weight.fill(0.0);
+            for &t in train {
+                for &l in labels(t as usize) {
+                    weight[l as usize] += 1.0;
+                }
+            }
+            for (j, score) in scores.iter_mut().enumerate() {
+                *score = labels(j).iter().map(|&l| weight[l as usize]).sum();
+            }
+        })
     }
 
     /// Random baseline: each user's candidates ranked by seeded uniform scores, so Recall@10 is about
@@ -291,8 +328,9 @@ impl<'a> ItemCf<'a> {
 
 /// Running sums of hits and discounted gains, plus a stamp array that marks each user's excluded
 /// tracks without clearing an N-sized buffer per user.
-struct Accumulator {
+struct Accumulator<'a> {
     stamp: Vec<u32>,
+    candidates: Option<&'a [bool]>,
     current: u32,
     hits: f64,
     gains: f64,
@@ -300,9 +338,9 @@ struct Accumulator {
     users: usize,
 }
 
-impl Accumulator {
-    fn new(num_tracks: usize) -> Self {
-        Self { stamp: vec![0; num_tracks], current: 0, hits: 0.0, gains: 0.0, heldout: 0, users: 0 }
+impl<'a> Accumulator<'a> {
+    fn new(num_tracks: usize, candidates: Option<&'a [bool]>) -> Self {
+        Self { stamp: vec![0; num_tracks], candidates, current: 0, hits: 0.0, gains: 0.0, heldout: 0, users: 0 }
     }
 
     fn add_user(&mut self, scores: &[f32], train: &[u32], heldout: &[u32]) {
@@ -310,7 +348,10 @@ impl Accumulator {
         for &t in train.iter().chain(heldout) {
             self.stamp[t as usize] = self.current;
         }
-        let top = top_k(scores, &self.stamp, self.current);
+        let top = match self.candidates {
+            None => top_k(scores, &self.stamp, self.current, |_| true),
+            Some(c) => top_k(scores, &self.stamp, self.current, |j| c[j]),
+        };
         for &h in heldout {
             let rank = top.iter().filter(|&&(s, j)| beats(s, j, scores[h as usize], h as usize)).count();
             if rank < K {
@@ -358,11 +399,11 @@ fn beats(s: f32, j: usize, sh: f32, h: usize) -> bool {
     s > sh || (s == sh && j < h)
 }
 
-/// The K best `(score, index)` among tracks not stamped `current`, best first.
-fn top_k(scores: &[f32], stamp: &[u32], current: u32) -> Vec<(f32, usize)> {
+/// The K best `(score, index)` among the `candidate` tracks not stamped `current`, best first.
+fn top_k(scores: &[f32], stamp: &[u32], current: u32, candidate: impl Fn(usize) -> bool) -> Vec<(f32, usize)> {
     let mut top: Vec<(f32, usize)> = Vec::with_capacity(K + 1);
     for (j, &s) in scores.iter().enumerate() {
-        if stamp[j] == current {
+        if stamp[j] == current || !candidate(j) {
             continue;
         }
         if top.len() == K {
@@ -399,6 +440,28 @@ mod tests {
         scores[1] = -1.0; // worst of 19 candidates → rank 18
         let m = set.evaluate_global_scores(&scores);
         assert_eq!((m.recall_at_10, m.ndcg_at_10), (0.0, 0.0));
+    }
+
+    #[test]
+    fn only_candidates_are_ranked_when_the_set_is_restricted() {
+        // 20 tracks scored by index (19 best); the held-out track 5 is beaten by 14 others, but among
+        // the candidates {3, 5, 7} only 7 beats it: rank 1.
+        let train = csr(&[&[0]]);
+        let heldout = csr(&[&[5]]);
+        let scores: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        let everything = EvalSet::new(&train, &heldout, 100, 0).evaluate_global_scores(&scores);
+        assert_eq!(everything.recall_at_10, 0.0);
+        let candidates: Vec<bool> = (0..20).map(|t| [3, 5, 7].contains(&t)).collect();
+        let cold = EvalSet::new(&train, &heldout, 100, 0).only_candidates(&candidates);
+        let m = cold.evaluate_global_scores(&scores);
+        assert_eq!(m.recall_at_10, 1.0);
+        assert!((m.ndcg_at_10 - 1.0 / 3f64.log2()).abs() < 1e-12);
+        // Shared labels: track 3 shares the user's label and ranks first; 5 and 7 tie at 0 and the
+        // lower index wins, so 5 is at rank 1.
+        let labels: Vec<Vec<u32>> = (0..20).map(|t| if t == 0 || t == 3 { vec![0] } else { vec![] }).collect();
+        let m = cold.evaluate_shared_labels(20, 1, |t| &labels[t]);
+        assert_eq!(m.recall_at_10, 1.0);
+        assert!((m.ndcg_at_10 - 1.0 / 3f64.log2()).abs() < 1e-12, "{m:?}");
     }
 
     #[test]

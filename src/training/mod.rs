@@ -4,8 +4,8 @@
 //!
 //! From the bottom up:
 //! - [`host`]: copies between tensors and host memory, and fallible allocation;
-//! - [`model`]: the model kinds (today the content-based track encoder: features → embeddings),
-//!   their parameters and dropout — where a new kind plugs in, as one file;
+//! - [`model`]: the model kinds (content, collaborative, hybrid), their parameters, embedding tables,
+//!   vocabularies and dropout;
 //! - [`loss`], [`optim`]: the objectives and Adam; [`cpu_step`]: the fused CPU training step;
 //! - [`pairs`]: co-listening pair mining, the held-out split and per-epoch sampling;
 //! - [`eval`]: Recall@10 / NDCG@10 with standard errors, and the baselines;

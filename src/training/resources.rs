@@ -122,6 +122,9 @@ pub struct DataSizes {
     pub tracks: usize,
     pub pairs_per_epoch: usize,
     pub validation_pairs: usize,
+    /// Rows of the kind's embedding tables (identity + artist + album; 0 for the content kind):
+    /// each is held with Adam's two moments and copied once more into a checkpoint.
+    pub table_rows: usize,
 }
 
 /// A run's estimated peak memory, by phase (each phase's buffers are freed before the next).
@@ -163,7 +166,9 @@ pub fn estimate(config: &TrainConfig, sizes: DataSizes, in_use: u64) -> MemoryEs
     // buffers; 64 users' scores over every track.
     let table = tracks * e * F32;
     let evaluate_and_export = 6 * table + 2 * 64 * tracks * F32 + tracks * f * F32 + with_adam;
-    let largest = train_step.max(validation).max(evaluate_and_export);
+    // The tables live through every phase: values and two moments, plus a checkpoint's copy of all three.
+    let tables = 6 * sizes.table_rows as u64 * e * F32;
+    let largest = train_step.max(validation).max(evaluate_and_export) + tables;
     MemoryEstimate {
         in_use_bytes: in_use,
         train_step_bytes: train_step,
@@ -257,10 +262,14 @@ mod tests {
             holdout: crate::training::trainer::Holdout::Time,
             patience: 5,
             min_delta: 0.0,
+            model_kind: Default::default(),
+            tables: None,
+            cold_tracks: 0.0,
         }
     }
 
-    const SIZES: DataSizes = DataSizes { tracks: 100_000, pairs_per_epoch: 2_000_000, validation_pairs: 20_000 };
+    const SIZES: DataSizes =
+        DataSizes { tracks: 100_000, pairs_per_epoch: 2_000_000, validation_pairs: 20_000, table_rows: 0 };
 
     #[test]
     fn the_batch_square_dominates_large_batches_and_is_clamped_by_the_data() {
@@ -272,6 +281,10 @@ mod tests {
         let default = estimate(&config(64, 64), SIZES, 100 << 20);
         assert!(default.peak_bytes < 400 << 20, "the default run fits a small pod: {default:?}");
         assert_eq!(default.peak_bytes, (100 << 20) + default.evaluate_and_export_bytes + MARGIN);
+        // A hybrid's tables of 10M rows at E = 64: values, two moments and a checkpoint's copy.
+        let tables = DataSizes { table_rows: 10_000_000, ..SIZES };
+        let hybrid = estimate(&config(64, 64), tables, 100 << 20);
+        assert_eq!(hybrid.peak_bytes - default.peak_bytes, 6 * 10_000_000 * 64 * 4);
     }
 
     #[test]

@@ -32,11 +32,13 @@ fn now() -> String {
 pub fn model_ready(p: &Published) -> EventDraft {
     let m = &p.metadata;
     let event_id = model_ready_id(&m.model_name, &p.version);
-    let artifact = |name: &str| p.artifacts.get(name).cloned().unwrap_or_default();
+    // A file the kind does not produce (the table kinds have no Keras/TF.js export yet) is null.
+    let artifact = |name: &str| p.artifacts.get(name).cloned().map_or(Value::Null, Value::String);
     let body = json!({
         "schema_version": SCHEMA_VERSION,
         "event_id": event_id.to_string(),
         "model": m.model_name,
+        "kind": m.model_type,
         "version": p.version,
         "run_id": p.run_id,
         "created_at": m.training_date_rfc3339(),

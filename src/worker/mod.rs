@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 use crate::broker::BrokerSettings;
 use crate::job::{RunDefaults, StopFlag};
 use crate::publish::store::ModelStore;
+use crate::training::model::ModelKind;
 
 /// What the worker is told (the `worker` flags, in plain form); each run starts from `runs`.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct WorkerSettings {
     pub amqp_url: String,
     /// Model keys this worker trains; requests for others are dead-lettered.
     pub models: Vec<String>,
+    /// The kind each key trains (a key without an entry: content).
+    pub model_kinds: std::collections::BTreeMap<String, ModelKind>,
     /// This worker's name in leases and logs (`None`: host name and process id).
     pub worker_id: Option<String>,
     pub lease_seconds: usize,

@@ -122,7 +122,7 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
 
 fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
     let defaults = &shared.settings.runs;
-    let mut config = defaults.config.clone();
+    let mut config = defaults.config_for(shared.settings.model_kinds.get(&claim.model).copied().unwrap_or_default());
     if let Some(params) = &claim.params {
         super::admission::apply(params, &mut config);
     }

@@ -4,6 +4,7 @@
 
 mod chaos;
 mod harness;
+mod kinds;
 mod limits;
 #[allow(dead_code)]
 #[path = "../postgres/helpers.rs"]

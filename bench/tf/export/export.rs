@@ -54,7 +54,7 @@ pub struct ExportSummary {
 
 pub fn export(args: &BenchArgs, dir: &Path) -> anyhow::Result<ExportSummary> {
     let (loss_kind, batch_size) = (args.losses[0], args.batch_sizes[0]);
-    let config = train_config(args, loss_kind, batch_size);
+    let config = train_config(args, args.model_kinds[0], loss_kind, batch_size);
     let device = Device::Cpu;
     let dataset = synthetic_dataset(args);
     let data = PreparedData::new(&dataset, &config, &device)?;
@@ -282,13 +282,18 @@ mod tests {
     fn exported_pairs_are_the_pairs_the_trainer_consumes() {
         let args = tiny_args(16);
         let dataset = synthetic_dataset(&args);
-        let data = PreparedData::new(&dataset, &train_config(&args, LossKind::Contrastive, 16), &Device::Cpu).unwrap();
+        let data = PreparedData::new(
+            &dataset,
+            &train_config(&args, args.model_kinds[0], LossKind::Contrastive, 16),
+            &Device::Cpu,
+        )
+        .unwrap();
         let pairs = PairSampler::new(SamplingConfig::default(), &data.train, data.num_tracks()).max_pairs(&data.train);
         // 16, and a batch size whose epochs end with a batch of one pair, which the contrastive loss
         // skips without drawing dropout masks.
         let odd = (17..64).find(|b| pairs % b == 1).expect("a batch size leaving one pair");
         for batch in [16, odd] {
-            let config = train_config(&args, LossKind::Contrastive, batch);
+            let config = train_config(&args, args.model_kinds[0], LossKind::Contrastive, batch);
             let trainer = Trainer::new(&config, &data).unwrap();
             let mut state = TrainingState::new(&config, &Device::Cpu).unwrap();
             let mut observer = EpochStarts::default();

@@ -10,6 +10,7 @@ use crate::publish::layout;
 use crate::publish::versions::prune_checkpoints;
 use crate::system::telemetry::EpochProgress;
 use crate::training::checkpoint;
+use crate::training::model::vocab::TrackInputs;
 use crate::training::trainer::{Control, EpochMetrics, TrainObserver, TrainingState, best_epoch};
 
 /// Writes a checkpoint after every epoch, logs the epoch, drives the progress bar, and stops the
@@ -103,7 +104,12 @@ impl Checkpointer<'_> {
 
 impl BlockingRun {
     /// The state at the end of epoch `epoch`, from its checkpoint (whichever owner wrote it).
-    pub(super) fn restore_epoch(&self, epoch: usize, device: &candle_core::Device) -> anyhow::Result<TrainingState> {
+    pub(super) fn restore_epoch(
+        &self,
+        epoch: usize,
+        inputs: &TrackInputs,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<TrainingState> {
         let m = &self.record;
         let keys = self.runtime.block_on(self.store.list(&layout::checkpoints_dir(&m.model, &m.run_id)))?;
         let key = keys
@@ -111,7 +117,7 @@ impl BlockingRun {
             .find(|k| k.rsplit('/').next().and_then(checkpoint::position_of) == Some((epoch, 0)))
             .with_context(|| format!("the checkpoint of the best epoch ({epoch}) is missing"))?;
         let bytes = self.runtime.block_on(self.store.get(key))?;
-        let mut state = TrainingState::new(&m.config, device)?;
+        let mut state = TrainingState::for_inputs(&m.config, inputs, device)?;
         checkpoint::restore(&bytes, &mut state, &m.config).with_context(|| format!("restoring {key}"))?;
         Ok(state)
     }

@@ -20,6 +20,7 @@ use crate::publish::store::ModelStore;
 use crate::system::device;
 use crate::system::telemetry::EpochProgress;
 use crate::training::checkpoint;
+use crate::training::model::tables::table_rows;
 use crate::training::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
 use crate::training::trainer::{Baselines, PreparedData, StopReason, Trainer, TrainingState, best_epoch};
 use checkpointer::Checkpointer;
@@ -83,11 +84,11 @@ impl BlockingRun {
             best_epoch(&state.history.recall_at_10, config.min_delta).context("a finished run has an epoch")?;
         let best = match best_epoch == state.epoch {
             true => None,
-            false => Some(self.restore_epoch(best_epoch, &device)?),
+            false => Some(self.restore_epoch(best_epoch, &data.inputs, &device)?),
         };
         let weights = best.as_ref().unwrap_or(state);
-        let embeddings = weights.encoder.embed(&data.features)?;
-        let final_metrics = trainer.evaluate(&embeddings)?;
+        let embeddings = trainer.embed(weights)?;
+        let final_metrics = trainer.evaluate_state(weights, &embeddings)?;
         info!(
             best_epoch,
             epochs_trained = state.epoch,
@@ -103,9 +104,21 @@ impl BlockingRun {
         for check in &gate.checks {
             info!(check = %check.name, passed = check.passed, required = check.required, "{}", check.detail);
         }
-        let scores = Scores { final_metrics, baselines, best_epoch, stop_reason: ended.stop_reason, gate };
+        let final_cold_metrics = trainer.evaluate_cold(&embeddings)?;
+        let learned = trainer.learned_rows();
+        let learned_tracks = learned.as_ref().map(|l| l.iter().filter(|k| **k).count());
+        let scores = Scores {
+            final_metrics,
+            final_cold_metrics,
+            learned_tracks,
+            baselines,
+            best_epoch,
+            stop_reason: ended.stop_reason,
+            gate,
+        };
         let metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
-        Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata)?)))
+        let tables = (!config.model_kind.is_content()).then_some((&data.inputs, learned.as_deref()));
+        Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata, tables)?)))
     }
 
     /// Why this run must not train at all: data below the minimum sizes, nothing to pair, or a
@@ -123,6 +136,7 @@ impl BlockingRun {
             tracks: data.num_tracks(),
             pairs_per_epoch: trainer.pairs_per_epoch(),
             validation_pairs: data.validation_pairs.len(),
+            table_rows: table_rows(self.record.config.model_kind, &data.inputs),
         };
         let estimate = resources::estimate(&self.record.config, sizes, budget.in_use_now());
         info!(
@@ -142,7 +156,7 @@ impl BlockingRun {
     /// stop request (its checkpoint is written).
     fn run_epochs(&self, trainer: &Trainer, device: &candle_core::Device) -> anyhow::Result<Epochs> {
         let config = &self.record.config;
-        let mut state = TrainingState::new(config, device)?;
+        let mut state = trainer.fresh_state(device)?;
         let mut saved_at = None;
         if let Some(((epoch, step), bytes)) = &self.resume_from {
             saved_at = Some(

@@ -15,6 +15,7 @@ use crate::publish::versions::{VersionInfo, apply_retention, publish_version};
 use crate::publish::{layout, store::ModelStore};
 use crate::system::device;
 use crate::training::eval::RankingMetrics;
+use crate::training::model::vocab::TrackInputs;
 use crate::training::trainer::{Baselines, PreparedData, StopReason, TrainingState};
 
 /// The serialised artifacts of a finished run, in upload order (metadata last).
@@ -30,8 +31,24 @@ impl VersionFiles {
         state: &TrainingState,
         embeddings: &candle_core::Tensor,
         metadata: ModelMetadata,
+        tables: Option<(&TrackInputs, Option<&[bool]>)>,
     ) -> anyhow::Result<Self> {
         let version = &metadata.model_version;
+        if let Some((inputs, learned)) = tables {
+            // Keras and TF.js exports of the table kinds are not built yet (issue 17): the version
+            // carries its weights, embeddings and vocabularies.
+            let kind = metadata.hyperparameters.model_kind;
+            let files: Vec<(&str, Vec<u8>)> = vec![
+                (layout::WEIGHTS, artifacts::weights_bytes_with_tables(kind, &state.encoder, &state.tables, version)?),
+                (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
+                (artifacts::VOCABULARIES, serde_json::to_vec_pretty(&artifacts::vocabularies_json(inputs, learned))?),
+                (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
+                (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),
+                (layout::METADATA, serde_json::to_vec_pretty(&metadata)?),
+            ];
+            let files = files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect();
+            return Ok(Self { metadata, files });
+        }
         let host = HostWeights::from_encoder(&state.encoder)?;
         let (tfjs_model, tfjs_shard) = tfjs::model(&host)?;
         let files: Vec<(&str, Vec<u8>)> = vec![
@@ -52,6 +69,8 @@ impl VersionFiles {
 /// The published model's held-out metrics, the baselines', and which epoch it is.
 pub(super) struct Scores {
     pub(super) final_metrics: RankingMetrics,
+    pub(super) final_cold_metrics: Option<RankingMetrics>,
+    pub(super) learned_tracks: Option<usize>,
     pub(super) baselines: Baselines,
     pub(super) best_epoch: usize,
     pub(super) stop_reason: StopReason,
@@ -72,11 +91,12 @@ impl BlockingRun {
         device: &candle_core::Device,
         training_date: &str,
     ) -> ModelMetadata {
-        let Scores { final_metrics, baselines, best_epoch, stop_reason, gate } = scores;
+        let Scores { final_metrics, final_cold_metrics, learned_tracks, baselines, best_epoch, stop_reason, gate } =
+            scores;
         let m = &self.record;
         let (feature_names, feature_means, feature_stds) = artifacts::feature_columns(&data.standardizer);
         ModelMetadata {
-            model_type: artifacts::MODEL_TYPE.to_string(),
+            model_type: m.config.model_kind.as_str().to_string(),
             model_name: m.model.clone(),
             model_version: m.version.clone(),
             run_id: m.run_id.clone(),
@@ -89,8 +109,10 @@ impl BlockingRun {
             embedding_size: m.config.encoder.embedding_size,
             training_history: state.history.clone(),
             final_metrics,
+            final_cold_metrics,
+            learned_tracks,
             baselines,
-            architecture: artifacts::architecture(&m.config.encoder),
+            architecture: artifacts::architecture_of(m.config.model_kind, &m.config.encoder, &m.config.table_config()),
             hyperparameters: m.config.clone(),
             loss: m.config.loss.kind.to_string(),
             data: DataSummary {
@@ -103,6 +125,7 @@ impl BlockingRun {
                 training_user_tracks: data.train.len(),
                 heldout_user_tracks: data.heldout.len(),
                 holdout: data.holdout.clone(),
+                cold_holdout: data.cold_summary(m.config.cold_tracks),
                 watermark: dataset.watermark.clone(),
             },
             device: device::describe(device),

@@ -1,6 +1,7 @@
 //! Model formats for consumers that are not this crate: a Keras 3 `.keras` archive, a TensorFlow.js
 //! Layers model, and the human-facing model card with its training curves.
 
+mod card_kinds;
 pub mod keras;
 pub mod model_card;
 pub mod tfjs;

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use super::card_kinds;
 use crate::publish::artifacts::ModelMetadata;
 
 /// The curves' file name, beside the card.
@@ -21,10 +22,13 @@ pub fn markdown(m: &ModelMetadata) -> String {
     let _ = writeln!(s, "# Model card: {} {}\n", m.model_name, m.model_version);
     let _ = writeln!(
         s,
-        "Content-based track encoder of the Audotics platform: 11 audio features (standardised) → a {}-dimensional \
-         L2-normalised embedding; tracks listened to together are close by cosine. Trained by audotics-trainer {} \
-         on {} (run `{}`, device {}, seed {}).\n",
-        m.embedding_size, m.trainer_version, m.training_date, m.run_id, m.device, m.seed
+        "{} Trained by audotics-trainer {} on {} (run `{}`, device {}, seed {}).\n",
+        card_kinds::what_it_is(m),
+        m.trainer_version,
+        m.training_date,
+        m.run_id,
+        m.device,
+        m.seed
     );
     let _ = writeln!(s, "## Data\n");
     let _ = writeln!(s, "- Source: {source}.");
@@ -89,6 +93,8 @@ pub fn markdown(m: &ModelMetadata) -> String {
     let b = &m.baselines;
     for (name, r) in [
         ("item-based collaborative filtering (not gated)", &b.item_cf),
+        ("shared artist (not gated)", &b.shared_artist),
+        ("shared album (not gated)", &b.shared_album),
         ("popularity", &b.popularity),
         ("raw standardised features", &b.raw_features),
         ("random", &b.random),
@@ -104,6 +110,7 @@ pub fn markdown(m: &ModelMetadata) -> String {
         );
     }
     let _ = writeln!(s);
+    card_kinds::cold_metrics(&mut s, m);
     if let Some(gate) = &m.quality_gate {
         let _ = writeln!(s, "Quality gate ({}):\n", if gate.passed { "passed" } else { "failed" });
         for c in &gate.checks {
@@ -114,16 +121,7 @@ pub fn markdown(m: &ModelMetadata) -> String {
     }
     let _ = writeln!(s, "![Training curves: loss and Recall@10 per epoch]({CURVES_SVG})\n");
     let _ = writeln!(s, "## Training\n");
-    let _ = writeln!(
-        s,
-        "- Architecture: Input(11) → BatchNorm → Dense({}, relu) → Dropout({}) → Dense({}, relu) → Dropout({}) → \
-         Dense({}, tanh) → L2 normalisation; siamese, shared weights.",
-        2 * m.embedding_size,
-        h.encoder.dropout,
-        m.embedding_size,
-        h.encoder.dropout,
-        m.embedding_size
-    );
+    let _ = writeln!(s, "{}", card_kinds::architecture(m));
     let _ = writeln!(
         s,
         "- Objective: {} (temperature {}, logQ correction {}, centering weight {}); Adam, learning rate {}; {} epochs of \
@@ -147,21 +145,15 @@ pub fn markdown(m: &ModelMetadata) -> String {
     );
     let _ = writeln!(s, "- Positive interaction types: {}.\n", h.positive_kinds.join(", "));
     let _ = writeln!(s, "## Intended use\n");
-    let _ = writeln!(
-        s,
-        "Candidate generation and \"similar tracks\" for the Audotics platform: nearest neighbours by cosine in \
-         `embeddings.safetensors`, and embeddings for new tracks from their audio features (the `.keras` and TF.js \
-         models take features standardised with the metadata's `feature_means` / `feature_stds`).\n"
-    );
+    let _ = writeln!(s, "{}", card_kinds::intended_use(m));
     let _ = writeln!(s, "## Limits\n");
     let _ = writeln!(
         s,
-        "- It sees audio features only: no artist, genre label, lyrics or language. On real playlists (the Spotify \
-         dataset) such a model ranks about as well as raw standardised features; co-listening driven by artist or \
-         scene identity is out of its reach.\n\
+        "{}\n\
          - Metrics are offline, on held-out interactions of the same period; they say nothing of how users react.\n\
          - Popularity enters through logQ correction and the data; rarely played tracks are ranked with less evidence.\n\
-         - A model trained on synthetic data is a demonstration, not a recommender."
+         - A model trained on synthetic data is a demonstration, not a recommender.",
+        card_kinds::sees(m)
     );
     s
 }

@@ -21,6 +21,7 @@ use crate::data::features::NUM_FEATURES;
 use crate::training::host::host_values;
 use crate::training::loss::fused::SymmetricDiagonalCe;
 use crate::training::loss::{LossConfig, LossKind};
+use crate::training::model::tables::{TableMix, Tables};
 use crate::training::model::{BN_EPSILON, Encoder, EncoderConfig, HostDropout};
 use crate::training::optim::Adam;
 use kernels::{Mat, column_sums, matmul, relu_dropout, repeat_rows, row_dots, scale_by};
@@ -43,6 +44,8 @@ pub struct StepOutput {
     /// BatchNorm's batch mean and biased variance.
     pub batch_mean: Vec<f32>,
     pub batch_variance: Vec<f32>,
+    /// The gradient at the pre-normalisation sum, when table terms were added to it.
+    pub pre_norm_gradient: Option<Vec<f32>>,
 }
 
 impl CpuStep {
@@ -74,6 +77,53 @@ impl CpuStep {
         Ok(out.loss)
     }
 
+    /// [`Self::train_batch`] for a kind with embedding tables: the batch's table terms (`mixes`,
+    /// rows `ta` then `tb`) are added to the content output before normalisation (the hybrid) or
+    /// are the whole embedding (collaborative, `encoder` unused); the touched rows then take a lazy
+    /// Adam step at `table_learning_rate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_batch_with_tables(
+        &self,
+        encoder: Option<(&Encoder, &mut Adam, &HostDropout)>,
+        tables: &mut Tables,
+        mixes: &[Option<TableMix>; 3],
+        table_learning_rate: f64,
+        ta: &[u32],
+        tb: &[u32],
+    ) -> candle_core::Result<f32> {
+        let e = self.encoder.embedding_size;
+        let mut extra = vec![0.0f32; 2 * ta.len() * e];
+        for (mix, table) in mixes.iter().zip(&tables.tables) {
+            if let (Some(mix), Some(table)) = (mix, table) {
+                mix.add_forward(table, &mut extra);
+            }
+        }
+        let (loss, ds) = match encoder {
+            Some((encoder, optimizer, masks)) => {
+                let out = self.loss_and_gradients_with(encoder, ta, tb, masks, Some(&extra))?;
+                optimizer.step_host(&out.gradients)?;
+                encoder.update_moving_stats_host(&out.batch_mean, &out.batch_variance)?;
+                (out.loss, out.pre_norm_gradient.expect("asked for with table terms"))
+            }
+            None => self.tables_only_loss(extra, ta, tb)?,
+        };
+        let gradients = [0, 1, 2].map(|i| mixes[i].as_ref().map(|m| m.gradients(&ds, e)));
+        tables.step(mixes, &gradients, table_learning_rate);
+        Ok(loss)
+    }
+
+    /// The loss of embeddings that are table terms alone (`s`, `[2B, E]`) and its gradient at `s`.
+    pub fn tables_only_loss(&self, s: Vec<f32>, ta: &[u32], tb: &[u32]) -> candle_core::Result<(f32, Vec<f32>)> {
+        if ta.len() != tb.len() || ta.is_empty() {
+            candle_core::bail!(
+                "{} anchors for {} partners: a batch needs at least one pair, each with both",
+                ta.len(),
+                tb.len()
+            );
+        }
+        self.normalized_objective(&s, ta, tb, self.encoder.embedding_size)
+    }
+
     /// The training-mode loss of a batch and its gradients with respect to every trainable tensor.
     pub fn loss_and_gradients(
         &self,
@@ -82,12 +132,25 @@ impl CpuStep {
         tb: &[u32],
         masks: &HostDropout,
     ) -> candle_core::Result<StepOutput> {
+        self.loss_and_gradients_with(encoder, ta, tb, masks, None)
+    }
+
+    /// [`Self::loss_and_gradients`] with `extra` (`[2B, E]`) added to the encoder's output before
+    /// normalisation; the output then carries the gradient at that sum.
+    pub fn loss_and_gradients_with(
+        &self,
+        encoder: &Encoder,
+        ta: &[u32],
+        tb: &[u32],
+        masks: &HostDropout,
+        extra: Option<&[f32]>,
+    ) -> candle_core::Result<StepOutput> {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2, the one feature the function is compiled for.
-            return unsafe { self.loss_and_gradients_avx2(encoder, ta, tb, masks) };
+            return unsafe { self.loss_and_gradients_avx2(encoder, ta, tb, masks, extra) };
         }
-        self.loss_and_gradients_inline(encoder, ta, tb, masks)
+        self.loss_and_gradients_inline(encoder, ta, tb, masks, extra)
     }
 
     /// The step's element-wise loops 8 floats wide (the same bits as the baseline build: see
@@ -101,8 +164,9 @@ impl CpuStep {
         ta: &[u32],
         tb: &[u32],
         masks: &HostDropout,
+        extra: Option<&[f32]>,
     ) -> candle_core::Result<StepOutput> {
-        self.loss_and_gradients_inline(encoder, ta, tb, masks)
+        self.loss_and_gradients_inline(encoder, ta, tb, masks, extra)
     }
 
     #[inline(always)]
@@ -112,6 +176,7 @@ impl CpuStep {
         ta: &[u32],
         tb: &[u32],
         masks: &HostDropout,
+        extra: Option<&[f32]>,
     ) -> candle_core::Result<StepOutput> {
         if ta.len() != tb.len() || ta.is_empty() {
             candle_core::bail!(
@@ -155,26 +220,18 @@ impl CpuStep {
         let relu2 = relu_dropout(&mut a2, mask2);
         let mut h = dense(&a2, n, k3, b3);
         h.iter_mut().for_each(|v| *v = kernels::fast_tanh(*v));
-        // L2 normalisation, clamping the squared norm as `model::l2_normalize` does.
-        let sq_norms = row_dots(&h, &h, e);
-        let norms: Vec<f32> = sq_norms.iter().map(|s| s.max(1e-24).sqrt()).collect();
-        let mut z = h.clone();
-        for (row, nrm) in z.chunks_exact_mut(e).zip(&norms) {
-            row.iter_mut().for_each(|v| *v /= nrm);
-        }
-
-        // The objective and its gradient with respect to z.
-        let (loss, dz) = self.objective(&z, ta, tb, e)?;
-
-        // Backward through L2 normalisation: dh = (dz − z·(dz·z)) / ‖h‖ (only dz/‖h‖ where clamped).
-        let dots = row_dots(&dz, &z, e);
-        let mut dh = dz;
-        for (((g, zr), (&dot, &nrm)), &s) in
-            dh.chunks_exact_mut(e).zip(z.chunks_exact(e)).zip(dots.iter().zip(&norms)).zip(&sq_norms)
-        {
-            let dot = if s > 1e-24 { dot } else { 0.0 };
-            g.iter_mut().zip(zr).for_each(|(g, z)| *g = (*g - z * dot) / nrm);
-        }
+        // The table terms join before normalisation (hybrid); the content kind has none.
+        let s_sum;
+        let s: &[f32] = match extra {
+            Some(extra) if extra.len() == h.len() => {
+                s_sum = h.iter().zip(extra).map(|(a, b)| a + b).collect::<Vec<f32>>();
+                &s_sum
+            }
+            Some(extra) => candle_core::bail!("{} table values for {} outputs", extra.len(), h.len()),
+            None => &h,
+        };
+        let (loss, mut dh) = self.normalized_objective(s, ta, tb, e)?;
+        let pre_norm_gradient = extra.is_some().then(|| dh.clone());
         // tanh, then the three Dense layers.
         dh.iter_mut().zip(&h).for_each(|(g, t)| *g *= 1.0 - t * t);
         let layer3 = dense_backward(&a2, n, k3, &dh);
@@ -204,7 +261,40 @@ impl CpuStep {
             ],
             batch_mean: mean,
             batch_variance: variance,
+            pre_norm_gradient,
         })
+    }
+
+    /// L2 normalisation of `s` (`[2B, E]`, clamping the squared norm as `model::l2_normalize`
+    /// does), the objective, and the gradient back at `s`.
+    #[inline(always)]
+    fn normalized_objective(
+        &self,
+        s: &[f32],
+        ta: &[u32],
+        tb: &[u32],
+        e: usize,
+    ) -> candle_core::Result<(f32, Vec<f32>)> {
+        let sq_norms = row_dots(s, s, e);
+        let norms: Vec<f32> = sq_norms.iter().map(|v| v.max(1e-24).sqrt()).collect();
+        let mut z = s.to_vec();
+        for (row, nrm) in z.chunks_exact_mut(e).zip(&norms) {
+            row.iter_mut().for_each(|v| *v /= nrm);
+        }
+
+        // The objective and its gradient with respect to z.
+        let (loss, dz) = self.objective(&z, ta, tb, e)?;
+
+        // Backward through L2 normalisation: ds = (dz − z·(dz·z)) / ‖s‖ (only dz/‖s‖ where clamped).
+        let dots = row_dots(&dz, &z, e);
+        let mut ds = dz;
+        for (((g, zr), (&dot, &nrm)), &sq) in
+            ds.chunks_exact_mut(e).zip(z.chunks_exact(e)).zip(dots.iter().zip(&norms)).zip(&sq_norms)
+        {
+            let dot = if sq > 1e-24 { dot } else { 0.0 };
+            g.iter_mut().zip(zr).for_each(|(g, z)| *g = (*g - z * dot) / nrm);
+        }
+        Ok((loss, ds))
     }
 
     /// The loss of normalised embeddings `z` (`[2B, E]`, anchors first) and its gradient.

@@ -177,3 +177,87 @@ fn bad_batches_are_errors_not_panics() {
     let err = step.loss_and_gradients(&encoder, &[], &[], &none).err().unwrap();
     assert!(err.to_string().contains("at least one pair"), "{err}");
 }
+
+/// The table terms' gradients (gather, artist mean, album, identity, through the fused step's
+/// normalisation and loss) against central finite differences of the fused loss, for the hybrid
+/// (content output plus table terms) and the collaborative kind (table terms alone).
+#[test]
+fn table_gradients_match_finite_differences() {
+    use crate::data::tags::TrackTags;
+    use crate::training::model::ModelKind;
+    use crate::training::model::tables::{TableDropout, TableMix, Tables};
+    use crate::training::model::vocab::TrackInputs;
+
+    let mut tags = TrackTags::default();
+    let artist_names = ["a", "b", "c", "d", "e"];
+    for t in 0..TRACKS {
+        let artists = [artist_names[t % 5], artist_names[(t / 5) % 5]];
+        tags.push(artists.iter().take(1 + t % 2).copied(), (t % 3 != 0).then(|| ["x", "y", "z"][t % 3]));
+    }
+    let inputs = TrackInputs::build(&tags, 1);
+    let c = case(12, 3);
+    let config = EncoderConfig { embedding_size: 6, dropout: 0.0 };
+    let loss = loss_config(LossKind::Contrastive, true);
+    let step = CpuStep::new(config, loss, &c.features, Some(&c.logq)).unwrap();
+    let encoder = Encoder::new(config, &mut ChaCha8Rng::seed_from_u64(2), &Device::Cpu, DType::F32).unwrap();
+    let tracks: Vec<u32> = c.ta.iter().chain(&c.tb).copied().collect();
+    for kind in [ModelKind::Hybrid, ModelKind::Collaborative] {
+        let mut tables = Tables::new(kind, &inputs, 6, 9);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for table in tables.tables.iter_mut().flatten() {
+            table.values.iter_mut().for_each(|v| *v = rng.random_range(-0.5..0.5));
+        }
+        let dropout = TableDropout {
+            keep_identity: (0..tracks.len()).map(|r| r % 3 != 0).collect(),
+            keep_album: (0..tracks.len()).map(|r| r % 4 != 0).collect(),
+        };
+        let mixes = TableMix::build(&tables, &inputs, &tracks, &dropout);
+        let loss_and_ds = |tables: &Tables| -> (f32, Vec<f32>) {
+            let mut extra = vec![0.0f32; tracks.len() * 6];
+            for (mix, table) in mixes.iter().zip(&tables.tables) {
+                if let (Some(mix), Some(table)) = (mix, table) {
+                    mix.add_forward(table, &mut extra);
+                }
+            }
+            match kind {
+                ModelKind::Hybrid => {
+                    let out = step.loss_and_gradients_with(
+                        &encoder,
+                        &c.ta,
+                        &c.tb,
+                        &HostDropout::none_for_tests(),
+                        Some(&extra),
+                    );
+                    let out = out.unwrap();
+                    (out.loss, out.pre_norm_gradient.unwrap())
+                }
+                _ => step.tables_only_loss(extra, &c.ta, &c.tb).unwrap(),
+            }
+        };
+        let (_, ds) = loss_and_ds(&tables);
+        let mut checked = 0;
+        for (i, mix) in mixes.iter().enumerate() {
+            let Some(mix) = mix else { continue };
+            let grad = mix.gradients(&ds, 6);
+            for (l, &row) in mix.rows.iter().enumerate().step_by(3) {
+                for j in [0, 4] {
+                    let at = row as usize * 6 + j;
+                    let eval = |delta: f32| {
+                        let mut t = tables.clone();
+                        t.tables[i].as_mut().unwrap().values[at] += delta;
+                        loss_and_ds(&t).0
+                    };
+                    let h = 1e-2;
+                    let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+                    let analytic = grad[l * 6 + j];
+                    assert!(
+                        (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
+                        "{kind:?} table {i} row {row}[{j}]: fused {analytic} vs finite differences {numeric}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 6, "{kind:?}: {checked} coordinates checked");
+    }
+}

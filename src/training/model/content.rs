@@ -117,6 +117,12 @@ pub struct HostDropout {
 }
 
 impl HostDropout {
+    /// No dropout (a deterministic check).
+    #[cfg(test)]
+    pub fn none_for_tests() -> Self {
+        Self { hidden1: None, hidden2: None }
+    }
+
     /// Draws masks for `rows` inputs from `rng`: `0` with probability p, else `1/(1−p)`.
     pub fn sample(config: &EncoderConfig, rows: usize, rng: &mut ChaCha8Rng) -> Self {
         if config.dropout <= 0.0 {
@@ -279,12 +285,22 @@ impl Encoder {
     /// L2-normalised inference embeddings of `x` (`[rows, 11]` standardised features), computed in
     /// chunks so that a large catalogue never builds one huge activation tensor.
     pub fn embed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.chunked(x, |chunk| l2_normalize(&self.forward_eval(chunk)?))
+    }
+
+    /// [`Self::forward_eval`] of `x` in chunks, before normalisation (the hybrid adds its table
+    /// terms to it).
+    pub fn forward_eval_chunked(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.chunked(x, |chunk| self.forward_eval(chunk))
+    }
+
+    fn chunked(&self, x: &Tensor, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
         const CHUNK: usize = 8192;
         let rows = x.dim(0)?;
         let mut parts = Vec::with_capacity(rows.div_ceil(CHUNK));
         for start in (0..rows).step_by(CHUNK) {
             let len = CHUNK.min(rows - start);
-            parts.push(l2_normalize(&self.forward_eval(&x.narrow(0, start, len)?)?)?);
+            parts.push(f(&x.narrow(0, start, len)?)?);
         }
         if parts.is_empty() {
             return Tensor::zeros((0, self.config.embedding_size), self.dtype, &self.device);

@@ -23,12 +23,14 @@
 //! Files: [`index`] (the index, the random hold-out, popularity), [`time_split`], [`sampler`], and
 //! below them `keys` (helpers of index building) and `user_tracks` (the rows they all share).
 
+pub mod cold;
 pub mod index;
 mod keys;
 pub mod sampler;
 pub mod time_split;
 mod user_tracks;
 
+pub use cold::{ColdSplit, split_cold_tracks};
 pub use index::{CoListenIndex, MiningStats, track_counts};
 pub use sampler::{PairSampler, SamplingConfig, validation_pairs};
 pub use time_split::{TimeSplit, split_by_time};

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::training::loss::LossConfig;
-use crate::training::model::EncoderConfig;
+use crate::training::model::tables::TableConfig;
+use crate::training::model::{EncoderConfig, ModelKind};
 use crate::training::pairs::SamplingConfig;
 
 use super::EpochHistory;
@@ -35,9 +36,29 @@ pub struct TrainConfig {
     pub patience: usize,
     #[serde(default)]
     pub min_delta: f64,
+    /// What is trained. Absent (content) from the JSON of content runs, so their digests and
+    /// metadata read as before the kinds existed.
+    #[serde(default, skip_serializing_if = "ModelKind::is_content")]
+    pub model_kind: ModelKind,
+    /// The embedding tables' settings (collaborative and hybrid kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<TableConfig>,
+    /// Share of the catalogue held out as cold tracks, with all their listens (0: none): the
+    /// cold-start evaluation. Training never sees those tracks' listens.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cold_tracks: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl TrainConfig {
+    /// The table settings of a kind with tables (defaults when unset).
+    pub fn table_config(&self) -> TableConfig {
+        self.tables.unwrap_or_default()
+    }
+
     /// Whether a run with this history stops here (see [`should_stop_early`]).
     pub fn early_stop(&self, history: &EpochHistory) -> bool {
         should_stop_early(&history.recall_at_10, self.patience, self.min_delta)

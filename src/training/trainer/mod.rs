@@ -5,9 +5,10 @@
 mod config;
 mod prepared;
 mod state;
+mod step;
 
 pub use config::{Holdout, StopReason, TrainConfig, best_epoch, should_stop_early};
-pub use prepared::{HoldoutSummary, PreparedData};
+pub use prepared::{ColdHoldout, ColdSummary, HoldoutSummary, PreparedData};
 pub use state::{EpochCursor, EpochHistory, EpochMetrics, TrainingState};
 
 use std::time::Instant;
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::training::cpu_step::CpuStep;
 use crate::training::eval::{EvalSet, RankingMetrics};
 use crate::training::loss::{self, LossConfig, LossKind, PairBatch};
-use crate::training::model::{BatchStats, DropoutMasks, Encoder, HostDropout, l2_normalize};
+use crate::training::model::{BatchStats, DropoutMasks, Encoder, l2_normalize};
 use crate::training::pairs::PairSampler;
 
 /// What the observer tells the loop after each epoch.
@@ -60,6 +61,26 @@ pub struct Baselines {
     /// Seeded random scores: the floor of floors.
     #[serde(default)]
     pub random: RankingMetrics,
+    /// The number of the user's training tracks sharing an artist with the candidate: a
+    /// platform's "more by this artist" rule. Absent from versions published before it existed.
+    #[serde(default)]
+    pub shared_artist: RankingMetrics,
+    /// The same with the album ("more from this album"). Absent from versions before it existed.
+    #[serde(default)]
+    pub shared_album: RankingMetrics,
+    /// The same, ranking only the cold tracks, when there is a cold hold-out. Item-CF and
+    /// popularity are absent: a track nobody has played has no co-listens and no count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold: Option<ColdBaselines>,
+}
+
+/// Baselines that can rank tracks without listens, on the cold hold-out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ColdBaselines {
+    pub raw_features: RankingMetrics,
+    pub shared_artist: RankingMetrics,
+    pub shared_album: RankingMetrics,
+    pub random: RankingMetrics,
 }
 
 /// The trainer for one run: data, settings and the fixed evaluation set.
@@ -68,6 +89,8 @@ pub struct Trainer<'a> {
     data: &'a PreparedData,
     sampler: PairSampler,
     eval: EvalSet<'a>,
+    /// The cold-track evaluation, when the run holds tracks out.
+    cold_eval: Option<EvalSet<'a>>,
     logq: Option<Tensor>,
     /// The fused CPU step (`None` on a GPU, or when autograd is asked for).
     cpu_step: Option<CpuStep>,
@@ -77,6 +100,9 @@ impl<'a> Trainer<'a> {
     pub fn new(config: &'a TrainConfig, data: &'a PreparedData) -> anyhow::Result<Self> {
         let sampler = PairSampler::new(config.sampling.clone(), &data.train, data.num_tracks());
         let eval = EvalSet::new(&data.train, &data.heldout, config.eval_users, config.seed);
+        let cold_eval = data.cold.as_ref().map(|cold| {
+            EvalSet::new(&data.train, &cold.heldout, config.eval_users, config.seed).only_candidates(&cold.is_cold)
+        });
         let logq = if config.loss.logq_correction && config.loss.kind == LossKind::Contrastive {
             let lq = loss::log_sampling_probability(&data.track_counts);
             Some(Tensor::from_vec(lq, data.num_tracks(), data.features.device())?)
@@ -87,7 +113,12 @@ impl<'a> Trainer<'a> {
         let cpu_step = (device.is_cpu() && data.features.dtype() == DType::F32)
             .then(|| CpuStep::new(config.encoder, config.loss.clone(), &data.features, logq.as_ref()))
             .transpose()?;
-        Ok(Self { config, data, sampler, eval, logq, cpu_step })
+        Ok(Self { config, data, sampler, eval, cold_eval, logq, cpu_step })
+    }
+
+    /// A fresh state of this run's kind, sized by its catalogue.
+    pub fn fresh_state(&self, device: &Device) -> anyhow::Result<TrainingState> {
+        TrainingState::for_inputs(self.config, &self.data.inputs, device)
     }
 
     /// `fused` or `autograd`: how this trainer's steps compute gradients.
@@ -109,11 +140,29 @@ impl<'a> Trainer<'a> {
     pub fn baselines(&self) -> anyhow::Result<Baselines> {
         let raw = l2_normalize(&self.data.features)?;
         let popularity: Vec<f32> = self.data.track_counts.iter().map(|&c| c as f32).collect();
+        let n = self.data.num_tracks();
+        let tags = &self.data.tags;
+        let shared_artist = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.artists.len(), |t| tags.artists_of(t));
+        let albums: Vec<[u32; 1]> = (0..n).map(|t| [tags.album_of(t).unwrap_or(u32::MAX)]).collect();
+        let album_of = |t: usize| if albums[t][0] == u32::MAX { &[][..] } else { &albums[t][..] };
+        let shared_album = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.albums.len(), album_of);
+        let cold = match &self.cold_eval {
+            Some(cold) => Some(ColdBaselines {
+                raw_features: cold.evaluate_embeddings(&raw)?,
+                shared_artist: shared_artist(cold),
+                shared_album: shared_album(cold),
+                random: cold.evaluate_random(n, self.config.seed),
+            }),
+            None => None,
+        };
         Ok(Baselines {
             raw_features: self.eval.evaluate_embeddings(&raw)?,
             popularity: self.eval.evaluate_global_scores(&popularity),
-            item_cf: self.eval.evaluate_item_cf(self.data.num_tracks()),
-            random: self.eval.evaluate_random(self.data.num_tracks(), self.config.seed),
+            item_cf: self.eval.evaluate_item_cf(n),
+            random: self.eval.evaluate_random(n, self.config.seed),
+            shared_artist: shared_artist(&self.eval),
+            shared_album: shared_album(&self.eval),
+            cold,
         })
     }
 
@@ -164,7 +213,6 @@ impl<'a> Trainer<'a> {
         };
         anyhow::ensure!(!pairs.is_empty(), "no training pairs: every user has fewer than two positive training tracks");
         observer.epoch_started(state.epoch + 1, pairs.len());
-        let device = self.data.features.device();
         let (anchors, partners): (Vec<u32>, Vec<u32>) = pairs.iter().map(|p| (p[0], p[1])).unzip();
         let trained_before = cursor.trained;
         let steps = pairs.len().div_ceil(self.config.batch_size);
@@ -176,29 +224,7 @@ impl<'a> Trainer<'a> {
                 continue; // a single pair has no in-batch negatives
             }
             let (ta, tb) = (&anchors[start..start + len], &partners[start..start + len]);
-            let loss = match &self.cpu_step {
-                Some(step) => {
-                    let masks = HostDropout::sample(&self.config.encoder, 2 * len, &mut state.rng);
-                    step.train_batch(&state.encoder, &mut state.optimizer, ta, tb, &masks)?
-                }
-                None => {
-                    let (ta, tb) = (loss::track_tensor(ta, device)?, loss::track_tensor(tb, device)?);
-                    let masks =
-                        DropoutMasks::sample(&self.config.encoder, 2 * len, &mut state.rng, device, DType::F32)?;
-                    let (loss, stats) = training_loss(
-                        &state.encoder,
-                        &self.data.features,
-                        &ta,
-                        &tb,
-                        &masks,
-                        &self.config.loss,
-                        self.logq.as_ref(),
-                    )?;
-                    state.optimizer.step(&loss.backward()?)?;
-                    state.encoder.update_moving_stats(&stats)?;
-                    loss.to_scalar::<f32>()?
-                }
-            };
+            let loss = self.train_step(state, ta, tb)?;
             cursor.loss_sum += loss as f64;
             cursor.batches += 1;
             cursor.trained += len;
@@ -210,15 +236,17 @@ impl<'a> Trainer<'a> {
         let EpochCursor { loss_sum, batches, trained, .. } = cursor;
         let train_seconds = started.elapsed().as_secs_f64();
         let train_cpu_seconds = cpu_started.zip(crate::system::procstat::cpu_seconds()).map(|(a, b)| b - a);
-        let val_loss = self.validation_loss(&state.encoder)?;
-        let embeddings = state.encoder.embed(&self.data.features)?;
-        let ranking = self.evaluate(&embeddings)?;
+        let val_loss = self.validation_loss(state)?;
+        let embeddings = self.embed(state)?;
+        let ranking = self.evaluate_state(state, &embeddings)?;
+        let cold_ranking = self.evaluate_cold(&embeddings)?;
         let mean_pairwise_cosine = embeddings.mean(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         Ok(Some(EpochMetrics {
             epoch: state.epoch + 1,
             loss: loss_sum / batches.max(1) as f64,
             val_loss,
             ranking,
+            cold_ranking,
             mean_pairwise_cosine,
             pairs: trained,
             pairs_per_second: (trained - trained_before) as f64 / train_seconds.max(1e-9),
@@ -229,7 +257,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// The loss on the fixed validation pairs, in inference mode, batched like training.
-    fn validation_loss(&self, encoder: &Encoder) -> anyhow::Result<f64> {
+    fn validation_loss(&self, state: &TrainingState) -> anyhow::Result<f64> {
         let pairs = &self.data.validation_pairs;
         if pairs.len() < 2 {
             return Ok(f64::NAN);
@@ -243,8 +271,7 @@ impl<'a> Trainer<'a> {
             }
             let ta = anchors.narrow(0, start, len)?;
             let tb = partners.narrow(0, start, len)?;
-            let x = self.data.features.index_select(&Tensor::cat(&[&ta, &tb], 0)?, 0)?;
-            let z = l2_normalize(&encoder.forward_eval(&x)?)?;
+            let z = l2_normalize(&self.inference_rows(state, &Tensor::cat(&[&ta, &tb], 0)?)?)?;
             sum += pair_loss(&z, &ta, &tb, &self.config.loss, self.logq.as_ref())?.to_scalar::<f32>()? as f64;
             batches += 1;
         }

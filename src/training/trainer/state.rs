@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::training::eval::RankingMetrics;
 use crate::training::model::Encoder;
+use crate::training::model::tables::Tables;
+use crate::training::model::vocab::TrackInputs;
 use crate::training::optim::Adam;
 
 use super::TrainConfig;
@@ -18,6 +20,9 @@ pub struct EpochMetrics {
     pub loss: f64,
     pub val_loss: f64,
     pub ranking: RankingMetrics,
+    /// Ranking among the cold tracks, when the run holds some out and the kind can embed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_ranking: Option<RankingMetrics>,
     /// Mean cosine between two random tracks' embeddings (‖mean embedding‖²): near 1 means the
     /// embeddings have collapsed onto one direction.
     pub mean_pairwise_cosine: f64,
@@ -55,7 +60,11 @@ impl EpochHistory {
 
 /// Everything that changes during training; a checkpoint is exactly this.
 pub struct TrainingState {
+    /// The content encoder (trained by the content and hybrid kinds; the collaborative kind leaves
+    /// it at its initialisation and never uses it).
     pub encoder: Encoder,
+    /// The embedding tables of the collaborative and hybrid kinds (none for content).
+    pub tables: Tables,
     pub optimizer: Adam,
     /// Drives pair sampling and dropout; initialisation consumed its first draws.
     pub rng: ChaCha8Rng,
@@ -79,11 +88,24 @@ pub struct EpochCursor {
 }
 
 impl TrainingState {
-    /// A fresh state: the encoder initialised from the seed.
+    /// A fresh state of a content run: the encoder initialised from the seed. Kinds with tables
+    /// need the catalogue's inputs: [`Self::for_inputs`].
     pub fn new(config: &TrainConfig, device: &Device) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            config.model_kind.is_content(),
+            "a {} model needs the catalogue's vocabularies to build its tables",
+            config.model_kind.as_str()
+        );
+        Self::for_inputs(config, &TrackInputs::build(&Default::default(), 1), device)
+    }
+
+    /// A fresh state of any kind: the encoder initialised from the seed, then the kind's tables,
+    /// sized by `inputs`, from their own seeded stream.
+    pub fn for_inputs(config: &TrainConfig, inputs: &TrackInputs, device: &Device) -> anyhow::Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let encoder = Encoder::new(config.encoder, &mut rng, device, DType::F32)?;
         let optimizer = Adam::new(encoder.trainable().to_vec(), config.learning_rate)?;
-        Ok(Self { encoder, optimizer, rng, epoch: 0, history: EpochHistory::default(), cursor: None })
+        let tables = Tables::new(config.model_kind, inputs, config.encoder.embedding_size, config.seed);
+        Ok(Self { encoder, tables, optimizer, rng, epoch: 0, history: EpochHistory::default(), cursor: None })
     }
 }

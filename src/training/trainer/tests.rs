@@ -4,7 +4,7 @@ use rand_chacha::ChaCha8Rng;
 use super::*;
 use crate::data::Dataset;
 use crate::data::features::NUM_FEATURES;
-use crate::training::model::EncoderConfig;
+use crate::training::model::{EncoderConfig, ModelKind};
 use crate::training::pairs::SamplingConfig;
 
 /// Autograd gradients of the full training loss (BatchNorm in training mode, fixed dropout
@@ -98,8 +98,22 @@ impl TrainObserver for StopAt {
     }
 }
 
-fn weights(state: &TrainingState) -> Vec<Vec<f32>> {
-    state.encoder.named_tensors().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+/// Every tensor of the state by name: the encoder's, then each table's values.
+fn weights(state: &TrainingState) -> Vec<(String, Vec<f32>)> {
+    let encoder = state.encoder.named_tensors().into_iter();
+    let encoder = encoder.map(|(n, t)| (n.to_string(), t.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+    let tables = state.tables.tables.iter().flatten().map(|t| (t.name.to_string(), t.values.clone()));
+    encoder.chain(tables).collect()
+}
+
+const KINDS: [ModelKind; 3] = [ModelKind::ContentBased, ModelKind::Collaborative, ModelKind::Hybrid];
+
+/// [`small_run`] for a model kind.
+fn small_run_of(kind: ModelKind) -> (Dataset, TrainConfig) {
+    let (dataset, config) = small_run();
+    let tables = (!kind.is_content())
+        .then(|| crate::training::model::tables::TableConfig { learning_rate: 0.05, ..Default::default() });
+    (dataset, TrainConfig { model_kind: kind, tables, ..config })
 }
 
 /// A small synthetic dataset and a run over it of a few dozen batches per epoch.
@@ -126,6 +140,9 @@ fn small_run() -> (Dataset, TrainConfig) {
         holdout: Holdout::Random,
         patience: 0,
         min_delta: 0.0,
+        model_kind: Default::default(),
+        tables: None,
+        cold_tracks: 0.0,
     };
     (dataset, config)
 }
@@ -134,58 +151,76 @@ fn small_run() -> (Dataset, TrainConfig) {
 /// model, up to float rounding: the same pairs, masks and updates, step by step.
 #[test]
 fn the_autograd_step_trains_the_same_model_as_the_fused_one() {
-    let (dataset, config) = small_run();
-    let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
-    let train = |trainer: Trainer| {
-        let mut state = TrainingState::new(&config, &Device::Cpu).unwrap();
-        let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
-        assert!(trainer.run(&mut state, &mut never).unwrap());
-        (weights(&state), state.history.loss)
-    };
-    let fused = Trainer::new(&config, &data).unwrap();
-    assert_eq!(fused.step_name(), "fused");
-    let autograd = Trainer::new(&config, &data).unwrap().use_autograd();
-    assert_eq!(autograd.step_name(), "autograd");
-    let initial = weights(&TrainingState::new(&config, &Device::Cpu).unwrap());
-    let ((fused_weights, fused_loss), (autograd_weights, autograd_loss)) = (train(fused), train(autograd));
-    for ((f, a), i) in fused_weights.iter().zip(&autograd_weights).zip(&initial) {
-        let moved = a.iter().zip(i).fold(0.0f32, |m, (a, i)| m.max((a - i).abs()));
-        let apart = f.iter().zip(a).fold(0.0f32, |m, (f, a)| m.max((f - a).abs()));
-        assert!(moved > 1e-3 && apart < 1e-2 * moved, "moved {moved}, the two steps {apart} apart");
-    }
-    for (f, a) in fused_loss.iter().zip(&autograd_loss) {
-        assert!((f - a).abs() < 1e-4 * a.abs(), "epoch losses {fused_loss:?} vs {autograd_loss:?}");
+    for kind in KINDS {
+        let (dataset, config) = small_run_of(kind);
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let train = |trainer: Trainer| {
+            let mut state = trainer.fresh_state(&Device::Cpu).unwrap();
+            let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+            assert!(trainer.run(&mut state, &mut never).unwrap());
+            (weights(&state), state.history.loss)
+        };
+        let fused = Trainer::new(&config, &data).unwrap();
+        assert_eq!(fused.step_name(), "fused");
+        let autograd = Trainer::new(&config, &data).unwrap().use_autograd();
+        assert_eq!(autograd.step_name(), "autograd");
+        let initial = weights(&fused.fresh_state(&Device::Cpu).unwrap());
+        let ((fused_weights, fused_loss), (autograd_weights, autograd_loss)) = (train(fused), train(autograd));
+        assert_eq!(fused_weights.len(), initial.len());
+        for (((name, f), (_, a)), (_, i)) in fused_weights.iter().zip(&autograd_weights).zip(&initial) {
+            let table = name.ends_with("_embedding");
+            if kind == ModelKind::Collaborative && !table {
+                assert!(f == i && a == i, "{kind:?}: the unused encoder tensor {name} moved");
+                continue;
+            }
+            let moved = a.iter().zip(i).fold(0.0f32, |m, (a, i)| m.max((a - i).abs()));
+            let apart = f.iter().zip(a).fold(0.0f32, |m, (f, a)| m.max((f - a).abs()));
+            assert!(
+                moved > 1e-3 && apart < 1e-2 * moved,
+                "{kind:?} {name}: moved {moved}, the two steps {apart} apart"
+            );
+        }
+        for (f, a) in fused_loss.iter().zip(&autograd_loss) {
+            assert!((f - a).abs() < 1e-4 * a.abs(), "{kind:?}: epoch losses {fused_loss:?} vs {autograd_loss:?}");
+        }
     }
 }
 
 #[test]
 fn a_run_stopped_inside_an_epoch_resumes_to_exactly_the_uninterrupted_model() {
-    let (dataset, config) = small_run();
-    let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
-    let trainer = Trainer::new(&config, &data).unwrap();
-    let steps_per_epoch = trainer.pairs_per_epoch().div_ceil(config.batch_size);
-    assert!(steps_per_epoch > 10, "{steps_per_epoch}");
+    for kind in KINDS {
+        let (dataset, config) = small_run_of(kind);
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let trainer = Trainer::new(&config, &data).unwrap();
+        let steps_per_epoch = trainer.pairs_per_epoch().div_ceil(config.batch_size);
+        assert!(steps_per_epoch > 10, "{steps_per_epoch}");
 
-    let mut straight = TrainingState::new(&config, &Device::Cpu).unwrap();
-    let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
-    assert!(trainer.run(&mut straight, &mut never).unwrap());
+        let mut straight = trainer.fresh_state(&Device::Cpu).unwrap();
+        let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+        assert!(trainer.run(&mut straight, &mut never).unwrap());
 
-    // Stop 5 batches into the second epoch, checkpoint, restore into a fresh state, finish.
-    let mut first = TrainingState::new(&config, &Device::Cpu).unwrap();
-    let stop_after = steps_per_epoch + 5;
-    let mut stopper = StopAt { batches: 0, stop_after, interrupted: None, config: config.clone() };
-    assert!(!trainer.run(&mut first, &mut stopper).unwrap());
-    assert_eq!(first.epoch, 1);
-    assert_eq!(first.cursor.as_ref().unwrap().next_step, 5);
-    let bytes = stopper.interrupted.expect("a partial checkpoint");
-    let mut resumed = TrainingState::new(&config, &Device::Cpu).unwrap();
-    crate::training::checkpoint::restore(&bytes, &mut resumed, &config).unwrap();
-    assert_eq!(resumed.cursor, first.cursor);
-    assert!(trainer.run(&mut resumed, &mut never).unwrap());
+        // Stop 5 batches into the second epoch, checkpoint, restore into a fresh state, finish.
+        let mut first = trainer.fresh_state(&Device::Cpu).unwrap();
+        let stop_after = steps_per_epoch + 5;
+        let mut stopper = StopAt { batches: 0, stop_after, interrupted: None, config: config.clone() };
+        assert!(!trainer.run(&mut first, &mut stopper).unwrap());
+        assert_eq!(first.epoch, 1);
+        assert_eq!(first.cursor.as_ref().unwrap().next_step, 5);
+        let bytes = stopper.interrupted.expect("a partial checkpoint");
+        let mut resumed = trainer.fresh_state(&Device::Cpu).unwrap();
+        crate::training::checkpoint::restore(&bytes, &mut resumed, &config).unwrap();
+        assert_eq!(resumed.cursor, first.cursor);
+        assert_eq!(resumed.tables, first.tables, "{kind:?}: tables, moments and step restored");
+        assert!(trainer.run(&mut resumed, &mut never).unwrap());
 
-    assert_eq!(weights(&resumed), weights(&straight), "resumed weights differ from the uninterrupted run");
-    assert_eq!(resumed.history.loss, straight.history.loss);
-    assert_eq!(resumed.history.recall_at_10, straight.history.recall_at_10);
+        assert_eq!(
+            weights(&resumed),
+            weights(&straight),
+            "{kind:?}: resumed weights differ from the uninterrupted run"
+        );
+        assert_eq!(resumed.history.loss, straight.history.loss);
+        assert_eq!(resumed.history.recall_at_10, straight.history.recall_at_10);
+    }
 }
 
 #[test]
@@ -213,4 +248,52 @@ fn early_stopping_stops_patience_epochs_after_the_planted_peak() {
     assert_eq!(best_epoch(&creeping, 0.025), Some(2));
     let stopped_at = (1..=creeping.len()).find(|&n| should_stop_early(&creeping[..n], 3, 0.025));
     assert_eq!(stopped_at, Some(5));
+}
+
+/// With cold tracks held out, training never touches their identity rows (they stay zero), the
+/// hybrid still embeds them from audio, artists and album, and the cold evaluation ranks only them;
+/// the collaborative kind has nothing to rank them with.
+#[test]
+fn cold_tracks_are_never_trained_on_yet_the_hybrid_embeds_and_ranks_them() {
+    for kind in [ModelKind::Hybrid, ModelKind::Collaborative] {
+        let (dataset, config) = small_run_of(kind);
+        let config = TrainConfig { cold_tracks: 0.2, ..config };
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let cold = data.cold.as_ref().unwrap();
+        let cold_tracks: Vec<usize> = (0..data.num_tracks()).filter(|&t| cold.is_cold[t]).collect();
+        assert_eq!(cold_tracks.len(), 60, "20 % of 300");
+        assert!(!cold.heldout.is_empty());
+        assert!(cold_tracks.iter().all(|&t| data.track_counts[t] == 0), "no training listen of a cold track");
+        let trainer = Trainer::new(&config, &data).unwrap();
+        let mut state = trainer.fresh_state(&Device::Cpu).unwrap();
+        let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+        assert!(trainer.run(&mut state, &mut never).unwrap());
+        let embeddings = trainer.embed(&state).unwrap();
+        let rows = embeddings.to_vec2::<f32>().unwrap();
+        let cold_metrics = trainer.evaluate_cold(&embeddings).unwrap();
+        let identity = state.tables.get(crate::training::model::tables::TableId::Identity).unwrap();
+        match kind {
+            ModelKind::Hybrid => {
+                let identity_before = trainer.fresh_state(&Device::Cpu).unwrap();
+                let identity_before =
+                    identity_before.tables.get(crate::training::model::tables::TableId::Identity).unwrap();
+                for &t in &cold_tracks {
+                    assert_eq!(identity.row(t), identity_before.row(t), "cold track {t}'s identity row moved");
+                    let norm: f32 = rows[t].iter().map(|v| v * v).sum();
+                    assert!((norm - 1.0).abs() < 1e-4, "cold track {t} has an embedding: norm² {norm}");
+                }
+                let m = cold_metrics.expect("the hybrid ranks cold tracks");
+                assert!(m.heldout <= cold.heldout.len(), "{m:?}");
+                assert!(m.heldout > 0 && m.recall_at_10 > 0.0, "{m:?}");
+                assert_eq!(state.history.recall_at_10.len(), config.epochs);
+            }
+            _ => {
+                assert!(cold_metrics.is_none(), "no row, no ranking");
+                for &t in &cold_tracks {
+                    assert!(rows[t].iter().all(|v| *v == 0.0), "an unlearned row is published as zeros");
+                }
+                assert!(trainer.learned_rows().unwrap().iter().filter(|l| **l).count() < data.num_tracks());
+            }
+        }
+    }
 }
