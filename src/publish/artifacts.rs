@@ -156,6 +156,7 @@ pub fn weights_bytes_with_tables(
     kind: ModelKind,
     encoder: &Encoder,
     tables: &Tables,
+    learned: Option<&[bool]>,
     version: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -165,7 +166,12 @@ pub fn weights_bytes_with_tables(
         }
     }
     for table in tables.tables.iter().flatten() {
-        let t = Tensor::from_slice(&table.values, (table.rows, table.dim), &Device::Cpu)?;
+        let mut values = table.values.clone();
+        if table.name == crate::training::model::tables::TABLE_NAMES[0] {
+            // A track without training listens has no learned row (collaborative): zeros, as its embedding.
+            crate::publish::export::tables::zero_unlearned(&mut values, table.dim, learned);
+        }
+        let t = Tensor::from_vec(values, (table.rows, table.dim), &Device::Cpu)?;
         tensors.push((format!("{}.embeddings", table.name), t));
     }
     let metadata = HashMap::from([
@@ -187,6 +193,7 @@ pub fn vocabularies_json(inputs: &TrackInputs, learned: Option<&[bool]>) -> serd
         "artists": {"oov_row": OOV_ROW, "min_count": inputs.artists.min_count, "names": inputs.artists.names, "oov_names": inputs.artists.oov_names},
         "albums": {"oov_row": OOV_ROW, "min_count": inputs.albums.min_count, "names": inputs.albums.names, "oov_names": inputs.albums.oov_names},
         "track_rows": "row i of track_embedding is track_ids[i] of the metadata",
+        "exported_model_inputs": "the .keras and TF.js models take row + 1 for every index input (artist_indices, album_index, track_index); 0 means none (padding, no album, a new track)",
         "max_artists": inputs.max_artists(),
         "learned_track_rows": learned.map(|l| l.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i).collect::<Vec<_>>()),
     })

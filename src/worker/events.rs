@@ -32,7 +32,7 @@ fn now() -> String {
 pub fn model_ready(p: &Published) -> EventDraft {
     let m = &p.metadata;
     let event_id = model_ready_id(&m.model_name, &p.version);
-    // A file the kind does not produce (the table kinds have no Keras/TF.js export yet) is null.
+    // A file a version does not carry is null rather than an empty string.
     let artifact = |name: &str| p.artifacts.get(name).cloned().map_or(Value::Null, Value::String);
     let body = json!({
         "schema_version": SCHEMA_VERSION,

@@ -2,7 +2,8 @@
 // inference library) and compares its predictions, L2-normalised, with the trainer's embeddings.
 //
 //   node tfjs_check.mjs MODEL_DIR INPUTS.json
-// MODEL_DIR holds model.json and its weight shard(s). Prints the max abs difference; exits 1 above
+// MODEL_DIR holds model.json and its weight shard(s). INPUTS.json has `features` (one input) or
+// `inputs`, by input name (every input but `features` is int32). Prints the max abs difference; exits 1 above
 // the tolerance (1e-5), 2 on a load failure.
 import { readFile } from "node:fs/promises";
 import path from "node:path";
@@ -36,7 +37,9 @@ try {
   process.exit(2);
 }
 const data = JSON.parse(await readFile(inputsPath, "utf8"));
-const out = model.predict(tf.tensor2d(data.features));
+const out = data.inputs
+  ? model.predict(model.inputNames.map((name) => tf.tensor2d(data.inputs[name], undefined, name === "features" ? "float32" : "int32")))
+  : model.predict(tf.tensor2d(data.features));
 const normalised = tf.div(out, tf.maximum(tf.norm(out, "euclidean", 1, true), 1e-12));
 const got = await normalised.array();
 let diff = 0;

@@ -65,6 +65,11 @@ async fn one_worker_trains_content_collaborative_and_hybrid_models_from_one_queu
 
     let (kind, version) = kind_of("hybrid");
     assert_eq!(kind, "hybrid");
+    let event = ready.iter().find(|e| e["model"] == "hybrid").unwrap();
+    for artifact in ["keras", "tfjs", "weights", "embeddings", "model_card"] {
+        let url = event["artifacts"][artifact].as_str().unwrap_or_else(|| panic!("no {artifact}: {event:#}"));
+        assert!(std::path::Path::new(url.trim_start_matches("file://")).exists(), "{url}");
+    }
     let m = metadata("hybrid", &version);
     assert_eq!(m["model_type"], "hybrid");
     assert!(m["final_metrics"]["recall_at_10"].as_f64().unwrap() > 0.0);

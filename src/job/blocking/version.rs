@@ -9,6 +9,7 @@ use super::BlockingRun;
 use crate::data::Dataset;
 use crate::job::{Published, RunOutcome, RunRecord};
 use crate::publish::artifacts::{self, DataSummary, ModelMetadata, TRAINER_VERSION};
+use crate::publish::export::tables::TableModel;
 use crate::publish::export::{HostWeights, keras, model_card, tfjs};
 use crate::publish::gate;
 use crate::publish::versions::{VersionInfo, apply_retention, publish_version};
@@ -35,12 +36,18 @@ impl VersionFiles {
     ) -> anyhow::Result<Self> {
         let version = &metadata.model_version;
         if let Some((inputs, learned)) = tables {
-            // Keras and TF.js exports of the table kinds are not built yet (issue 17): the version
-            // carries its weights, embeddings and vocabularies.
             let kind = metadata.hyperparameters.model_kind;
+            let model = TableModel::new(kind, &state.encoder, &state.tables, inputs, learned)?;
+            let (tfjs_model, tfjs_shard) = model.tfjs()?;
             let files: Vec<(&str, Vec<u8>)> = vec![
-                (layout::WEIGHTS, artifacts::weights_bytes_with_tables(kind, &state.encoder, &state.tables, version)?),
+                (
+                    layout::WEIGHTS,
+                    artifacts::weights_bytes_with_tables(kind, &state.encoder, &state.tables, learned, version)?,
+                ),
                 (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
+                (layout::KERAS, model.keras_archive(&metadata.training_date)?),
+                (TFJS_SHARD, tfjs_shard),
+                (layout::TFJS_MODEL, tfjs_model),
                 (artifacts::VOCABULARIES, serde_json::to_vec_pretty(&artifacts::vocabularies_json(inputs, learned))?),
                 (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
                 (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),

@@ -106,16 +106,19 @@ pub(super) fn intended_use(m: &ModelMetadata) -> &'static str {
         }
         ModelKind::Collaborative => {
             "Candidate generation and \"similar tracks\" among tracks people have played: nearest neighbours by cosine in \
-             `embeddings.safetensors` (rows listed in `vocabularies.json` → `learned_track_rows`). A new track cannot be \
-             embedded without retraining: use the hybrid model for it.\n"
+             `embeddings.safetensors` (rows listed in `vocabularies.json` → `learned_track_rows`). The `.keras` and TF.js \
+             models take one named input, `track_index` (catalogue row + 1). A new track cannot be embedded without \
+             retraining (index 0 gives zeros): use the hybrid model for it.\n"
         }
         ModelKind::Hybrid => {
             "Candidate generation and \"similar tracks\" for every catalogue track, played or not: nearest neighbours by \
-             cosine in `embeddings.safetensors`. **Embedding a new track**: standardise its 11 features with the metadata's \
-             `feature_means` / `feature_stds` and run them through the content layers of `weights.safetensors`; add the \
-             mean of the `artist_embedding` rows of its artists (row `i + 1` is `vocabularies.json` → `artists.names[i]`; \
-             an artist not listed uses row 0, no artists adds nothing) and the `album_embedding` row of its album \
-             (likewise); add no identity row; L2-normalise. (The Keras and TF.js exports of this kind are not built yet.)\n"
+             cosine in `embeddings.safetensors`. **Embedding a new track** with the `.keras` model (or TF.js, then \
+             L2-normalise), whose named inputs are: `features`, its 11 features standardised with the metadata's \
+             `feature_means` / `feature_stds`; `artist_indices`, for each credited artist its vocabulary row + 1 \
+             (`vocabularies.json` → `artists.names[i]` is row `i + 1`, so index `i + 2`; an artist not listed is the \
+             out-of-vocabulary row 0, index 1), then 0s up to `max_artists`; `album_index`, likewise for its album \
+             (0 without one); `track_index` 0 — a new track has no identity row. A known track passes its catalogue \
+             row + 1 and gets exactly its row of `embeddings.safetensors`.\n"
         }
     }
 }

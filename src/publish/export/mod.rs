@@ -4,6 +4,7 @@
 mod card_kinds;
 pub mod keras;
 pub mod model_card;
+pub mod tables;
 pub mod tfjs;
 pub mod zip;
 

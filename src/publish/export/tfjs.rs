@@ -54,37 +54,53 @@ pub fn model(weights: &HostWeights) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
 fn topology(weights: &HostWeights) -> Value {
     let e = weights.config.embedding_size;
     let rate = weights.config.dropout as f64;
-    let dense = |name: &str, units: usize, activation: &str| {
-        json!({"class_name": "Dense", "config": {
-            "name": name, "trainable": true, "dtype": "float32", "units": units, "activation": activation,
-            "use_bias": true,
-            "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": null}},
-            "bias_initializer": {"class_name": "Zeros", "config": {}},
-            "kernel_regularizer": null, "bias_regularizer": null, "activity_regularizer": null,
-            "kernel_constraint": null, "bias_constraint": null
-        }})
-    };
-    let dropout = |name: &str| json!({"class_name": "Dropout", "config": {"name": name, "trainable": true, "dtype": "float32", "rate": rate, "noise_shape": null, "seed": null}});
+    let mut batch_normalization = batch_normalization();
+    batch_normalization["config"]["batch_input_shape"] = json!([null, NUM_FEATURES]);
     json!({
         "class_name": "Sequential",
         "config": {"name": "track_encoder", "layers": [
-            {"class_name": "BatchNormalization", "config": {
-                "name": "batch_normalization", "trainable": true, "dtype": "float32",
-                "batch_input_shape": [null, NUM_FEATURES],
-                "axis": -1, "momentum": BN_MOMENTUM, "epsilon": BN_EPSILON, "center": true, "scale": true,
-                "beta_initializer": {"class_name": "Zeros", "config": {}},
-                "gamma_initializer": {"class_name": "Ones", "config": {}},
-                "moving_mean_initializer": {"class_name": "Zeros", "config": {}},
-                "moving_variance_initializer": {"class_name": "Ones", "config": {}},
-                "beta_regularizer": null, "gamma_regularizer": null, "beta_constraint": null, "gamma_constraint": null
-            }},
+            batch_normalization,
             dense("dense", 2 * e, "relu"),
-            dropout("dropout"),
+            dropout("dropout", rate),
             dense("dense_1", e, "relu"),
-            dropout("dropout_1"),
+            dropout("dropout_1", rate),
             dense("dense_2", e, "tanh"),
         ]},
         "keras_version": "2.15.0",
         "backend": "tensorflow",
     })
+}
+
+/// A Dense layer as TF.js's (Keras 2) topology spells it.
+pub(super) fn dense(name: &str, units: usize, activation: &str) -> Value {
+    json!({"class_name": "Dense", "config": {
+        "name": name, "trainable": true, "dtype": "float32", "units": units, "activation": activation,
+        "use_bias": true,
+        "kernel_initializer": {"class_name": "GlorotUniform", "config": {"seed": null}},
+        "bias_initializer": {"class_name": "Zeros", "config": {}},
+        "kernel_regularizer": null, "bias_regularizer": null, "activity_regularizer": null,
+        "kernel_constraint": null, "bias_constraint": null
+    }})
+}
+
+pub(super) fn dropout(name: &str, rate: f64) -> Value {
+    json!({"class_name": "Dropout", "config": {"name": name, "trainable": true, "dtype": "float32", "rate": rate, "noise_shape": null, "seed": null}})
+}
+
+/// The encoder's BatchNormalization layer (Keras' momentum and epsilon).
+pub(super) fn batch_normalization() -> Value {
+    json!({"class_name": "BatchNormalization", "config": {
+        "name": "batch_normalization", "trainable": true, "dtype": "float32",
+        "axis": -1, "momentum": BN_MOMENTUM, "epsilon": BN_EPSILON, "center": true, "scale": true,
+        "beta_initializer": {"class_name": "Zeros", "config": {}},
+        "gamma_initializer": {"class_name": "Ones", "config": {}},
+        "moving_mean_initializer": {"class_name": "Zeros", "config": {}},
+        "moving_variance_initializer": {"class_name": "Ones", "config": {}},
+        "beta_regularizer": null, "gamma_regularizer": null, "beta_constraint": null, "gamma_constraint": null
+    }})
+}
+
+/// The content encoder's weights as TF.js names them, in shard order.
+pub(super) fn encoder_weights() -> [(&'static str, &'static str); 10] {
+    WEIGHTS
 }

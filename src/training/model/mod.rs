@@ -9,9 +9,9 @@
 //! - [`crate::training::trainer`] samples pairs, steps the optimiser over the kind's parameters and
 //!   checkpoints them by name; the fused [`crate::training::cpu_step`] covers every kind (the table
 //!   terms join the content output before normalisation), and the autograd step serves any kind;
-//! - [`crate::publish::export`] turns the content encoder's host weights into `.keras` and TF.js, and
-//!   [`crate::publish::artifacts`] records each kind's architecture, tables and `model_type`
-//!   ([`ModelKind::as_str`]).
+//! - [`crate::publish::export`] turns each kind's weights into `.keras` and TF.js models (the table
+//!   kinds' with named inputs), and [`crate::publish::artifacts`] records each kind's architecture,
+//!   tables and `model_type` ([`ModelKind::as_str`]).
 
 use serde::{Deserialize, Serialize};
 
