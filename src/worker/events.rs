@@ -32,9 +32,8 @@ fn now() -> String {
 pub fn model_ready(p: &Published) -> EventDraft {
     let m = &p.metadata;
     let event_id = model_ready_id(&m.model_name, &p.version);
-    // A file a version does not carry is null rather than an empty string.
-    let artifact = |name: &str| p.artifacts.get(name).cloned().map_or(Value::Null, Value::String);
-    let body = json!({
+    let artifact = |name: &str| p.artifacts.get(name).cloned().unwrap_or_default();
+    let mut body = json!({
         "schema_version": SCHEMA_VERSION,
         "event_id": event_id.to_string(),
         "model": m.model_name,
@@ -64,6 +63,10 @@ pub fn model_ready(p: &Published) -> EventDraft {
         },
         "satisfies": [],
     });
+    // The table kinds' vocabularies (artist and album rows; which identity rows are learned).
+    if let Some(url) = p.artifacts.get(crate::publish::artifacts::VOCABULARIES) {
+        body["artifacts"]["vocabularies"] = json!(url);
+    }
     EventDraft { event_id, routing_key: format!("model-ready.{}", m.model_name), body }
 }
 
@@ -71,7 +74,7 @@ pub fn model_ready(p: &Published) -> EventDraft {
 fn metrics_json(m: &crate::publish::artifacts::ModelMetadata) -> Value {
     let pick = |r: &crate::training::eval::RankingMetrics| json!({"recall_at_10": r.recall_at_10, "recall_at_10_se": r.recall_at_10_se, "ndcg_at_10": r.ndcg_at_10});
     let b = &m.baselines;
-    json!({
+    let mut metrics = json!({
         "recall_at_10": m.final_metrics.recall_at_10,
         "recall_at_10_se": m.final_metrics.recall_at_10_se,
         "ndcg_at_10": m.final_metrics.ndcg_at_10,
@@ -85,8 +88,23 @@ fn metrics_json(m: &crate::publish::artifacts::ModelMetadata) -> Value {
             "popularity": pick(&b.popularity),
             "raw_features": pick(&b.raw_features),
             "item_cf": pick(&b.item_cf),
+            "shared_artist": pick(&b.shared_artist),
+            "shared_album": pick(&b.shared_album),
         },
-    })
+    });
+    if let Some(cold) = &b.cold {
+        let mut section = json!({"baselines": {
+            "raw_features": pick(&cold.raw_features),
+            "shared_artist": pick(&cold.shared_artist),
+            "shared_album": pick(&cold.shared_album),
+            "random": pick(&cold.random),
+        }});
+        if let Some(model) = &m.final_cold_metrics {
+            section["model"] = pick(model);
+        }
+        metrics["cold"] = section;
+    }
+    metrics
 }
 
 /// `model-rejected.<model>`: the quality gate kept the current version.

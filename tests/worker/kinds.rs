@@ -66,7 +66,8 @@ async fn one_worker_trains_content_collaborative_and_hybrid_models_from_one_queu
     let (kind, version) = kind_of("hybrid");
     assert_eq!(kind, "hybrid");
     let event = ready.iter().find(|e| e["model"] == "hybrid").unwrap();
-    for artifact in ["keras", "tfjs", "weights", "embeddings", "model_card"] {
+    assert!(event["metrics"]["baselines"]["shared_artist"]["recall_at_10"].is_f64(), "{event:#}");
+    for artifact in ["keras", "tfjs", "weights", "embeddings", "model_card", "vocabularies"] {
         let url = event["artifacts"][artifact].as_str().unwrap_or_else(|| panic!("no {artifact}: {event:#}"));
         assert!(std::path::Path::new(url.trim_start_matches("file://")).exists(), "{url}");
     }
