@@ -169,7 +169,7 @@ pub fn weights_bytes_with_tables(
         let mut values = table.values.clone();
         if table.name == crate::training::model::tables::TABLE_NAMES[0] {
             // A track without training listens has no learned row (collaborative): zeros, as its embedding.
-            crate::publish::export::tables::zero_unlearned(&mut values, table.dim, learned);
+            zero_unlearned(&mut values, table.dim, learned);
         }
         let t = Tensor::from_vec(values, (table.rows, table.dim), &Device::Cpu)?;
         tensors.push((format!("{}.embeddings", table.name), t));
@@ -183,6 +183,14 @@ pub fn weights_bytes_with_tables(
         ("layout".to_string(), "keras: dense kernels [in, out]; embedding tables [rows, E]".to_string()),
     ]);
     Ok(safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
+}
+
+/// Zeroes the identity rows (`dim` wide) that `learned` marks as not learned.
+pub fn zero_unlearned(rows: &mut [f32], dim: usize, learned: Option<&[bool]>) {
+    let Some(learned) = learned else { return };
+    for (row, _) in rows.chunks_exact_mut(dim).zip(learned).filter(|(_, l)| !**l) {
+        row.fill(0.0);
+    }
 }
 
 /// `vocabularies.json`: the artist and album vocabularies (row 0 is the out-of-vocabulary bucket,

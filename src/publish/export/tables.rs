@@ -74,7 +74,7 @@ impl TableModel {
             exported.push(("album_embedding", rows, values));
         }
         let (rows, mut values) = padded(TableId::Identity)?;
-        zero_unlearned(&mut values[dim..], dim, learned);
+        crate::publish::artifacts::zero_unlearned(&mut values[dim..], dim, learned);
         exported.push(("track_embedding", rows, values));
         let encoder = (kind == ModelKind::Hybrid).then(|| HostWeights::from_encoder(encoder)).transpose()?;
         Ok(Self { kind, encoder, dim, max_artists: inputs.max_artists().max(1), tables: exported })
@@ -353,14 +353,6 @@ impl TableModel {
             "weightsManifest": [{"paths": [tfjs::SHARD], "weights": manifest}],
         });
         Ok((serde_json::to_vec_pretty(&model)?, shard))
-    }
-}
-
-/// Zeroes the identity rows (`dim` wide) that `learned` marks as not learned.
-pub fn zero_unlearned(rows: &mut [f32], dim: usize, learned: Option<&[bool]>) {
-    let Some(learned) = learned else { return };
-    for (row, _) in rows.chunks_exact_mut(dim).zip(learned).filter(|(_, l)| !**l) {
-        row.fill(0.0);
     }
 }
 
