@@ -34,6 +34,18 @@ fn train_with(dir: &Path, model: &str, extra: &[&str]) -> PathBuf {
     std::fs::read_dir(dir.join(model).join("versions")).unwrap().next().unwrap().unwrap().path()
 }
 
+/// The synthetic dataset the small models of these tests train on (`train_with`'s sizes, seed 42).
+fn synthetic_dataset() -> audotics_trainer::data::Dataset {
+    let spec = audotics_trainer::data::source::SyntheticSpec {
+        tracks: 600,
+        users: 60,
+        interactions: 6000,
+        genres: 16,
+        seed: 42,
+    };
+    audotics_trainer::data::synthetic::generate(&spec)
+}
+
 /// Standardised features of every track (from the metadata's means and stds, as a consumer would)
 /// and the trainer's embeddings, as the consumer scripts read them.
 fn inputs(version: &Path) -> PathBuf {
@@ -42,14 +54,7 @@ fn inputs(version: &Path) -> PathBuf {
     let emb = candle_core::safetensors::load(version.join("embeddings.safetensors"), &Device::Cpu).unwrap();
     let embeddings: Vec<Vec<f32>> = emb["embeddings"].to_vec2().unwrap();
     // The features themselves are not in the metadata; regenerate the same synthetic catalogue.
-    let spec = audotics_trainer::data::source::SyntheticSpec {
-        tracks: 600,
-        users: 60,
-        interactions: 6000,
-        genres: 16,
-        seed: 42,
-    };
-    let dataset = audotics_trainer::data::synthetic::generate(&spec);
+    let dataset = synthetic_dataset();
     let ids: Vec<&str> = meta["track_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(ids, dataset.catalogue.track_ids.iter().map(String::as_str).collect::<Vec<_>>());
     let f =
@@ -153,14 +158,7 @@ fn table_inputs(version: &Path, kind: &str) -> (PathBuf, usize) {
     let identity: Vec<Vec<f32>> = weights["track_embedding.embeddings"].to_vec2().unwrap();
     let vocab: serde_json::Value =
         serde_json::from_slice(&std::fs::read(version.join("vocabularies.json")).unwrap()).unwrap();
-    let spec = audotics_trainer::data::source::SyntheticSpec {
-        tracks: 600,
-        users: 60,
-        interactions: 6000,
-        genres: 16,
-        seed: 42,
-    };
-    let tags = audotics_trainer::data::synthetic::generate(&spec).catalogue.tags;
+    let tags = synthetic_dataset().catalogue.tags;
     let track_inputs = TrackInputs::build(&tags, vocab["artists"]["min_count"].as_u64().unwrap() as usize);
     assert_eq!(serde_json::json!(track_inputs.artists.names), vocab["artists"]["names"], "the published vocabulary");
     let (mut artists, mut albums, mut tracks, mut new) = (Vec::new(), Vec::new(), Vec::new(), 0);
