@@ -313,7 +313,7 @@ fn measure(args: &BenchArgs) -> anyhow::Result<Vec<BenchResult>> {
             trainer.run(&mut state, &mut recorder)?;
             let budget = match args.time_budget_seconds {
                 Some(seconds) => {
-                    let ranking = trainer.evaluate_state(&state, &trainer.embed(&state)?)?;
+                    let ranking = trainer.evaluate(&trainer.embed(&state)?)?;
                     let train_seconds = recorder.clock.elapsed();
                     let pairs_per_epoch = trainer.pairs_per_epoch().max(1) as f64;
                     let partial = state.cursor.as_ref().map_or(0.0, |c| c.trained as f64 / pairs_per_epoch);

@@ -198,6 +198,13 @@ mod tests {
         }
         assert_eq!(config(&["--model-kind", "collaborative", "--centering-weight", "0.5"]).loss.centering_weight, 0.5);
         assert_eq!(config(&["--model-kind", "content-based"]).model_kind, ModelKind::ContentBased, "today's spelling");
+        // The worker's runs: each key's kind over the same defaults.
+        let worker = parse_train(&["--identity-dropout", "0.3"]).unwrap().run_defaults(true);
+        let hybrid = worker.config_for(ModelKind::Hybrid);
+        assert_eq!((hybrid.loss.centering_weight, hybrid.tables.unwrap().identity_dropout), (0.0, 0.3));
+        assert_eq!(worker.config_for(ModelKind::ContentBased), worker.config, "content runs as configured");
+        let weighted = parse_train(&["--centering-weight", "0.5"]).unwrap().run_defaults(true);
+        assert_eq!(weighted.config_for(ModelKind::Collaborative).loss.centering_weight, 0.5);
     }
 
     #[test]

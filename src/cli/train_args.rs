@@ -174,7 +174,7 @@ impl TrainArgs {
                 kind: self.loss,
                 temperature: self.temperature,
                 logq_correction: self.logq_correction,
-                centering_weight: self.centering_weight.0.unwrap_or(self.model_kind.default_centering_weight()),
+                centering_weight: 0.0, // set by `for_kind`
             },
             sampling: SamplingConfig {
                 pairs_per_track: self.pairs_per_track,
@@ -189,10 +189,11 @@ impl TrainArgs {
             holdout: self.holdout.unwrap_or_default(),
             patience: self.patience,
             min_delta: self.min_delta,
-            model_kind: self.model_kind,
-            tables: (!self.model_kind.is_content()).then_some(self.table_config()),
+            model_kind: ModelKind::ContentBased,
+            tables: None,
             cold_tracks: self.cold_tracks,
         }
+        .for_kind(self.model_kind, self.table_config(), self.centering_weight.0)
     }
 
     /// The run settings for data read from the platform's database (`from_database`) or not: the

@@ -106,6 +106,24 @@ impl TrackTags {
         Some(self.album_ids[t]).filter(|&a| a != NO_ALBUM)
     }
 
+    /// The album of track `t` as a label list: empty without an album, else its one id (what
+    /// label-sharing rankings read, like [`Self::artists_of`]).
+    pub fn albums_of(&self, t: usize) -> &[u32] {
+        match self.album_ids[t] {
+            NO_ALBUM => &[],
+            _ => std::slice::from_ref(&self.album_ids[t]),
+        }
+    }
+
+    /// Tracks on each album (an album's size).
+    pub fn tracks_per_album(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.albums.len()];
+        for &a in self.album_ids.iter().filter(|&&a| a != NO_ALBUM) {
+            counts[a as usize] += 1;
+        }
+        counts
+    }
+
     /// Tracks credited to each artist (an artist's catalogue size).
     pub fn tracks_per_artist(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.artists.len()];
@@ -139,6 +157,9 @@ mod tests {
         assert_eq!(tags.artists_of(3), [1, 0], "a repeated credit counts once, in credit order");
         assert_eq!(tags.album_of(3), tags.album_of(0));
         assert_eq!(tags.tracks_per_artist(), [2, 2]);
+        assert_eq!(tags.tracks_per_album(), [2]);
+        assert_eq!(tags.albums_of(0), [0]);
+        assert_eq!(tags.albums_of(1), [] as [u32; 0]);
         assert_eq!(tags.artists.id("Daft Punk"), Some(0));
         assert_eq!(tags.artists.id("Justice"), None);
     }

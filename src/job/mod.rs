@@ -111,13 +111,7 @@ impl RunDefaults {
     /// `config` for a run of `kind`: its tables' settings, and the kind's centering weight unless
     /// one was given.
     pub fn config_for(&self, kind: crate::training::model::ModelKind) -> TrainConfig {
-        let mut config = self.config.clone();
-        config.model_kind = kind;
-        config.tables = (!kind.is_content()).then_some(self.tables);
-        if self.centering_weight.is_none() {
-            config.loss.centering_weight = kind.default_centering_weight();
-        }
-        config
+        self.config.clone().for_kind(kind, self.tables, self.centering_weight)
     }
 
     /// The platform's data, read up to what is there when the run starts.

@@ -156,7 +156,6 @@ pub fn weights_bytes_with_tables(
     kind: ModelKind,
     encoder: &Encoder,
     tables: &Tables,
-    learned: Option<&[bool]>,
     version: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
@@ -166,12 +165,7 @@ pub fn weights_bytes_with_tables(
         }
     }
     for table in tables.tables.iter().flatten() {
-        let mut values = table.values.clone();
-        if table.name == crate::training::model::tables::TABLE_NAMES[0] {
-            // A track without training listens has no learned row (collaborative): zeros, as its embedding.
-            zero_unlearned(&mut values, table.dim, learned);
-        }
-        let t = Tensor::from_vec(values, (table.rows, table.dim), &Device::Cpu)?;
+        let t = Tensor::from_slice(&table.values, (table.rows, table.dim), &Device::Cpu)?;
         tensors.push((format!("{}.embeddings", table.name), t));
     }
     let metadata = HashMap::from([
@@ -183,14 +177,6 @@ pub fn weights_bytes_with_tables(
         ("layout".to_string(), "keras: dense kernels [in, out]; embedding tables [rows, E]".to_string()),
     ]);
     Ok(safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
-}
-
-/// Zeroes the identity rows (`dim` wide) that `learned` marks as not learned.
-pub fn zero_unlearned(rows: &mut [f32], dim: usize, learned: Option<&[bool]>) {
-    let Some(learned) = learned else { return };
-    for (row, _) in rows.chunks_exact_mut(dim).zip(learned).filter(|(_, l)| !**l) {
-        row.fill(0.0);
-    }
 }
 
 /// `vocabularies.json`: the artist and album vocabularies (row 0 is the out-of-vocabulary bucket,

@@ -88,7 +88,7 @@ impl BlockingRun {
         };
         let weights = best.as_ref().unwrap_or(state);
         let embeddings = trainer.embed(weights)?;
-        let final_metrics = trainer.evaluate_state(weights, &embeddings)?;
+        let final_metrics = trainer.evaluate(&embeddings)?;
         info!(
             best_epoch,
             epochs_trained = state.epoch,

@@ -35,39 +35,42 @@ impl VersionFiles {
         tables: Option<(&TrackInputs, Option<&[bool]>)>,
     ) -> anyhow::Result<Self> {
         let version = &metadata.model_version;
-        if let Some((inputs, learned)) = tables {
-            let kind = metadata.hyperparameters.model_kind;
-            let model = TableModel::new(kind, &state.encoder, &state.tables, inputs, learned)?;
-            let (tfjs_model, tfjs_shard) = model.tfjs()?;
-            let files: Vec<(&str, Vec<u8>)> = vec![
+        // The kind's own files: its weights, its Keras and TF.js models and, for the table kinds,
+        // the vocabularies; the embeddings, card and metadata are the same for every kind.
+        let (weights, keras, (tfjs_model, tfjs_shard), vocabularies) = match tables {
+            Some((inputs, learned)) => {
+                let kind = metadata.hyperparameters.model_kind;
+                let model = TableModel::new(kind, &state.encoder, &state.tables, inputs)?;
                 (
-                    layout::WEIGHTS,
-                    artifacts::weights_bytes_with_tables(kind, &state.encoder, &state.tables, learned, version)?,
-                ),
-                (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
-                (layout::KERAS, model.keras_archive(&metadata.training_date)?),
-                (TFJS_SHARD, tfjs_shard),
-                (layout::TFJS_MODEL, tfjs_model),
-                (artifacts::VOCABULARIES, serde_json::to_vec_pretty(&artifacts::vocabularies_json(inputs, learned))?),
-                (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
-                (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),
-                (layout::METADATA, serde_json::to_vec_pretty(&metadata)?),
-            ];
-            let files = files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect();
-            return Ok(Self { metadata, files });
-        }
-        let host = HostWeights::from_encoder(&state.encoder)?;
-        let (tfjs_model, tfjs_shard) = tfjs::model(&host)?;
-        let files: Vec<(&str, Vec<u8>)> = vec![
-            (layout::WEIGHTS, artifacts::weights_bytes(&state.encoder, version)?),
+                    artifacts::weights_bytes_with_tables(kind, &state.encoder, &state.tables, version)?,
+                    model.keras_archive(&metadata.training_date)?,
+                    model.tfjs()?,
+                    Some(serde_json::to_vec_pretty(&artifacts::vocabularies_json(inputs, learned))?),
+                )
+            }
+            None => {
+                let host = HostWeights::from_encoder(&state.encoder)?;
+                (
+                    artifacts::weights_bytes(&state.encoder, version)?,
+                    keras::archive(&host, &metadata.training_date)?,
+                    tfjs::model(&host)?,
+                    None,
+                )
+            }
+        };
+        let mut files: Vec<(&str, Vec<u8>)> = vec![
+            (layout::WEIGHTS, weights),
             (layout::EMBEDDINGS, artifacts::embeddings_bytes(embeddings, version)?),
-            (layout::KERAS, keras::archive(&host, &metadata.training_date)?),
+            (layout::KERAS, keras),
             (TFJS_SHARD, tfjs_shard),
             (layout::TFJS_MODEL, tfjs_model),
+        ];
+        files.extend(vocabularies.map(|v| (artifacts::VOCABULARIES, v)));
+        files.extend([
             (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
             (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),
             (layout::METADATA, serde_json::to_vec_pretty(&metadata)?),
-        ];
+        ]);
         let files = files.into_iter().map(|(n, b)| (n.to_string(), Bytes::from(b))).collect();
         Ok(Self { metadata, files })
     }

@@ -16,6 +16,7 @@
 //! Keras ends with `UnitNormalization`; TF.js has no such layer, so its model ends at the sum and
 //! consumers normalise (as with the content kind's TF.js model).
 
+use anyhow::Context;
 use hdf5_pure::FileBuilder;
 use serde_json::{Value, json};
 
@@ -46,15 +47,7 @@ pub struct TableModel {
 }
 
 impl TableModel {
-    /// `learned`: the collaborative kind's learned identity rows; the others are exported as zeros,
-    /// as their embeddings are.
-    pub fn new(
-        kind: ModelKind,
-        encoder: &Encoder,
-        tables: &Tables,
-        inputs: &TrackInputs,
-        learned: Option<&[bool]>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(kind: ModelKind, encoder: &Encoder, tables: &Tables, inputs: &TrackInputs) -> anyhow::Result<Self> {
         anyhow::ensure!(!kind.is_content(), "the content kind has its own export");
         let dim = encoder.config.embedding_size;
         let padded = |id: TableId| -> anyhow::Result<(usize, Vec<f32>)> {
@@ -73,8 +66,7 @@ impl TableModel {
             let (rows, values) = padded(TableId::Album)?;
             exported.push(("album_embedding", rows, values));
         }
-        let (rows, mut values) = padded(TableId::Identity)?;
-        crate::publish::artifacts::zero_unlearned(&mut values[dim..], dim, learned);
+        let (rows, values) = padded(TableId::Identity)?;
         exported.push(("track_embedding", rows, values));
         let encoder = (kind == ModelKind::Hybrid).then(|| HostWeights::from_encoder(encoder)).transpose()?;
         Ok(Self { kind, encoder, dim, max_artists: inputs.max_artists().max(1), tables: exported })
@@ -203,10 +195,10 @@ impl TableModel {
         }
         let Some(encoder) = &self.encoder else { return Ok(Vec::new()) };
         let names: &[(&str, &str)] = match name {
-            "batch_normalization" => &tfjs::encoder_weights()[0..4],
-            "dense" => &tfjs::encoder_weights()[4..6],
-            "dense_1" => &tfjs::encoder_weights()[6..8],
-            "dense_2" => &tfjs::encoder_weights()[8..10],
+            "batch_normalization" => &tfjs::WEIGHTS[0..4],
+            "dense" => &tfjs::WEIGHTS[4..6],
+            "dense_1" => &tfjs::WEIGHTS[6..8],
+            "dense_2" => &tfjs::WEIGHTS[8..10],
             _ => &[],
         };
         names
@@ -307,12 +299,15 @@ impl TableModel {
                     let shape = l.config["batch_shape"].clone();
                     json!({"class_name": "InputLayer", "config": {"batch_input_shape": shape, "dtype": l.config["dtype"], "sparse": false, "name": l.name}})
                 }
-                "Dense" => tfjs::dense(
-                    l.name,
-                    l.config["units"].as_u64().unwrap_or(0) as usize,
-                    l.config["activation"].as_str().unwrap_or("linear"),
-                ),
-                "Dropout" => tfjs::dropout(l.name, l.config["rate"].as_f64().unwrap_or(0.0)),
+                "Dense" => {
+                    let units = l.config["units"].as_u64().with_context(|| format!("{} has no units", l.name))?;
+                    let activation =
+                        l.config["activation"].as_str().with_context(|| format!("{} has no activation", l.name))?;
+                    tfjs::dense(l.name, units as usize, activation)
+                }
+                "Dropout" => {
+                    tfjs::dropout(l.name, l.config["rate"].as_f64().with_context(|| format!("{} has no rate", l.name))?)
+                }
                 "BatchNormalization" => tfjs::batch_normalization(),
                 "Embedding" => json!({"class_name": "Embedding", "config": {
                     "name": l.name, "trainable": true, "dtype": "float32",

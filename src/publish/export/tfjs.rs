@@ -16,8 +16,8 @@ use crate::training::model::{BN_EPSILON, BN_MOMENTUM};
 /// The weight shard's file name, next to `model.json`.
 pub const SHARD: &str = "group1-shard1of1.bin";
 
-/// `(tfjs weight name, our tensor name)`, in shard order.
-const WEIGHTS: [(&str, &str); 10] = [
+/// `(tfjs weight name, our tensor name)` of the content encoder, in shard order.
+pub(super) const WEIGHTS: [(&str, &str); 10] = [
     ("batch_normalization/gamma", "batch_normalization.gamma"),
     ("batch_normalization/beta", "batch_normalization.beta"),
     ("batch_normalization/moving_mean", "batch_normalization.moving_mean"),
@@ -98,9 +98,4 @@ pub(super) fn batch_normalization() -> Value {
         "moving_variance_initializer": {"class_name": "Ones", "config": {}},
         "beta_regularizer": null, "gamma_regularizer": null, "beta_constraint": null, "gamma_constraint": null
     }})
-}
-
-/// The content encoder's weights as TF.js names them, in shard order.
-pub(super) fn encoder_weights() -> [(&'static str, &'static str); 10] {
-    WEIGHTS
 }

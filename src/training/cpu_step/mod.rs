@@ -92,12 +92,7 @@ impl CpuStep {
         tb: &[u32],
     ) -> candle_core::Result<f32> {
         let e = self.encoder.embedding_size;
-        let mut extra = vec![0.0f32; 2 * ta.len() * e];
-        for (mix, table) in mixes.iter().zip(&tables.tables) {
-            if let (Some(mix), Some(table)) = (mix, table) {
-                mix.add_forward(table, &mut extra);
-            }
-        }
+        let extra = tables.mixed(mixes, 2 * ta.len());
         let (loss, ds) = match encoder {
             Some((encoder, optimizer, masks)) => {
                 let out = self.loss_and_gradients_with(encoder, ta, tb, masks, Some(&extra))?;
@@ -114,13 +109,7 @@ impl CpuStep {
 
     /// The loss of embeddings that are table terms alone (`s`, `[2B, E]`) and its gradient at `s`.
     pub fn tables_only_loss(&self, s: Vec<f32>, ta: &[u32], tb: &[u32]) -> candle_core::Result<(f32, Vec<f32>)> {
-        if ta.len() != tb.len() || ta.is_empty() {
-            candle_core::bail!(
-                "{} anchors for {} partners: a batch needs at least one pair, each with both",
-                ta.len(),
-                tb.len()
-            );
-        }
+        check_pairs(ta, tb)?;
         self.normalized_objective(&s, ta, tb, self.encoder.embedding_size)
     }
 
@@ -178,13 +167,7 @@ impl CpuStep {
         masks: &HostDropout,
         extra: Option<&[f32]>,
     ) -> candle_core::Result<StepOutput> {
-        if ta.len() != tb.len() || ta.is_empty() {
-            candle_core::bail!(
-                "{} anchors for {} partners: a batch needs at least one pair, each with both",
-                ta.len(),
-                tb.len()
-            );
-        }
+        check_pairs(ta, tb)?;
         let (b, f, e) = (ta.len(), NUM_FEATURES, self.encoder.embedding_size);
         let n = 2 * b;
         let w =
@@ -341,6 +324,18 @@ impl CpuStep {
         }
         Ok((loss, dz))
     }
+}
+
+/// A batch needs at least one pair, each with both sides.
+fn check_pairs(ta: &[u32], tb: &[u32]) -> candle_core::Result<()> {
+    if ta.len() != tb.len() || ta.is_empty() {
+        candle_core::bail!(
+            "{} anchors for {} partners: a batch needs at least one pair, each with both",
+            ta.len(),
+            tb.len()
+        );
+    }
+    Ok(())
 }
 
 /// `x·kernel + bias` for `rows` rows of `x` (a Dense layer before its activation).

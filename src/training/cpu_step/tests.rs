@@ -152,7 +152,7 @@ fn relu_at_exactly_zero_passes_the_gradient_as_autograd_does() {
     encoder.load(&tensors).unwrap();
     let loss = loss_config(LossKind::Contrastive, false);
     let step = CpuStep::new(config, loss.clone(), &c.features, None).unwrap();
-    let none = HostDropout { hidden1: None, hidden2: None };
+    let none = HostDropout::none();
     let fused = step.loss_and_gradients(&encoder, &c.ta, &c.tb, &none).unwrap();
     let (ta, tb) = (track_tensor(&c.ta, &Device::Cpu).unwrap(), track_tensor(&c.tb, &Device::Cpu).unwrap());
     let masks = none.to_tensors(&config, 40, &Device::Cpu, DType::F32).unwrap();
@@ -169,7 +169,7 @@ fn bad_batches_are_errors_not_panics() {
     let config = EncoderConfig { embedding_size: 4, dropout: 0.0 };
     let encoder = Encoder::new(config, &mut ChaCha8Rng::seed_from_u64(1), &Device::Cpu, DType::F32).unwrap();
     let step = CpuStep::new(config, loss_config(LossKind::Cosine, false), &c.features, None).unwrap();
-    let none = HostDropout { hidden1: None, hidden2: None };
+    let none = HostDropout::none();
     let err = step.loss_and_gradients(&encoder, &[1, 2], &[3], &none).err().unwrap();
     assert!(err.to_string().contains("2 anchors for 1 partners"), "{err}");
     let err = step.loss_and_gradients(&encoder, &[1, TRACKS as u32], &[3, 4], &none).err().unwrap();
@@ -213,21 +213,10 @@ fn table_gradients_match_finite_differences() {
         };
         let mixes = TableMix::build(&tables, &inputs, &tracks, &dropout);
         let loss_and_ds = |tables: &Tables| -> (f32, Vec<f32>) {
-            let mut extra = vec![0.0f32; tracks.len() * 6];
-            for (mix, table) in mixes.iter().zip(&tables.tables) {
-                if let (Some(mix), Some(table)) = (mix, table) {
-                    mix.add_forward(table, &mut extra);
-                }
-            }
+            let extra = tables.mixed(&mixes, tracks.len());
             match kind {
                 ModelKind::Hybrid => {
-                    let out = step.loss_and_gradients_with(
-                        &encoder,
-                        &c.ta,
-                        &c.tb,
-                        &HostDropout::none_for_tests(),
-                        Some(&extra),
-                    );
+                    let out = step.loss_and_gradients_with(&encoder, &c.ta, &c.tb, &HostDropout::none(), Some(&extra));
                     let out = out.unwrap();
                     (out.loss, out.pre_norm_gradient.unwrap())
                 }

@@ -117,9 +117,8 @@ pub struct HostDropout {
 }
 
 impl HostDropout {
-    /// No dropout (a deterministic check).
-    #[cfg(test)]
-    pub fn none_for_tests() -> Self {
+    /// No dropout: a kind without the content encoder, or a deterministic check.
+    pub fn none() -> Self {
         Self { hidden1: None, hidden2: None }
     }
 

@@ -121,6 +121,16 @@ impl Tables {
         Self { tables, step: 0 }
     }
 
+    /// Zeroes the identity rows `learned` does not mark. Training never touches a track without
+    /// training listens, so its row stays exactly what it starts as: zero, the collaborative kind's
+    /// "no learned row", in the table, its embedding and every export alike.
+    pub fn zero_unlearned_identity(&mut self, learned: &[bool]) {
+        let Some(table) = self.tables[TableId::Identity as usize].as_mut() else { return };
+        for (row, _) in table.values.chunks_exact_mut(table.dim).zip(learned).filter(|(_, l)| !**l) {
+            row.fill(0.0);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tables.iter().all(Option::is_none)
     }
@@ -129,9 +139,25 @@ impl Tables {
         self.tables[id as usize].as_ref()
     }
 
+    /// The tables' width (`None` for the content kind, which has none).
+    fn dim(&self) -> Option<usize> {
+        self.tables.iter().flatten().map(|t| t.dim).next()
+    }
+
+    /// The table part of each of a batch's `rows` rows (`[rows, dim]`): the sum of `mixes`' terms.
+    pub fn mixed(&self, mixes: &[Option<TableMix>; 3], rows: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; rows * self.dim().unwrap_or(0)];
+        for (mix, table) in mixes.iter().zip(&self.tables) {
+            if let (Some(mix), Some(table)) = (mix, table) {
+                mix.add_forward(table, &mut out);
+            }
+        }
+        out
+    }
+
     /// Adds every track's table part (no dropout: inference) to `out` (`[num_tracks, dim]`).
     pub fn add_all(&self, inputs: &TrackInputs, out: &mut [f32]) {
-        let Some(dim) = self.tables.iter().flatten().map(|t| t.dim).next() else { return };
+        let Some(dim) = self.dim() else { return };
         for (t, row) in out.chunks_exact_mut(dim).enumerate() {
             for_each_term(inputs, t, true, true, |id, r, w| {
                 if let Some(table) = self.get(id) {
@@ -335,10 +361,8 @@ mod tests {
         // Artist rows: A = 1, B = 2 (row 0 is OOV); album rows: X = 1, Y = 2.
         let dropout = TableDropout { keep_identity: vec![true, false, true], keep_album: vec![true, true, false] };
         let mixes = TableMix::build(&tables, &inputs, &[0, 0, 3], &dropout);
-        let mut out = vec![0.0f32; 3 * 2];
-        for (mix, table) in mixes.iter().zip(&tables.tables) {
-            mix.as_ref().unwrap().add_forward(table.as_ref().unwrap(), &mut out);
-        }
+        assert!(mixes.iter().all(Option::is_some), "the hybrid has all three tables");
+        let out = tables.mixed(&mixes, 3);
         let row = |id: TableId, r: usize| tables.get(id).unwrap().row(r).to_vec();
         let expect = |terms: &[(TableId, usize, f32)]| -> Vec<f32> {
             (0..2).map(|j| terms.iter().map(|&(id, r, w)| w * row(id, r)[j]).sum()).collect()

@@ -53,13 +53,7 @@ impl TrackInputs {
     pub fn build(tags: &TrackTags, min_count: usize) -> Self {
         let artist_counts = tags.tracks_per_artist();
         let (artists, artist_row) = vocabulary(&artist_counts, min_count, |id| tags.artists.name(id));
-        let mut album_counts = vec![0u32; tags.albums.len()];
-        for t in 0..tags.len() {
-            if let Some(a) = tags.album_of(t) {
-                album_counts[a as usize] += 1;
-            }
-        }
-        let (albums, album_row) = vocabulary(&album_counts, min_count, |id| tags.albums.name(id));
+        let (albums, album_row) = vocabulary(&tags.tracks_per_album(), min_count, |id| tags.albums.name(id));
         let mut artist_offsets = Vec::with_capacity(tags.len() + 1);
         let mut artist_rows = Vec::new();
         artist_offsets.push(0);

@@ -54,6 +54,15 @@ fn is_zero(v: &f64) -> bool {
 }
 
 impl TrainConfig {
+    /// This config for a run of `kind`: the table settings if the kind has tables, and the
+    /// centering weight given, or the kind's default when none was.
+    pub fn for_kind(mut self, kind: ModelKind, tables: TableConfig, centering_weight: Option<f64>) -> Self {
+        self.model_kind = kind;
+        self.tables = (!kind.is_content()).then_some(tables);
+        self.loss.centering_weight = centering_weight.unwrap_or(kind.default_centering_weight());
+        self
+    }
+
     /// The table settings of a kind with tables (defaults when unset).
     pub fn table_config(&self) -> TableConfig {
         self.tables.unwrap_or_default()

@@ -116,9 +116,14 @@ impl<'a> Trainer<'a> {
         Ok(Self { config, data, sampler, eval, cold_eval, logq, cpu_step })
     }
 
-    /// A fresh state of this run's kind, sized by its catalogue.
+    /// A fresh state of this run's kind, sized by its catalogue; a collaborative model's tracks
+    /// without training listens start (and stay) at zero.
     pub fn fresh_state(&self, device: &Device) -> anyhow::Result<TrainingState> {
-        TrainingState::for_inputs(self.config, &self.data.inputs, device)
+        let mut state = TrainingState::for_inputs(self.config, &self.data.inputs, device)?;
+        if let Some(learned) = self.learned_rows() {
+            state.tables.zero_unlearned_identity(&learned);
+        }
+        Ok(state)
     }
 
     /// `fused` or `autograd`: how this trainer's steps compute gradients.
@@ -143,9 +148,7 @@ impl<'a> Trainer<'a> {
         let n = self.data.num_tracks();
         let tags = &self.data.tags;
         let shared_artist = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.artists.len(), |t| tags.artists_of(t));
-        let albums: Vec<[u32; 1]> = (0..n).map(|t| [tags.album_of(t).unwrap_or(u32::MAX)]).collect();
-        let album_of = |t: usize| if albums[t][0] == u32::MAX { &[][..] } else { &albums[t][..] };
-        let shared_album = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.albums.len(), album_of);
+        let shared_album = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.albums.len(), |t| tags.albums_of(t));
         let cold = match &self.cold_eval {
             Some(cold) => Some(ColdBaselines {
                 raw_features: cold.evaluate_embeddings(&raw)?,
@@ -171,9 +174,13 @@ impl<'a> Trainer<'a> {
         &self.eval
     }
 
-    /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]`.
+    /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]` (from [`Self::embed`]):
+    /// tracks without a learned row (collaborative) rank last and add nothing to queries.
     pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
-        self.eval.evaluate_embeddings(embeddings)
+        match self.learned_rows() {
+            Some(learned) => self.eval.evaluate_embeddings_known(embeddings, &learned),
+            None => self.eval.evaluate_embeddings(embeddings),
+        }
     }
 
     /// Trains from `state` (fresh or restored) until `config.epochs` or until the observer stops.
@@ -238,7 +245,7 @@ impl<'a> Trainer<'a> {
         let train_cpu_seconds = cpu_started.zip(crate::system::procstat::cpu_seconds()).map(|(a, b)| b - a);
         let val_loss = self.validation_loss(state)?;
         let embeddings = self.embed(state)?;
-        let ranking = self.evaluate_state(state, &embeddings)?;
+        let ranking = self.evaluate(&embeddings)?;
         let cold_ranking = self.evaluate_cold(&embeddings)?;
         let mean_pairwise_cosine = embeddings.mean(0)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
         Ok(Some(EpochMetrics {

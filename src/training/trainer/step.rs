@@ -20,15 +20,16 @@ impl Trainer<'_> {
         let rows = 2 * ta.len();
         let masks = match kind.has_content() {
             true => HostDropout::sample(&self.config.encoder, rows, &mut state.rng),
-            false => HostDropout { hidden1: None, hidden2: None },
+            false => HostDropout::none(),
         };
         if kind.is_content() {
             return self.content_step(state, ta, tb, &masks);
         }
-        let dropout = TableDropout::sample(kind, &self.config.table_config(), rows, &mut state.rng);
+        let table_config = self.config.table_config();
+        let dropout = TableDropout::sample(kind, &table_config, rows, &mut state.rng);
         let tracks: Vec<u32> = ta.iter().chain(tb).copied().collect();
         let mixes = TableMix::build(&state.tables, &self.data.inputs, &tracks, &dropout);
-        let learning_rate = self.config.table_config().learning_rate;
+        let learning_rate = table_config.learning_rate;
         if let Some(step) = &self.cpu_step {
             let encoder = kind.has_content().then_some((&state.encoder, &mut state.optimizer, &masks));
             return Ok(step.train_batch_with_tables(encoder, &mut state.tables, &mixes, learning_rate, ta, tb)?);
@@ -117,14 +118,9 @@ impl Trainer<'_> {
             return Ok(content.expect("the content kind has content"));
         }
         let ids: Vec<u32> = tracks.to_device(&candle_core::Device::Cpu)?.to_vec1()?;
-        let e = self.config.encoder.embedding_size;
-        let mut extra = vec![0.0f32; ids.len() * e];
         let mixes = TableMix::build(&state.tables, &self.data.inputs, &ids, &TableDropout::none(ids.len()));
-        for (mix, table) in mixes.iter().zip(&state.tables.tables) {
-            if let (Some(mix), Some(table)) = (mix, table) {
-                mix.add_forward(table, &mut extra);
-            }
-        }
+        let extra = state.tables.mixed(&mixes, ids.len());
+        let e = self.config.encoder.embedding_size;
         let extra = Tensor::from_vec(extra, (ids.len(), e), self.data.features.device())?;
         match content {
             Some(h) => h + extra,
@@ -132,9 +128,8 @@ impl Trainer<'_> {
         }
     }
 
-    /// L2-normalised embeddings of every catalogue track `[num_tracks, E]`. The collaborative kind
-    /// gives a track without training listens a zero row: it has no learned row
-    /// ([`Self::learned_rows`]).
+    /// L2-normalised embeddings of every catalogue track `[num_tracks, E]`. A collaborative track
+    /// without training listens has a zero row (see [`Self::fresh_state`]), so a zero embedding.
     pub fn embed(&self, state: &TrainingState) -> candle_core::Result<Tensor> {
         let kind = self.config.model_kind;
         if kind.is_content() {
@@ -148,13 +143,6 @@ impl Trainer<'_> {
             false => vec![0.0f32; n * e],
         };
         state.tables.add_all(&self.data.inputs, &mut s);
-        if kind == ModelKind::Collaborative {
-            for (row, &count) in s.chunks_exact_mut(e).zip(&self.data.track_counts) {
-                if count == 0 {
-                    row.fill(0.0);
-                }
-            }
-        }
         l2_normalize(&Tensor::from_vec(s, (n, e), self.data.features.device())?)
     }
 
@@ -163,19 +151,6 @@ impl Trainer<'_> {
     pub fn learned_rows(&self) -> Option<Vec<bool>> {
         (self.config.model_kind == ModelKind::Collaborative)
             .then(|| self.data.track_counts.iter().map(|&c| c > 0).collect())
-    }
-
-    /// Held-out ranking metrics of a state's embeddings (from [`Self::embed`]): tracks without a
-    /// learned row rank last and add nothing to queries.
-    pub fn evaluate_state(
-        &self,
-        _state: &TrainingState,
-        embeddings: &Tensor,
-    ) -> candle_core::Result<super::RankingMetrics> {
-        match self.learned_rows() {
-            Some(learned) => self.eval.evaluate_embeddings_known(embeddings, &learned),
-            None => self.eval.evaluate_embeddings(embeddings),
-        }
     }
 
     /// Cold-track metrics of a state's embeddings, when there is a cold hold-out and the kind can
