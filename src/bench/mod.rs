@@ -9,6 +9,7 @@
 //! The exact inputs of a configuration, for that port, are written by the `tf-export` example
 //! (`bench/tf/export/`), which is not part of the library.
 
+pub mod ceiling;
 pub mod load;
 mod roofline;
 pub mod spotify;

@@ -46,6 +46,10 @@ pub enum Command {
     /// Reference baselines on a database seeded with --spotify-csv: raw features, popularity,
     /// same-subgenre and same-artist, on exactly the held-out split `train` uses with the same flags.
     SpotifyBaselines(Box<SpotifyBaselinesArgs>),
+    /// The ceiling of the synthetic history: the generator's own probabilities rank each user's
+    /// held-out listens (the Bayes-optimal ranker), beside the baselines, on exactly the split
+    /// `train` makes with the same flags.
+    SyntheticCeiling(Box<TrainArgs>),
 }
 
 #[derive(Debug, Args)]

@@ -69,13 +69,29 @@ pub(super) async fn spotify_baselines(args: SpotifyBaselinesArgs) -> anyhow::Res
     let dataset = crate::db::load::load(&pool, &options, &args.train.data_source_label).await?;
     let csv = args.spotify_csv.clone();
     let rows = tokio::task::spawn_blocking(move || crate::bench::spotify::baselines(&dataset, &config, &csv)).await??;
-    println!("| baseline | Recall@10 | ± | NDCG@10 | held-out (user, track) | users |");
+    print_metrics_table("baseline", rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn synthetic_ceiling(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.database_url.is_none(),
+        "synthetic-ceiling measures the synthetic history: drop --database-url"
+    );
+    let config = args.train_config_for(false);
+    let spec = args.synthetic.spec(args.seed);
+    let rows = tokio::task::spawn_blocking(move || crate::bench::ceiling::ceiling(&spec, &config)).await??;
+    print_metrics_table("ranker", rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_metrics_table(first_column: &str, rows: Vec<(&str, RankingMetrics)>) {
+    println!("| {first_column} | Recall@10 | ± | NDCG@10 | held-out (user, track) | users |");
     println!("|---|---|---|---|---|---|");
     for (name, m) in rows {
         let (r, se, ndcg) = (m.recall_at_10, m.recall_at_10_se, m.ndcg_at_10);
         println!("| {name} | {r:.4} | {se:.4} | {ndcg:.4} | {} | {} |", m.heldout, m.users);
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) async fn seed(args: SeedArgs) -> anyhow::Result<ExitCode> {

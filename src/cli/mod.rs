@@ -59,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate(args) => commands::migrate(args).await,
         Command::Seed(args) => commands::seed(args).await,
         Command::SpotifyBaselines(args) => commands::spotify_baselines(*args).await,
+        Command::SyntheticCeiling(args) => commands::synthetic_ceiling(*args).await,
         Command::Worker(args) => crate::worker::run(args.settings()).await,
         Command::Retrain(args) => commands::retrain(args).await,
         Command::Rollback(args) => commands::rollback(args).await,

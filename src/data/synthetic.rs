@@ -78,6 +78,11 @@ struct Genre {
 /// Generates the dataset described by `spec`. Track and user ids are UUID strings drawn from the
 /// seeded generator; tracks are ordered by id, as the Postgres loader orders them.
 pub fn generate(spec: &SyntheticSpec) -> Dataset {
+    generate_with_truth(spec).0
+}
+
+/// [`generate`], with the generator's own listening probabilities ([`GenerativeTruth`]).
+pub fn generate_with_truth(spec: &SyntheticSpec) -> (Dataset, GenerativeTruth) {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed ^ 0x5EED_DA7A_5EED_DA7A);
     let genres = spec.genres.max(1);
     let centres: Vec<FeatureRow> = (0..genres).map(|_| genre_centre(&mut rng)).collect();
@@ -96,10 +101,89 @@ pub fn generate(spec: &SyntheticSpec) -> Dataset {
             Genre { centre, cumulative: cumulative(&zipf_weights(tracks.len(), 1.0)), tracks: std::mem::take(tracks) }
         })
         .collect();
-    let mut interactions = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
+    let (mut interactions, tastes) = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
+    let truth = GenerativeTruth {
+        user_ids: interactions.user_ids.clone(),
+        tastes,
+        genres: genres.into_iter().map(|g| (g.tracks, g.cumulative)).collect(),
+        features: catalogue.features.clone(),
+    };
     interactions.canonicalize_users();
     let watermark = super::Watermark::of(&interactions);
-    Dataset { catalogue, interactions, watermark, source: DataSource::Synthetic(spec.clone()) }
+    (Dataset { catalogue, interactions, watermark, source: DataSource::Synthetic(spec.clone()) }, truth)
+}
+
+/// What the generator knows and a model can only estimate: each user's liked genres and taste
+/// points. From them, [`Self::positive_listen_probabilities`] gives the exact probability that the
+/// user's next interaction is a positive listen of each track: the Bayes-optimal ranking of a
+/// user's future listens, and so the ceiling of Recall@10 on a synthetic history (the `synthetic-ceiling`
+/// command measures it).
+pub struct GenerativeTruth {
+    /// User ids in generation order (`tastes[i]` is `user_ids[i]`'s).
+    user_ids: Vec<String>,
+    tastes: Vec<Vec<(usize, FeatureRow)>>,
+    /// Per genre: its tracks, most popular first, and the cumulative Zipf weights over them.
+    genres: Vec<(Vec<u32>, Vec<f64>)>,
+    features: Vec<FeatureRow>,
+}
+
+impl GenerativeTruth {
+    /// User ids in generation order: the index of an id is the `user` argument of
+    /// [`Self::positive_listen_probabilities`].
+    pub fn user_ids(&self) -> &[String] {
+        &self.user_ids
+    }
+
+    /// Writes into `out` (one slot per catalogue track, overwritten) the probability that one
+    /// interaction of generated user `user` is a positive listen (not a skip or dislike) of each
+    /// track, following [`generate_history`] step by step:
+    /// - with [`STRAY_PROBABILITY`] a uniform genre and a track by popularity alone;
+    /// - otherwise the primary genre (always, or with 0.6 when there are others) or one of the others
+    ///   uniformly, then "popularity proposes, taste accepts": with proposal `p` and acceptance `a`,
+    ///   `A = Σ p·a`, up to 63 tests and the 64th proposal taken as is, so
+    ///   `P(t) = p(t)·(a(t)·(1 − (1 − A)^63) / A + (1 − A)^63)`;
+    /// - then the kind: positive with the in-taste or out-of-taste probabilities of the genre.
+    pub fn positive_listen_probabilities(&self, user: usize, out: &mut [f32]) {
+        let taste = &self.tastes[user];
+        let k = self.genres.len();
+        let positive = |kinds: &[(&str, f64)]| -> f64 {
+            kinds.iter().filter(|(name, _)| !matches!(*name, "skip" | "dislike")).map(|(_, p)| p).sum()
+        };
+        let (in_taste, out_of_taste) = (positive(&IN_TASTE_KINDS), positive(&OUT_OF_TASTE_KINDS));
+        let mut prob = vec![0f64; out.len()];
+        for (g, (tracks, cum)) in self.genres.iter().enumerate() {
+            let liked = taste.iter().any(|(l, _)| *l == g);
+            let weight = STRAY_PROBABILITY / k as f64 * if liked { in_taste } else { out_of_taste };
+            let total = cum.last().copied().unwrap_or(1.0);
+            for (i, &t) in tracks.iter().enumerate() {
+                let p = (cum[i] - if i == 0 { 0.0 } else { cum[i - 1] }) / total;
+                prob[t as usize] += weight * p;
+            }
+        }
+        let tests = (MAX_TASTE_ATTEMPTS - 1) as i32;
+        for (i, (g, point)) in taste.iter().enumerate() {
+            let share = match (taste.len(), i) {
+                (1, _) => 1.0,
+                (_, 0) => 0.6,
+                (n, _) => 0.4 / (n - 1) as f64,
+            };
+            let weight = (1.0 - STRAY_PROBABILITY) * share * in_taste;
+            let (tracks, cum) = &self.genres[*g];
+            let total = cum.last().copied().unwrap_or(1.0);
+            let proposal = |i: usize| (cum[i] - if i == 0 { 0.0 } else { cum[i - 1] }) / total;
+            let accept: Vec<f64> =
+                tracks.iter().map(|&t| taste_affinity(&self.features[t as usize], point) as f64).collect();
+            let a_total: f64 = accept.iter().enumerate().map(|(i, a)| proposal(i) * a).sum();
+            let none_accepted = (1.0 - a_total).powi(tests);
+            let per_accept = if a_total > 0.0 { (1.0 - none_accepted) / a_total } else { 0.0 };
+            for (i, &t) in tracks.iter().enumerate() {
+                prob[t as usize] += weight * proposal(i) * (accept[i] * per_accept + none_accepted);
+            }
+        }
+        for (o, p) in out.iter_mut().zip(prob) {
+            *o = p as f32;
+        }
+    }
 }
 
 fn generate_catalogue(n: usize, centres: &[FeatureRow], rng: &mut ChaCha8Rng) -> (Catalogue, Vec<Vec<u32>>) {
@@ -283,7 +367,7 @@ fn generate_history(
     genre_weights: &[f64],
     features: &[FeatureRow],
     rng: &mut ChaCha8Rng,
-) -> Interactions {
+) -> (Interactions, Vec<Vec<(usize, FeatureRow)>>) {
     let k = genres.len();
     let genre_cum = cumulative(genre_weights);
     let mut out = Interactions::default();
@@ -315,7 +399,7 @@ fn generate_history(
     let user_cum = cumulative(&(0..spec.users).map(|_| activity.sample(rng)).collect::<Vec<f64>>());
     out.user_ids = (0..spec.users).map(|_| uuid_from(rng)).collect();
     if spec.users == 0 || genres.iter().all(|g| g.tracks.is_empty()) {
-        return out;
+        return (out, tastes);
     }
     for _ in 0..spec.interactions {
         let u = sample_cumulative(&user_cum, rng);
@@ -352,7 +436,7 @@ fn generate_history(
         let ts = HISTORY_END_MS - rng.random_range(0..HISTORY_SPAN_MS);
         out.push(u as u32, track, kind, ts);
     }
-    out
+    (out, tastes)
 }
 
 fn zipf_weights(n: usize, s: f64) -> Vec<f64> {
@@ -394,6 +478,35 @@ mod tests {
 
     fn small() -> SyntheticSpec {
         SyntheticSpec { tracks: 600, users: 50, interactions: 4_000, genres: 8, seed: 7 }
+    }
+
+    #[test]
+    fn the_generative_truth_matches_the_listens_the_generator_draws() {
+        // One user, so every draw is theirs: each track's count of positive listens is binomial with
+        // the probability the truth gives it.
+        let spec = SyntheticSpec { tracks: 120, users: 1, interactions: 200_000, genres: 4, seed: 11 };
+        let (dataset, truth) = generate_with_truth(&spec);
+        let mut p = vec![0f32; spec.tracks];
+        truth.positive_listen_probabilities(0, &mut p);
+        let mut counts = vec![0f64; spec.tracks];
+        let i = &dataset.interactions;
+        for (&t, &k) in i.track.iter().zip(&i.kind) {
+            if !matches!(i.kinds.name(k), "skip" | "dislike") {
+                counts[t as usize] += 1.0;
+            }
+        }
+        let n = spec.interactions as f64;
+        let positives: f64 = counts.iter().sum();
+        let expected: f64 = p.iter().map(|&p| p as f64).sum();
+        assert!((positives / n - expected).abs() < 0.005, "positive share {} vs {expected}", positives / n);
+        let mut worst = 0f64;
+        for (c, &p) in counts.iter().zip(&p) {
+            let mean = p as f64 * n;
+            let z = (c - mean) / (mean * (1.0 - p as f64)).sqrt().max(1.0);
+            worst = worst.max(z.abs());
+        }
+        // 120 tracks: |z| beyond 4.5 by chance has probability ~1e-4.
+        assert!(worst < 4.5, "a track's positive count is {worst:.1} standard errors off its probability");
     }
 
     #[test]

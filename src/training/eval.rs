@@ -149,11 +149,21 @@ impl<'a> EvalSet<'a> {
     /// The score buffer is zeroed in full before each user: O(num_tracks) per user, the same order as
     /// the top-K scan that ranks the user's candidates anyway.
     pub fn evaluate_user_scores(&self, num_tracks: usize, mut fill: impl FnMut(&[u32], &mut [f32])) -> RankingMetrics {
+        self.evaluate_each_user(num_tracks, |_, train, scores| fill(train, scores))
+    }
+
+    /// [`Self::evaluate_user_scores`] for scorers that need to know who the user is:
+    /// `fill(user row, training tracks, scores)`, the row indexing `train` and `heldout`.
+    pub fn evaluate_each_user(
+        &self,
+        num_tracks: usize,
+        mut fill: impl FnMut(usize, &[u32], &mut [f32]),
+    ) -> RankingMetrics {
         let mut acc = self.accumulator(num_tracks);
         let mut scores = vec![0f32; num_tracks];
         for &u in &self.users {
             scores.iter_mut().for_each(|s| *s = 0.0);
-            fill(self.train.user(u), &mut scores);
+            fill(u, self.train.user(u), &mut scores);
             acc.add_user(&scores, self.train.user(u), self.heldout.user(u));
         }
         acc.finish()

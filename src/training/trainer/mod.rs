@@ -174,6 +174,11 @@ impl<'a> Trainer<'a> {
         &self.eval
     }
 
+    /// The cold-track evaluation set, when tracks were held out cold.
+    pub fn cold_eval_set(&self) -> Option<&EvalSet<'a>> {
+        self.cold_eval.as_ref()
+    }
+
     /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]` (from [`Self::embed`]):
     /// tracks without a learned row (collaborative) rank last and add nothing to queries.
     pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {

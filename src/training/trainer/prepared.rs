@@ -19,6 +19,8 @@ pub struct PreparedData {
     pub mining: MiningStats,
     pub train: UserTracks,
     pub heldout: UserTracks,
+    /// The dataset's user index of each row of `train` and `heldout`.
+    pub user_index: Vec<u32>,
     /// Training users per track (popularity).
     pub track_counts: Vec<u32>,
     pub validation_pairs: Vec<[u32; 2]>,
@@ -119,6 +121,7 @@ impl PreparedData {
             mining,
             train,
             heldout,
+            user_index,
             track_counts,
             validation_pairs,
             holdout,
