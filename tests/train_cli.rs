@@ -356,3 +356,78 @@ fn a_model_that_loses_to_popularity_is_not_published_even_as_the_first_version()
         stdout.lines().filter(|l| !l.trim_start().starts_with("not")).collect::<Vec<_>>().join(" / ")
     );
 }
+
+/// Every version directory under `<dir>/content-based/versions/`, oldest first (names sort by time).
+fn versions(dir: &Path) -> Vec<PathBuf> {
+    let mut versions: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("content-based/versions")).unwrap().map(|e| e.unwrap().path()).collect();
+    versions.sort();
+    versions
+}
+
+/// `(indices, cosines)` of a version's neighbour table, row by row.
+fn neighbour_rows(version: &Path) -> Vec<Vec<(u32, f32)>> {
+    let t = tensors(&version.join("neighbours.safetensors"));
+    let (n, k) = t["indices"].dims2().unwrap();
+    let idx: Vec<u32> = t["indices"].flatten_all().unwrap().to_vec1().unwrap();
+    let cos: Vec<f32> = t["cosines"].flatten_all().unwrap().to_vec1().unwrap();
+    (0..n).map(|r| (0..k).map(|s| (idx[r * k + s], cos[r * k + s])).collect()).collect()
+}
+
+#[test]
+fn each_version_lists_every_tracks_exact_neighbours_and_how_far_they_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), &["--epochs", "2", "--neighbours", "20"]);
+    let first = only_version(dir.path());
+    let emb = &tensors(&first.join("embeddings.safetensors"))["embeddings"];
+    let (n, e) = emb.dims2().unwrap();
+    let z: Vec<f32> = emb.flatten_all().unwrap().to_vec1().unwrap();
+    let rows = neighbour_rows(&first);
+    assert_eq!((rows.len(), rows[0].len()), (n, 20));
+    // Brute force in f64: every other track, cosine descending, then lower row.
+    for (t, got) in rows.iter().enumerate() {
+        let mut all: Vec<(u32, f64)> = (0..n)
+            .filter(|&j| j != t)
+            .map(|j| (j as u32, (0..e).map(|d| z[t * e + d] as f64 * z[j * e + d] as f64).sum()))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for (slot, (&(i, c), &(wi, wc))) in got.iter().zip(&all).enumerate() {
+            assert!((c as f64 - wc).abs() < 1e-5, "track {t} slot {slot}: cosine {c} vs {wc}");
+            // The same track, unless another has the same cosine to f32 precision.
+            let near_tie = all.iter().any(|&(j, x)| j == i && (x - wc).abs() < 1e-5);
+            assert!(i == wi || near_tie, "track {t} slot {slot}: {i} vs {wi}");
+        }
+    }
+    let meta = metadata(&first);
+    assert_eq!(meta["neighbours"]["k"], 20);
+    assert_eq!(meta["neighbours"]["tracks_listed"], n as u64);
+    assert!(meta["neighbours"].get("parent_version").is_none(), "a first version has no parent");
+
+    // Another model of the same catalogue: the card and metadata say how far the lists moved.
+    train(dir.path(), &["--epochs", "1", "--neighbours", "20"]);
+    let second = versions(dir.path()).pop().unwrap();
+    let meta = metadata(&second);
+    assert_eq!(meta["neighbours"]["parent_version"].as_str().unwrap(), first.file_name().unwrap().to_str().unwrap());
+    assert_eq!(meta["neighbours"]["tracks_compared"], n as u64);
+    let (a, b) = (neighbour_rows(&first), neighbour_rows(&second));
+    let jaccard: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            let both = x[..10].iter().filter(|(i, _)| y[..10].iter().any(|(j, _)| j == i)).count();
+            both as f64 / (20 - both) as f64
+        })
+        .sum::<f64>()
+        / n as f64;
+    let reported = meta["neighbours"]["jaccard_at_10_vs_parent"].as_f64().unwrap();
+    assert!((reported - jaccard).abs() < 1e-9, "reported {reported}, recomputed {jaccard}");
+    assert!(jaccard > 0.0 && jaccard < 1.0, "one more epoch moves some lists, not all: {jaccard}");
+    let card = std::fs::read_to_string(second.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains(&format!("mean Jaccard@10 {jaccard:.3}")), "{card}");
+
+    // K = 0: no table.
+    train(dir.path(), &["--epochs", "1", "--neighbours", "0"]);
+    let third = versions(dir.path()).pop().unwrap();
+    assert!(!third.join("neighbours.safetensors").exists());
+    assert!(metadata(&third).get("neighbours").is_none());
+}

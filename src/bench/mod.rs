@@ -11,6 +11,7 @@
 
 pub mod ceiling;
 pub mod load;
+pub mod neighbours;
 mod roofline;
 pub mod spotify;
 
@@ -280,6 +281,7 @@ pub fn train_config(args: &BenchArgs, kind: ModelKind, loss: LossKind, batch_siz
         model_kind: kind,
         tables: (!kind.is_content()).then(TableConfig::default),
         cold_tracks: 0.0,
+        neighbours: crate::training::neighbours::DEFAULT_K,
     }
 }
 

@@ -29,6 +29,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Measure training throughput (pairs/s) and peak memory on synthetic data.
     Bench(crate::bench::BenchArgs),
+    /// Measure building the exact similar-tracks table for a catalogue size (seconds, peak memory).
+    BenchNeighbours(crate::bench::neighbours::NeighbourBenchArgs),
     /// Measure loading the platform's data: rows/s and peak memory (`bench/load.sh` runs it).
     BenchLoad(crate::bench::load::LoadBenchArgs),
     /// Create the trainer's own schema and tables (also done by every command that uses the database).

@@ -56,6 +56,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(args) => commands::train(*args).await,
         Command::Bench(args) => crate::bench::run(args).await,
         Command::BenchLoad(args) => crate::bench::load::run(args).await,
+        Command::BenchNeighbours(args) => crate::bench::neighbours::run(args).await,
         Command::Migrate(args) => commands::migrate(args).await,
         Command::Seed(args) => commands::seed(args).await,
         Command::SpotifyBaselines(args) => commands::spotify_baselines(*args).await,

@@ -4,8 +4,8 @@
 use clap::Args;
 
 use super::values::{
-    WeightOrAuto, at_least_one, dropout_rate, model_key, non_empty, non_negative_finite, open_unit_interval,
-    positive_finite, share_below_one, weight_or_auto,
+    WeightOrAuto, at_least_one, dropout_rate, model_key, neighbours_per_track, non_empty, non_negative_finite,
+    open_unit_interval, positive_finite, share_below_one, weight_or_auto,
 };
 use crate::data::source::SyntheticSpec;
 use crate::job::{MinimumSizes, RunDefaults};
@@ -66,6 +66,10 @@ pub struct TrainArgs {
     /// evaluation, in [0, 1) (0: none). Those tracks' listens are never trained on.
     #[arg(long, env = "AUDOTICS_COLD_TRACKS", default_value_t = 0.0, value_parser = share_below_one, allow_negative_numbers = true)]
     pub cold_tracks: f64,
+    /// Similar tracks listed per track in each version's `neighbours.safetensors` (exact top-K by
+    /// cosine), at most 1000 (0: no table).
+    #[arg(long, env = "AUDOTICS_NEIGHBOURS", default_value_t = crate::training::neighbours::DEFAULT_K, value_parser = neighbours_per_track)]
+    pub neighbours: usize,
     /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
     #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
     pub loss: LossKind,
@@ -192,6 +196,7 @@ impl TrainArgs {
             model_kind: ModelKind::ContentBased,
             tables: None,
             cold_tracks: self.cold_tracks,
+            neighbours: self.neighbours,
         }
         .for_kind(self.model_kind, self.table_config(), self.centering_weight.0)
     }

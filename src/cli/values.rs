@@ -10,6 +10,15 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Neighbours per track: 0 (no table) to 1000 (the table is `tracks × K × 8` bytes).
+pub fn neighbours_per_track(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if v <= 1000 => Ok(v),
+        Ok(_) => Err("must be at most 1000".into()),
+        Err(e) => Err(format!("not a whole number ({e})")),
+    }
+}
+
 pub fn parse_f64(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("not a number ({e})"))?;
     if v.is_finite() { Ok(v) } else { Err("must be finite".into()) }

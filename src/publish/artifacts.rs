@@ -7,6 +7,7 @@
 //!   `dense_2.kernel` `[E, E]`, `dense_2.bias` `[E]` (kernels are `[in, out]`: `y = x·K + b`).
 //! - `embeddings.safetensors`: tensor `embeddings` `[num_tracks, E]` f32, row `i` the L2-normalised
 //!   inference embedding of `track_ids[i]`.
+//! - `neighbours.safetensors`: each track's K most similar tracks by cosine ([`neighbours_bytes`]).
 
 use std::collections::HashMap;
 
@@ -21,6 +22,7 @@ use crate::training::eval::RankingMetrics;
 use crate::training::model::tables::Tables;
 use crate::training::model::vocab::{OOV_ROW, TrackInputs};
 use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig, ModelKind};
+use crate::training::neighbours::Neighbours;
 use crate::training::pairs::MiningStats;
 use crate::training::trainer::{Baselines, EpochHistory, TrainConfig};
 
@@ -99,6 +101,28 @@ pub struct ModelMetadata {
     /// The quality gate's verdict on this version (absent before the gate had floors).
     #[serde(default)]
     pub quality_gate: Option<crate::publish::gate::GateReport>,
+    /// The similar-tracks table (`neighbours.safetensors`), absent when none was built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<NeighbourSummary>,
+}
+
+/// How the version's neighbour table was built and how much it moved since the parent version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourSummary {
+    /// Neighbours per track.
+    pub k: usize,
+    /// Tracks with at least one neighbour (the collaborative kind lists only learned tracks).
+    pub tracks_listed: usize,
+    pub seconds: f64,
+    /// The version `latest.json` named when this one was built, if it had a neighbour table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_version: Option<String>,
+    /// Mean Jaccard similarity of each track's first 10 neighbours here and in the parent version,
+    /// over the tracks both list (matched by track id): 1 means nothing changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jaccard_at_10_vs_parent: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks_compared: Option<usize>,
 }
 
 impl ModelMetadata {
@@ -224,6 +248,23 @@ pub fn architecture_of(
             "output": "L2-normalised sum (UnitNormalization)",
         }),
     }
+}
+
+/// `neighbours.safetensors` bytes: `indices` `[num_tracks, K]` u32 (rows of `track_ids`, padding
+/// `u32::MAX`) and `cosines` `[num_tracks, K]` f32 (padding −∞), best first; see
+/// [`crate::training::neighbours`] for the order.
+pub fn neighbours_bytes(table: &Neighbours, version: &str) -> anyhow::Result<Vec<u8>> {
+    let (n, k) = (table.num_tracks(), table.k);
+    let indices = Tensor::from_slice(&table.indices, (n, k), &Device::Cpu)?;
+    let cosines = Tensor::from_slice(&table.cosines, (n, k), &Device::Cpu)?;
+    let metadata = HashMap::from([
+        ("model_version".to_string(), version.to_string()),
+        ("num_tracks".to_string(), n.to_string()),
+        ("k".to_string(), k.to_string()),
+        ("order".to_string(), "cosine descending, then track row ascending; never the track itself".to_string()),
+        ("padding_index".to_string(), crate::training::neighbours::PADDING.to_string()),
+    ]);
+    Ok(safetensors::tensor::serialize([("indices", &indices), ("cosines", &cosines)], Some(metadata))?)
 }
 
 /// `embeddings.safetensors` bytes from `[num_tracks, E]` normalised embeddings.

@@ -12,6 +12,7 @@
 pub const METADATA: &str = "content-based-model-metadata.json";
 pub const WEIGHTS: &str = "weights.safetensors";
 pub const EMBEDDINGS: &str = "embeddings.safetensors";
+pub const NEIGHBOURS: &str = "neighbours.safetensors";
 pub const KERAS: &str = "content-based-model.keras";
 pub const TFJS_MODEL: &str = "tfjs/model.json";
 pub const MODEL_CARD: &str = "MODEL_CARD.md";

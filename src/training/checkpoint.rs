@@ -227,6 +227,7 @@ mod tests {
             model_kind: Default::default(),
             tables: None,
             cold_tracks: 0.0,
+            neighbours: crate::training::neighbours::DEFAULT_K,
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`loss`], [`optim`]: the objectives and Adam; [`cpu_step`]: the fused CPU training step;
 //! - [`pairs`]: co-listening pair mining, the held-out split and per-epoch sampling;
 //! - [`eval`]: Recall@10 / NDCG@10 with standard errors, and the baselines;
+//! - [`neighbours`]: each track's exact top-K most similar tracks (the version's neighbour table);
 //! - [`trainer`]: the loop (epochs, early stopping, the best epoch) and its observer hooks;
 //! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume;
 //! - [`resources`]: a run's peak-memory estimate and the process's memory budget.
@@ -19,6 +20,7 @@ pub mod eval;
 pub mod host;
 pub mod loss;
 pub mod model;
+pub mod neighbours;
 pub mod optim;
 pub mod pairs;
 pub mod resources;

@@ -67,6 +67,17 @@ pub fn model_ready(p: &Published) -> EventDraft {
     if let Some(url) = p.artifacts.get(crate::publish::artifacts::VOCABULARIES) {
         body["artifacts"]["vocabularies"] = json!(url);
     }
+    // The similar-tracks table (absent when the run asked for none), and how far it moved.
+    if let Some(url) = p.artifacts.get(crate::publish::layout::NEIGHBOURS) {
+        body["artifacts"]["neighbours"] = json!(url);
+    }
+    if let Some(n) = &m.neighbours {
+        body["neighbours"] = json!({
+            "k": n.k,
+            "parent_version": n.parent_version,
+            "jaccard_at_10_vs_parent": n.jaccard_at_10_vs_parent,
+        });
+    }
     EventDraft { event_id, routing_key: format!("model-ready.{}", m.model_name), body }
 }
 

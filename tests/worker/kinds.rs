@@ -62,12 +62,29 @@ async fn one_worker_trains_content_collaborative_and_hybrid_models_from_one_queu
     )
     .unwrap();
     assert_eq!(vocab["learned_track_rows"].as_array().unwrap().len(), learned);
+    // Its similar-tracks table lists only learned tracks, and only they have lists.
+    let learned_rows: std::collections::HashSet<u64> =
+        vocab["learned_track_rows"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+    let table = candle_core::safetensors::load(
+        store.join("cf/versions").join(&version).join("neighbours.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let (rows, k) = table["indices"].dims2().unwrap();
+    assert_eq!(rows, tracks);
+    let indices: Vec<u32> = table["indices"].flatten_all().unwrap().to_vec1().unwrap();
+    for (t, list) in indices.chunks(k).enumerate() {
+        let listed: Vec<u32> = list.iter().copied().filter(|&i| i != u32::MAX).collect();
+        assert!(listed.iter().all(|&i| learned_rows.contains(&(i as u64))), "track {t} lists an unlearned track");
+        assert_eq!(listed.is_empty(), !learned_rows.contains(&(t as u64)), "track {t}: {listed:?}");
+    }
+    assert_eq!(m["neighbours"]["tracks_listed"].as_u64().unwrap() as usize, learned);
 
     let (kind, version) = kind_of("hybrid");
     assert_eq!(kind, "hybrid");
     let event = ready.iter().find(|e| e["model"] == "hybrid").unwrap();
     assert!(event["metrics"]["baselines"]["shared_artist"]["recall_at_10"].is_f64(), "{event:#}");
-    for artifact in ["keras", "tfjs", "weights", "embeddings", "model_card", "vocabularies"] {
+    for artifact in ["keras", "tfjs", "weights", "embeddings", "neighbours", "model_card", "vocabularies"] {
         let url = event["artifacts"][artifact].as_str().unwrap_or_else(|| panic!("no {artifact}: {event:#}"));
         assert!(std::path::Path::new(url.trim_start_matches("file://")).exists(), "{url}");
     }

@@ -151,7 +151,7 @@ async fn one_request_gives_one_model_ready_whose_artifacts_exist_match_and_load(
     // Every artifact is a full s3:// URL that exists and matches the manifest's sha256.
     let store = s3.store("published");
     let prefix = "s3://models/published/";
-    for name in ["keras", "metadata", "weights", "embeddings", "tfjs", "manifest", "model_card"] {
+    for name in ["keras", "metadata", "weights", "embeddings", "neighbours", "tfjs", "manifest", "model_card"] {
         let url = event["artifacts"][name].as_str().unwrap_or_else(|| panic!("no artifact {name}"));
         assert!(url.starts_with(prefix), "{url}");
         assert!(store.exists(&url[prefix.len()..]).await.unwrap(), "{url} is missing");

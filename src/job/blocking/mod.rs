@@ -2,10 +2,12 @@
 //!
 //! Files: this one (the run's steps: prepare, check, train, pick the best epoch, judge),
 //! `checkpointer` (a checkpoint per epoch; the best one read back), `current` (the live version
-//! scored for the gate), `version` (metadata, files, upload).
+//! scored for the gate), `neighbours` (the similar-tracks table, compared with the parent's),
+//! `version` (metadata, files, upload).
 
 mod checkpointer;
 mod current;
+mod neighbours;
 mod version;
 
 pub(super) use version::{VersionFiles, publish};
@@ -116,9 +118,14 @@ impl BlockingRun {
             stop_reason: ended.stop_reason,
             gate,
         };
-        let metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
+        let table = self.neighbour_table(&embeddings, learned.as_deref(), &dataset)?;
+        let mut metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
+        let table = table.map(|(table, summary)| {
+            metadata.neighbours = Some(summary);
+            table
+        });
         let tables = (!config.model_kind.is_content()).then_some((&data.inputs, learned.as_deref()));
-        Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata, tables)?)))
+        Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata, tables, table.as_ref())?)))
     }
 
     /// Why this run must not train at all: data below the minimum sizes, nothing to pair, or a

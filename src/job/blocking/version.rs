@@ -17,6 +17,7 @@ use crate::publish::{layout, store::ModelStore};
 use crate::system::device;
 use crate::training::eval::RankingMetrics;
 use crate::training::model::vocab::TrackInputs;
+use crate::training::neighbours::Neighbours;
 use crate::training::trainer::{Baselines, PreparedData, StopReason, TrainingState};
 
 /// The serialised artifacts of a finished run, in upload order (metadata last).
@@ -33,6 +34,7 @@ impl VersionFiles {
         embeddings: &candle_core::Tensor,
         metadata: ModelMetadata,
         tables: Option<(&TrackInputs, Option<&[bool]>)>,
+        neighbours: Option<&Neighbours>,
     ) -> anyhow::Result<Self> {
         let version = &metadata.model_version;
         // The kind's own files: its weights, its Keras and TF.js models and, for the table kinds,
@@ -66,6 +68,9 @@ impl VersionFiles {
             (layout::TFJS_MODEL, tfjs_model),
         ];
         files.extend(vocabularies.map(|v| (artifacts::VOCABULARIES, v)));
+        if let Some(table) = neighbours {
+            files.push((layout::NEIGHBOURS, artifacts::neighbours_bytes(table, version)?));
+        }
         files.extend([
             (model_card::CURVES_SVG, model_card::curves_svg(&metadata).into_bytes()),
             (layout::MODEL_CARD, model_card::markdown(&metadata).into_bytes()),
@@ -145,6 +150,7 @@ impl BlockingRun {
             best_epoch,
             stop_reason,
             quality_gate: Some(gate),
+            neighbours: None, // set once the table is built
         }
     }
 }

@@ -119,6 +119,7 @@ pub fn markdown(m: &ModelMetadata) -> String {
         }
         let _ = writeln!(s);
     }
+    similar_tracks(&mut s, m);
     let _ = writeln!(s, "![Training curves: loss and Recall@10 per epoch]({CURVES_SVG})\n");
     let _ = writeln!(s, "## Training\n");
     let _ = writeln!(s, "{}", card_kinds::architecture(m));
@@ -262,4 +263,36 @@ fn legend(s: &mut String, x: &mut f64, y: f64, name: &str, colour: &str, dashed:
 
 fn fmt_tick(v: f64) -> String {
     if v.abs() >= 10.0 { format!("{v:.1}") } else { format!("{v:.3}") }
+}
+
+/// The neighbour table: what it holds and how far it moved since the parent version.
+fn similar_tracks(s: &mut String, m: &ModelMetadata) {
+    let Some(n) = &m.neighbours else { return };
+    let _ = writeln!(s, "## Similar tracks\n");
+    let _ = writeln!(
+        s,
+        "`{}` lists each track's {} most similar tracks by cosine, exact (every pair scored), best first, ties by \
+         lower row; {} tracks have neighbours. Built in {:.1} s.",
+        crate::publish::layout::NEIGHBOURS,
+        n.k,
+        n.tracks_listed,
+        n.seconds
+    );
+    match (&n.parent_version, n.jaccard_at_10_vs_parent) {
+        (Some(parent), Some(j)) => {
+            let _ = writeln!(
+                s,
+                "Against the previous version {parent}: mean Jaccard@10 {j:.3} over the {} tracks both list (1 means \
+                 every track's first 10 neighbours are unchanged).",
+                n.tracks_compared.unwrap_or(0)
+            );
+        }
+        (Some(parent), None) => {
+            let _ = writeln!(s, "The previous version {parent} lists no track this one does.");
+        }
+        (None, _) => {
+            let _ = writeln!(s, "No previous version with a neighbour table to compare with.");
+        }
+    }
+    let _ = writeln!(s);
 }

@@ -69,6 +69,17 @@ impl<'a> Mat<'a> {
 
 /// `out = (accumulate ? out : 0) + scale · a·b`, `out` row-major `[a.rows, b.cols]` (as used).
 pub fn matmul(out: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    matmul_with(out, a, b, scale, accumulate, parallelism);
+}
+
+/// `out = a·b` on the calling thread: for callers that already run one product per core.
+pub fn matmul_single_thread(out: &mut [f32], a: Mat, b: Mat) {
+    matmul_with(out, a, b, 1.0, false, Parallelism::None);
+}
+
+fn matmul_with(out: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool, parallelism: Parallelism) {
     let ((m, k), (k2, n)) = (a.dims(), b.dims());
     assert_eq!(k, k2, "inner dimensions {k} and {k2}");
     assert_eq!(out.len(), m * n, "output of [{m}, {n}] over {} values", out.len());
@@ -82,8 +93,6 @@ pub fn matmul(out: &mut [f32], a: Mat, b: Mat, scale: f32, accumulate: bool) {
         return;
     }
     let ((a_rs, a_cs), (b_rs, b_cs)) = (a.strides(), b.strides());
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the asserts above (and `Mat::new`'s) bound every index gemm derives from these
     // dimensions and strides inside the three slices; `out` is borrowed mutably, so it aliases
     // neither input.

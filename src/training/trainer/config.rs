@@ -47,10 +47,22 @@ pub struct TrainConfig {
     /// cold-start evaluation. Training never sees those tracks' listens.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cold_tracks: f64,
+    /// Similar tracks listed per track in the version's neighbour table (0: no table). Absent from
+    /// the JSON at the default, so runs recorded before the table existed read as before.
+    #[serde(default = "default_neighbours", skip_serializing_if = "is_default_neighbours")]
+    pub neighbours: usize,
 }
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn default_neighbours() -> usize {
+    crate::training::neighbours::DEFAULT_K
+}
+
+fn is_default_neighbours(k: &usize) -> bool {
+    *k == default_neighbours()
 }
 
 impl TrainConfig {

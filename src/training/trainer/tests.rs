@@ -143,6 +143,7 @@ fn small_run() -> (Dataset, TrainConfig) {
         model_kind: Default::default(),
         tables: None,
         cold_tracks: 0.0,
+        neighbours: crate::training::neighbours::DEFAULT_K,
     };
     (dataset, config)
 }

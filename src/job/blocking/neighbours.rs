@@ -1,0 +1,136 @@
+//! The version's similar-tracks table, and how far it moved from the parent version's.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use tracing::{info, info_span, warn};
+
+use super::BlockingRun;
+use crate::data::Dataset;
+use crate::publish::artifacts::NeighbourSummary;
+use crate::publish::layout;
+use crate::publish::store::StoreError;
+use crate::publish::versions::read_latest;
+use crate::training::neighbours::{self, Neighbours};
+
+/// Neighbours compared with the parent's: the first 10 of each track.
+const JACCARD_AT: usize = 10;
+
+/// A published version's neighbour table with the track ids its rows stand for.
+struct ParentTable {
+    version: String,
+    track_ids: Vec<String>,
+    table: Neighbours,
+}
+
+impl BlockingRun {
+    /// The exact top-K table of `embeddings` among the tracks that have one (`learned`, for the
+    /// collaborative kind), with its Jaccard@10 against the version `latest.json` names. `None`
+    /// when the run asks for no table (K = 0).
+    pub(super) fn neighbour_table(
+        &self,
+        embeddings: &Tensor,
+        learned: Option<&[bool]>,
+        dataset: &Dataset,
+    ) -> anyhow::Result<Option<(Neighbours, NeighbourSummary)>> {
+        let k = self.record.config.neighbours;
+        if k == 0 {
+            return Ok(None);
+        }
+        let _span = info_span!("neighbour_table", k).entered();
+        let started = Instant::now();
+        let (_, dim) = embeddings.dims2()?;
+        let host: Vec<f32> = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // Every core, even when training ran on one thread (batches ≤ 512 train fastest there and
+        // size the global pool to 1): the table is one big matrix product, which scales.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(cores).build()?;
+        let table = pool.install(|| neighbours::exact(&host, dim, k, learned));
+        let seconds = started.elapsed().as_secs_f64();
+        let tracks_listed = (0..table.num_tracks()).filter(|&t| table.of(t).0[0] != neighbours::PADDING).count();
+        let mut summary = NeighbourSummary {
+            k,
+            tracks_listed,
+            seconds,
+            parent_version: None,
+            jaccard_at_10_vs_parent: None,
+            tracks_compared: None,
+        };
+        match self.parent_table() {
+            Ok(Some(parent)) => {
+                let ours: HashMap<&str, u32> =
+                    dataset.catalogue.track_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i as u32)).collect();
+                let theirs: HashMap<&str, usize> =
+                    parent.track_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+                let parent_row = |t: usize| theirs.get(dataset.catalogue.track_ids[t].as_str()).copied();
+                let our_row = |i: u32| parent.track_ids.get(i as usize).and_then(|id| ours.get(id.as_str()).copied());
+                // Only tracks listed in both: a track new to this version (or newly learned) has
+                // no earlier list to have changed from.
+                let listed = |n: &Neighbours, t: usize| n.of(t).0[0] != neighbours::PADDING;
+                let both = |t: usize| parent_row(t).filter(|&p| listed(&table, t) && listed(&parent.table, p));
+                let change = table.mean_jaccard(&parent.table, JACCARD_AT, both, our_row);
+                summary.jaccard_at_10_vs_parent = change.map(|(jaccard, _)| jaccard);
+                summary.tracks_compared = Some(change.map_or(0, |(_, tracks)| tracks));
+                summary.parent_version = Some(parent.version);
+            }
+            Ok(None) => {}
+            // The comparison informs; it must not fail a run whose table is built.
+            Err(e) => {
+                warn!(error.message = %format!("{e:#}"), "the parent version's neighbour table could not be read")
+            }
+        }
+        info!(
+            seconds,
+            cores,
+            tracks_listed,
+            parent_version = summary.parent_version.as_deref().unwrap_or(""),
+            jaccard_at_10_vs_parent = summary.jaccard_at_10_vs_parent.unwrap_or(f64::NAN),
+            "neighbour table built"
+        );
+        Ok(Some((table, summary)))
+    }
+
+    /// The neighbour table of the version `latest.json` names: `None` for a first version, a
+    /// retried publish of this very version, or a parent published before versions had tables.
+    fn parent_table(&self) -> anyhow::Result<Option<ParentTable>> {
+        let m = &self.record;
+        let Some(latest) = self.runtime.block_on(read_latest(&self.store, &m.model))? else {
+            return Ok(None);
+        };
+        if latest.version == m.version {
+            return Ok(None);
+        }
+        let get = |name: &str| {
+            self.runtime.block_on(self.store.get(&layout::version_object(&m.model, &latest.version, name)))
+        };
+        let bytes = match get(layout::NEIGHBOURS) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)
+            .with_context(|| format!("version {}'s metadata", latest.version))?;
+        let track_ids: Vec<String> = serde_json::from_value(metadata["track_ids"].clone())
+            .with_context(|| format!("version {}'s metadata has no track_ids", latest.version))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        let get_tensor = |name: &str| {
+            tensors.get(name).with_context(|| format!("version {}'s neighbour table has no `{name}`", latest.version))
+        };
+        let indices = get_tensor("indices")?;
+        let (rows, k) = indices.dims2()?;
+        anyhow::ensure!(
+            rows == track_ids.len(),
+            "version {} lists neighbours of {rows} of its {} tracks",
+            latest.version,
+            track_ids.len()
+        );
+        let table = Neighbours {
+            k,
+            indices: indices.flatten_all()?.to_vec1()?,
+            cosines: get_tensor("cosines")?.flatten_all()?.to_vec1()?,
+        };
+        Ok(Some(ParentTable { version: latest.version, track_ids, table }))
+    }
+}
