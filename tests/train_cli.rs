@@ -431,3 +431,59 @@ fn each_version_lists_every_tracks_exact_neighbours_and_how_far_they_moved() {
     assert!(!third.join("neighbours.safetensors").exists());
     assert!(metadata(&third).get("neighbours").is_none());
 }
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn a_warm_start_begins_at_the_parents_weights_keeps_its_statistics_and_grows_the_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let hybrid = ["--model-kind", "hybrid", "--warm-start", "auto", "--epochs", "2"];
+    train(dir.path(), &hybrid);
+    let first = only_version(dir.path());
+    let lineage = &metadata(&first)["lineage"];
+    assert_eq!(
+        (lineage["mode"].as_str(), lineage["reason"].as_str()),
+        (Some("full"), Some("the first version of this model"))
+    );
+
+    // Learning rates of 1e-12: whatever the run ends with is where it started, to float precision.
+    // A warm start begins at the parent's weights; a full run would begin at a seeded initialisation.
+    let frozen = ["--learning-rate", "1e-12", "--table-learning-rate", "1e-12", "--epochs", "1"];
+    train(dir.path(), &[&hybrid[..4], &frozen[..]].concat());
+    let second = versions(dir.path()).pop().unwrap();
+    let meta = metadata(&second);
+    assert_eq!(meta["lineage"]["mode"], "warm", "{:#}", meta["lineage"]);
+    assert_eq!(meta["lineage"]["parent_version"].as_str().unwrap(), first.file_name().unwrap().to_str().unwrap());
+    assert_eq!(meta["lineage"]["versions_since_full"], 1);
+    let (parent, child) = (tensors(&first.join("weights.safetensors")), tensors(&second.join("weights.safetensors")));
+    for name in ["dense.kernel", "dense_2.kernel", "track_embedding.embeddings", "artist_embedding.embeddings"] {
+        let (a, b) = (floats(&parent[name]), floats(&child[name]));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{name} moved {worst} from the parent's");
+        assert!(a.iter().any(|&x| x != 0.0), "{name} of the parent is not trivially zero");
+    }
+    assert_eq!(meta["feature_means"], metadata(&first)["feature_means"]);
+
+    // A catalogue grown by 100 tracks (the generator draws the first 800 exactly as before): the
+    // lineage's standardisation stays, the known tracks' rows carry over, the new ones are new.
+    train(dir.path(), &[&hybrid[..], &["--synthetic-tracks", "900"][..]].concat());
+    let third = versions(dir.path()).pop().unwrap();
+    let meta = metadata(&third);
+    assert_eq!(meta["lineage"]["mode"], "warm");
+    assert_eq!(meta["lineage"]["versions_since_full"], 2);
+    assert_eq!(meta["feature_means"], metadata(&first)["feature_means"], "the statistics are the lineage's");
+    assert_eq!(meta["feature_stds"], metadata(&first)["feature_stds"]);
+    let carried = &meta["lineage"]["carried_over"];
+    assert_eq!(carried[0]["table"], "track_embedding");
+    assert_eq!((carried[0]["copied_rows"].as_u64(), carried[0]["new_rows"].as_u64()), (Some(800), Some(100)));
+    assert!(carried[1]["copied_rows"].as_u64().unwrap() > 0, "artists carry over by name: {carried:#}");
+
+    // Another kind cannot be a parent: a full retrain, and it says why.
+    train(dir.path(), &["--model-kind", "collaborative", "--warm-start", "auto", "--epochs", "1"]);
+    let fourth = versions(dir.path()).pop().unwrap();
+    let lineage = &metadata(&fourth)["lineage"];
+    assert_eq!(lineage["mode"], "full");
+    assert!(lineage["reason"].as_str().unwrap().contains("is a hybrid model"), "{lineage:#}");
+}

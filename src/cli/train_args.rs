@@ -70,6 +70,18 @@ pub struct TrainArgs {
     /// cosine), at most 1000 (0: no table).
     #[arg(long, env = "AUDOTICS_NEIGHBOURS", default_value_t = crate::training::neighbours::DEFAULT_K, value_parser = neighbours_per_track)]
     pub neighbours: usize,
+    /// Start each run from the weights of the version latest.json names (`auto`), unless a full
+    /// retrain is due (schedule, drift, request, another kind or size), or always train from
+    /// scratch (`off`).
+    #[arg(long, env = "AUDOTICS_WARM_START", value_enum, default_value = "off")]
+    pub warm_start: crate::job::lineage::WarmStart,
+    /// With warm start: retrain fully once every this many versions (0: never on schedule).
+    #[arg(long, env = "FULL_RETRAIN_EVERY", default_value_t = crate::job::lineage::LineageSettings::default().full_retrain_every)]
+    pub full_retrain_every: usize,
+    /// With warm start: retrain fully when more than this share of the interactions is newer than
+    /// the lineage's last full version, in [0, 1).
+    #[arg(long, env = "FULL_RETRAIN_DRIFT", default_value_t = crate::job::lineage::LineageSettings::default().drift_threshold, value_parser = share_below_one, allow_negative_numbers = true)]
+    pub full_retrain_drift: f64,
     /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
     #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
     pub loss: LossKind,
@@ -240,6 +252,11 @@ impl TrainArgs {
             keep_checkpoints: self.keep_checkpoints,
             data_source_label: self.data_source_label.clone(),
             playlists: self.playlists,
+            lineage: crate::job::lineage::LineageSettings {
+                warm_start: self.warm_start,
+                full_retrain_every: self.full_retrain_every,
+                drift_threshold: self.full_retrain_drift,
+            },
         }
     }
 }

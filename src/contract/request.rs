@@ -61,6 +61,9 @@ pub struct Params {
     pub temperature: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_split: Option<f64>,
+    /// Retrain from scratch even where the worker would warm-start from the latest version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full: Option<bool>,
 }
 
 impl Params {

@@ -3,6 +3,7 @@
 //! run in the Postgres ledger whenever a database is configured.
 
 mod blocking;
+pub mod lineage;
 mod outcome;
 pub mod run_record;
 
@@ -83,6 +84,10 @@ pub struct TrainJob {
     pub stop: StopFlag,
     /// Refuse to train when the run's estimated peak memory exceeds this (`None`: unbounded).
     pub memory_budget: Option<MemoryBudget>,
+    /// When a run may warm-start from the latest version, and when it must retrain fully.
+    pub lineage: lineage::LineageSettings,
+    /// A request asked for a full retrain (`params.full`).
+    pub requested_full: bool,
 }
 
 /// What every run of a process starts from (the `train` flags): the CLI's one run, and each of the
@@ -105,6 +110,7 @@ pub struct RunDefaults {
     pub data_source_label: String,
     /// Whether playlist co-membership counts as co-occurrence.
     pub playlists: bool,
+    pub lineage: lineage::LineageSettings,
 }
 
 impl RunDefaults {
@@ -148,6 +154,8 @@ impl RunDefaults {
             show_progress: false,
             stop,
             memory_budget: None,
+            lineage: self.lineage,
+            requested_full: false,
         }
     }
 }
@@ -212,6 +220,23 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
     .await
 }
 
+/// What the lineage decision reads of the version `latest.json` names: `None` when there is none,
+/// or when it is this run's own (a publish retried after it advanced `latest.json`).
+async fn latest_summary(
+    store: &ModelStore,
+    model: &str,
+    this_version: &str,
+) -> anyhow::Result<Option<lineage::ParentSummary>> {
+    let Some(latest) = crate::publish::versions::read_latest(store, model).await? else { return Ok(None) };
+    if latest.version == this_version {
+        return Ok(None);
+    }
+    let key = layout::version_object(model, &latest.version, layout::METADATA);
+    let summary =
+        serde_json::from_slice(&store.get(&key).await?).with_context(|| format!("{key} is not valid metadata"))?;
+    Ok(Some(summary))
+}
+
 /// Loads the data, trains and publishes.
 async fn execute(
     store: &ModelStore,
@@ -222,12 +247,34 @@ async fn execute(
 ) -> anyhow::Result<RunOutcome> {
     let resume_from = latest_checkpoint(store, record).await?;
     let dataset = load_dataset(record, pool).await?;
+    let mut changed = false;
     if let DataSpec::Postgres(spec) = &mut record.data
         && spec.interactions_until_ms.is_none()
     {
         // Pin the history and the catalogue this run trains on, so a resume reads the same rows.
         spec.interactions_until_ms = Some(dataset.watermark.newest_interaction_ms.unwrap_or(i64::MIN));
         spec.tracks_until_ms = Some(dataset.watermark.newest_track_created_ms.unwrap_or(0));
+        changed = true;
+    }
+    if record.lineage.is_none() {
+        // Decided once, on this data, and kept: a resumed run warm-starts from the same parent.
+        let parent = match job.lineage.warm_start {
+            lineage::WarmStart::Off => None,
+            lineage::WarmStart::Auto => latest_summary(store, &record.model, &record.version).await?,
+        };
+        let plan = lineage::decide(
+            &job.lineage,
+            parent.as_ref(),
+            job.requested_full,
+            record.config.model_kind,
+            record.config.encoder.embedding_size,
+            &dataset.interactions,
+        );
+        info!(mode = ?plan.mode, parent = plan.parent_version.as_deref().unwrap_or(""), reason = %plan.reason, "lineage decided");
+        record.lineage = Some(plan);
+        changed = true;
+    }
+    if changed {
         anyhow::ensure!(
             save_run_record(store, record, Some(record_tag)).await?.is_some(),
             "{} changed since this worker read it: another worker took the run over (this one's lease \

@@ -88,6 +88,9 @@ pub struct RunRecord {
     pub minimums: MinimumSizes,
     pub device: DeviceChoice,
     pub trainer_version: String,
+    /// Full retrain or warm start, decided once the data is loaded and kept for a resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<crate::publish::lineage::LineagePlan>,
 }
 
 impl RunRecord {
@@ -119,6 +122,7 @@ impl RunRecord {
             minimums,
             device,
             trainer_version: TRAINER_VERSION.to_string(),
+            lineage: None,
         }
     }
 

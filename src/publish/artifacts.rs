@@ -101,6 +101,10 @@ pub struct ModelMetadata {
     /// The quality gate's verdict on this version (absent before the gate had floors).
     #[serde(default)]
     pub quality_gate: Option<crate::publish::gate::GateReport>,
+    /// Full retrain or warm start, and the distance from the last full retrain (absent in
+    /// versions published before lineages were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<crate::publish::lineage::Lineage>,
     /// The similar-tracks table (`neighbours.safetensors`), absent when none was built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neighbours: Option<NeighbourSummary>,

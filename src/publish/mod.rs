@@ -13,5 +13,6 @@ pub mod artifacts;
 pub mod export;
 pub mod gate;
 pub mod layout;
+pub mod lineage;
 pub mod store;
 pub mod versions;

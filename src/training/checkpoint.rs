@@ -196,14 +196,15 @@ pub fn position_of(file_name: &str) -> Option<(usize, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::training::loss::{LossConfig, LossKind};
     use crate::training::model::EncoderConfig;
     use crate::training::pairs::SamplingConfig;
     use rand::Rng;
 
-    fn config() -> TrainConfig {
+    /// A tiny content run's settings (E = 4), for unit tests here and in `warm`.
+    pub(crate) fn config() -> TrainConfig {
         TrainConfig {
             epochs: 3,
             batch_size: 8,

@@ -12,7 +12,8 @@
 //! - [`neighbours`]: each track's exact top-K most similar tracks (the version's neighbour table);
 //! - [`trainer`]: the loop (epochs, early stopping, the best epoch) and its observer hooks;
 //! - [`checkpoint`]: per-epoch safetensors checkpoints for exact resume;
-//! - [`resources`]: a run's peak-memory estimate and the process's memory budget.
+//! - [`resources`]: a run's peak-memory estimate and the process's memory budget;
+//! - [`warm`]: starting a run from a published version's weights (warm start).
 
 pub mod checkpoint;
 pub mod cpu_step;
@@ -25,3 +26,4 @@ pub mod optim;
 pub mod pairs;
 pub mod resources;
 pub mod trainer;
+pub mod warm;

@@ -67,6 +67,14 @@ pub fn model_ready(p: &Published) -> EventDraft {
     if let Some(url) = p.artifacts.get(crate::publish::artifacts::VOCABULARIES) {
         body["artifacts"]["vocabularies"] = json!(url);
     }
+    if let Some(l) = &m.lineage {
+        body["lineage"] = json!({
+            "mode": l.plan.mode,
+            "parent_version": l.plan.parent_version,
+            "reason": l.plan.reason,
+            "versions_since_full": l.plan.versions_since_full,
+        });
+    }
     // The similar-tracks table (absent when the run asked for none), and how far it moved.
     if let Some(url) = p.artifacts.get(crate::publish::layout::NEIGHBOURS) {
         body["artifacts"]["neighbours"] = json!(url);

@@ -8,6 +8,7 @@
 mod checkpointer;
 mod current;
 mod neighbours;
+mod parent;
 mod version;
 
 pub(super) use version::{VersionFiles, publish};
@@ -18,6 +19,7 @@ use tracing::info;
 use super::{RunRecord, StopFlag};
 use crate::data::Dataset;
 use crate::publish::gate;
+use crate::publish::lineage::Lineage;
 use crate::publish::store::ModelStore;
 use crate::system::device;
 use crate::system::telemetry::EpochProgress;
@@ -25,6 +27,7 @@ use crate::training::checkpoint;
 use crate::training::model::tables::table_rows;
 use crate::training::resources::{self, DataSizes, MemoryBudget, MemoryEstimate};
 use crate::training::trainer::{Baselines, PreparedData, StopReason, Trainer, TrainingState, best_epoch};
+use crate::training::warm;
 use checkpointer::Checkpointer;
 use version::Scores;
 
@@ -58,7 +61,13 @@ impl BlockingRun {
         let config = &self.record.config;
         let device = device::select(self.record.device)?;
         info!(device = %device::describe(&device), "device selected");
-        let data = PreparedData::new(&dataset, config, &device)?;
+        let parent = self.warm_parent()?;
+        let data = PreparedData::with_standardizer(
+            &dataset,
+            config,
+            &device,
+            parent.as_ref().map(|p| p.standardizer.clone()),
+        )?;
         let trainer = Trainer::new(config, &data)?;
         info!(
             tracks = data.num_tracks(),
@@ -75,7 +84,17 @@ impl BlockingRun {
         }
         log_holdout(&data, &trainer);
         let baselines = baselines(&trainer)?;
-        let ended = match self.run_epochs(&trainer, &device)? {
+        let (initial, carried_over) = match &parent {
+            Some(parent) => {
+                let (state, carried) = warm::start(&trainer, &device, parent, &dataset.catalogue.track_ids)?;
+                for c in &carried {
+                    info!(table = %c.table, copied_rows = c.copied_rows, new_rows = c.new_rows, "warm start");
+                }
+                (state, carried)
+            }
+            None => (trainer.fresh_state(&device)?, Vec::new()),
+        };
+        let ended = match self.run_epochs(&trainer, initial)? {
             Epochs::Ended(ended) => ended,
             Epochs::StopRequested { epochs_completed } => return Ok(Trained::Stopped { epochs_completed }),
         };
@@ -120,6 +139,11 @@ impl BlockingRun {
         };
         let table = self.neighbour_table(&embeddings, learned.as_deref(), &dataset)?;
         let mut metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
+        metadata.lineage = self.record.lineage.clone().map(|plan| Lineage {
+            epochs_since_full: plan.epochs_before + state.epoch,
+            plan,
+            carried_over,
+        });
         let table = table.map(|(table, summary)| {
             metadata.neighbours = Some(summary);
             table
@@ -161,9 +185,9 @@ impl BlockingRun {
 
     /// Trains from the newest checkpoint (or the seed) until the last epoch, early stopping, or a
     /// stop request (its checkpoint is written).
-    fn run_epochs(&self, trainer: &Trainer, device: &candle_core::Device) -> anyhow::Result<Epochs> {
+    /// Trains from `state` (fresh or warm; a checkpoint, when resuming, replaces it).
+    fn run_epochs(&self, trainer: &Trainer, mut state: TrainingState) -> anyhow::Result<Epochs> {
         let config = &self.record.config;
-        let mut state = trainer.fresh_state(device)?;
         let mut saved_at = None;
         if let Some(((epoch, step), bytes)) = &self.resume_from {
             saved_at = Some(

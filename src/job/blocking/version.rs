@@ -151,6 +151,7 @@ impl BlockingRun {
             stop_reason,
             quality_gate: Some(gate),
             neighbours: None, // set once the table is built
+            lineage: None,    // set by the caller, who knows what the warm start carried over
         }
     }
 }

@@ -122,6 +122,7 @@ pub fn markdown(m: &ModelMetadata) -> String {
     similar_tracks(&mut s, m);
     let _ = writeln!(s, "![Training curves: loss and Recall@10 per epoch]({CURVES_SVG})\n");
     let _ = writeln!(s, "## Training\n");
+    lineage(&mut s, m);
     let _ = writeln!(s, "{}", card_kinds::architecture(m));
     let _ = writeln!(
         s,
@@ -263,6 +264,28 @@ fn legend(s: &mut String, x: &mut f64, y: f64, name: &str, colour: &str, dashed:
 
 fn fmt_tick(v: f64) -> String {
     if v.abs() >= 10.0 { format!("{v:.1}") } else { format!("{v:.3}") }
+}
+
+/// Full retrain or warm start, and why.
+fn lineage(s: &mut String, m: &ModelMetadata) {
+    let Some(l) = &m.lineage else { return };
+    let p = &l.plan;
+    let _ = match p.mode {
+        crate::publish::lineage::TrainingMode::Full => writeln!(s, "- **Full retrain** ({}).", p.reason),
+        crate::publish::lineage::TrainingMode::Warm => writeln!(
+            s,
+            "- **Warm start** from {} ({}); {} version(s) and {} epochs since the last full retrain {}; \
+             standardisation from the lineage.",
+            p.parent_version.as_deref().unwrap_or("?"),
+            p.reason,
+            p.versions_since_full,
+            l.epochs_since_full,
+            p.base_version.as_deref().unwrap_or("?"),
+        ),
+    };
+    for c in &l.carried_over {
+        let _ = writeln!(s, "  - `{}`: {} rows from the parent, {} new.", c.table, c.copied_rows, c.new_rows);
+    }
 }
 
 /// The neighbour table: what it holds and how far it moved since the parent version.

@@ -169,6 +169,11 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// The catalogue's vocabularies and table rows.
+    pub fn inputs(&self) -> &crate::training::model::vocab::TrackInputs {
+        &self.data.inputs
+    }
+
     /// The fixed evaluation set (users and their held-out tracks), for extra baselines.
     pub fn eval_set(&self) -> &EvalSet<'a> {
         &self.eval

@@ -74,7 +74,18 @@ pub struct HoldoutSummary {
 
 impl PreparedData {
     pub fn new(dataset: &Dataset, config: &TrainConfig, device: &Device) -> anyhow::Result<Self> {
-        let standardizer = Standardizer::fit(&dataset.catalogue.features);
+        Self::with_standardizer(dataset, config, device, None)
+    }
+
+    /// [`Self::new`] with given standardisation statistics (a warm start keeps its lineage's);
+    /// `None` fits them on this catalogue.
+    pub fn with_standardizer(
+        dataset: &Dataset,
+        config: &TrainConfig,
+        device: &Device,
+        standardizer: Option<Standardizer>,
+    ) -> anyhow::Result<Self> {
+        let standardizer = standardizer.unwrap_or_else(|| Standardizer::fit(&dataset.catalogue.features));
         let n = dataset.catalogue.len();
         let features =
             Tensor::from_vec(standardizer.apply_all(&dataset.catalogue.features), (n, NUM_FEATURES), device)?;
