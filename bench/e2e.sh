@@ -45,7 +45,10 @@
 # [postgres://postgres@127.0.0.1:5432/postgres] DB [bench_e2e] TRACKS [100000] USERS [10000]
 # INTERACTIONS [2000000] SEED [42] EPOCHS [50] MAX_PAIRS_PER_EPOCH [0] (0 = every mined pair)
 # BATCH_SIZE [64] CPU_THREADS [0] (AUDOTICS_CPU_THREADS; 0 = the worker's auto) TIMEOUT_S [3600]
-# (the longest wait for the answer) OUT [target/bench-e2e]. s3s-fs from S3S_FS_BIN, else
+# (the longest wait for the answer) OUT [target/bench-e2e] STORE_PREFIX [a new one per run: the
+# store's prefix; bench/warm.sh reuses one so that a later request finds the earlier version]
+# WARM_START [off] (AUDOTICS_WARM_START) PARAMS [none] (the request's params JSON, e.g.
+# '{"full": true}'). s3s-fs from S3S_FS_BIN, else
 # ~/.cargo/bin. Drop the database by hand when done (`dropdb -h 127.0.0.1 -U postgres bench_e2e`),
 # and $OUT/s3 (each run leaves its ~30 MB version there).
 set -euo pipefail
@@ -63,6 +66,8 @@ BATCH_SIZE=${BATCH_SIZE:-64}
 CPU_THREADS=${CPU_THREADS:-0}
 TIMEOUT_S=${TIMEOUT_S:-3600}
 OUT=${OUT:-target/bench-e2e}
+WARM_START=${WARM_START:-off}
+PARAMS=${PARAMS:-}
 MODEL=content-based
 BUCKET=bench-e2e
 
@@ -135,7 +140,8 @@ rabbitmqctl -q add_vhost "$VHOST" >/dev/null
 VHOST_MADE=1
 rabbitmqctl -q set_permissions -p "$VHOST" guest '.*' '.*' '.*' >/dev/null
 AMQP_URL=amqp://guest:guest@127.0.0.1:5672/$VHOST
-STORE=s3://$BUCKET/$RUN
+STORE_PREFIX=${STORE_PREFIX:-$RUN}
+STORE=s3://$BUCKET/$STORE_PREFIX
 HTTP_PORT=$(free_port)
 LOG=$OUT/worker-$RUN.log
 env -i PATH="$PATH" HOME="$HOME" \
@@ -145,7 +151,7 @@ env -i PATH="$PATH" HOME="$HOME" \
     WORKER_ID="bench-e2e-$RUN" WORKER_MODELS="$MODEL" WORKER_HTTP_ADDR="127.0.0.1:$HTTP_PORT" \
     AUDOTICS_DEVICE=cpu AUDOTICS_LOG_FORMAT=json RUST_LOG=info \
     AUDOTICS_EPOCHS="$EPOCHS" AUDOTICS_BATCH_SIZE="$BATCH_SIZE" AUDOTICS_MAX_PAIRS_PER_EPOCH="$MAX_PAIRS_PER_EPOCH" \
-    AUDOTICS_CPU_THREADS="$CPU_THREADS" \
+    AUDOTICS_CPU_THREADS="$CPU_THREADS" AUDOTICS_WARM_START="$WARM_START" \
     "$BIN" worker 2>"$LOG" >/dev/null &
 WORKER_PID=$!
 say "worker $WORKER_PID (log $LOG), store $STORE, vhost $VHOST"
@@ -167,7 +173,7 @@ for _ in $(seq 1 100); do [ -e "$WORK/listening" ] && break; kill -0 "$LISTENER_
 say "publishing retrain.$MODEL ($EPOCHS epochs, max pairs per epoch $MAX_PAIRS_PER_EPOCH (0 = all), batch $BATCH_SIZE)"
 T0=$(now)
 EVENT_ID=$(env -i PATH="$PATH" AMQP_URL="$AMQP_URL" "$BIN" --log-format json retrain --model "$MODEL" \
-    --reason "bench/e2e.sh $RUN" 2>"$WORK/retrain.log") \
+    --reason "bench/e2e.sh $RUN" ${PARAMS:+--params "$PARAMS"} 2>"$WORK/retrain.log") \
     || { say "retrain failed:"; cat "$WORK/retrain.log" >&2; exit 1; }
 T1=$(now)
 while kill -0 "$LISTENER_PID" 2>/dev/null; do
@@ -197,8 +203,9 @@ cat >"$WORK/config.json" <<EOF
 {"run": "$RUN", "binary_rev": "$REV", "db": "$DB", "tracks": $TRACKS, "users": $USERS,
  "interactions_seeded": $INTERACTIONS, "seed": $SEED, "epochs": $EPOCHS, "batch_size": $BATCH_SIZE,
  "max_pairs_per_epoch": $MAX_PAIRS_PER_EPOCH, "cpu_threads": $CPU_THREADS, "device": "cpu",
+ "warm_start": "$WARM_START", "params": ${PARAMS:-null},
  "seed_seconds": $SEED_SECONDS, "event_id": "$EVENT_ID", "store": "$STORE",
- "store_dir": "$OUT/s3/$BUCKET/$RUN", "worker_exit_on_sigterm": $WORKER_EXIT, "nproc": $(nproc),
+ "store_dir": "$OUT/s3/$BUCKET/$STORE_PREFIX", "worker_exit_on_sigterm": $WORKER_EXIT, "nproc": $(nproc),
  "worker_threads": $THREADS, "worker_cpu_user_seconds": $UTIME, "worker_cpu_system_seconds": $STIME}
 EOF
 python3 bench/e2e/report.py --log "$LOG" --event "$WORK/event.json" --published-at "$T0" --confirmed-at "$T1" \

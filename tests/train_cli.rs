@@ -487,3 +487,39 @@ fn a_warm_start_begins_at_the_parents_weights_keeps_its_statistics_and_grows_the
     assert_eq!(lineage["mode"], "full");
     assert!(lineage["reason"].as_str().unwrap().contains("is a hybrid model"), "{lineage:#}");
 }
+
+/// kill -9 inside a warm run, `--resume`: the same weights as the uninterrupted warm run, which
+/// read the same parent (the resumed run's parent comes from its run.json, not from latest.json).
+#[test]
+fn a_killed_warm_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
+    let first = ["--warm-start", "auto", "--epochs", "2", "--synthetic-interactions", "20000"];
+    let warm = ["--warm-start", "auto", "--epochs", "6", "--patience", "0", "--synthetic-interactions", "20000"];
+    let reference = tempfile::tempdir().unwrap();
+    train(reference.path(), &first);
+    train(reference.path(), &warm);
+
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), &first);
+    // The first run checkpointed epochs 1 and 2: wait for the warm run's third.
+    kill_after_checkpoint(dir.path(), &warm, 3);
+    let run = std::fs::read_dir(dir.path().join("content-based/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|run| {
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(run.join("run.json")).unwrap()).unwrap();
+            record["lineage"]["mode"] == "warm"
+        })
+        .expect("the killed run recorded its warm plan");
+    let run_id = run.file_name().unwrap().to_str().unwrap();
+    let output = dir.path().to_str().unwrap();
+    let args = ["train", "--output", output, "--resume", run_id, "--no-progress", "--quality-floors", "false"];
+    let out = trainer(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("resumed from checkpoint"), "{stderr}");
+
+    let (want, got) = (versions(reference.path()).pop().unwrap(), versions(dir.path()).pop().unwrap());
+    assert_eq!(metadata(&got)["lineage"]["mode"], "warm");
+    assert_same_tensors(&tensors(&want.join("weights.safetensors")), &tensors(&got.join("weights.safetensors")));
+    assert_eq!(metadata(&want)["training_history"]["loss"], metadata(&got)["training_history"]["loss"]);
+}

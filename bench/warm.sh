@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Warm start against a full retrain, end to end (issue 18's acceptance): on the 100k-track /
+# 2M-interaction dataset of bench/e2e.sh, with one store prefix for the three requests,
+#  1. a full version (the first of the model: warm start on, nothing to start from);
+#  2. the history grown by 2 % new interactions and the catalogue by 1 % new tracks
+#     (bench/warm/grow.sql), then a retrain request → a warm start from version 1;
+#  3. a retrain request with params {"full": true} on the same grown data → a full retrain.
+# 2 and 3 train on the same data with the same time-ordered hold-out, so their Recall@10 compare
+# directly. Each request is timed from publication to its model-ready by bench/e2e.sh; the three
+# results are the last three lines of $OUT/e2e.jsonl, summarised at the end. The grown rows are
+# removed afterwards (bench/warm/shrink.sql), leaving bench_e2e as seeded.
+#
+# Parameters: those of bench/e2e.sh (TRACKS, USERS, INTERACTIONS, SEED, DB, ADMIN_URL, OUT, ...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+DB=${DB:-bench_e2e}
+OUT=${OUT:-target/bench-e2e}
+URL=${ADMIN_URL%/*}/$DB
+PREFIX=warm-$(date -u +%Y%m%dT%H%M%SZ)
+export STORE_PREFIX=$PREFIX WARM_START=auto OUT
+
+say() { echo "warm: $*" >&2; }
+shrink() { psql "$URL" -Xq -f bench/warm/shrink.sql 2>/dev/null || true; }
+
+say "1/3: the first (full) version"
+PARAMS='' bench/e2e.sh
+trap shrink EXIT
+say "2/3: growing the data, then a warm retrain"
+psql "$URL" -X -f bench/warm/grow.sql
+PARAMS='' bench/e2e.sh
+say "3/3: a full retrain of the same grown data"
+PARAMS='{"full": true}' bench/e2e.sh
+python3 - "$OUT/e2e.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])][-3:]
+for name, r in zip(["full (first)", "warm (grown data)", "full (grown data)"], rows):
+    m = r.get("metrics") or {}
+    print(f"{name:<18} request → {r['outcome']}: {r['total_seconds']:.1f} s; "
+          f"Recall@10 {m.get('recall_at_10')} ± {m.get('recall_at_10_se')}; "
+          f"epochs {m.get('epochs_trained')} (best {m.get('best_epoch')}); version {r['version']}")
+PY
