@@ -523,3 +523,68 @@ fn a_killed_warm_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     assert_same_tensors(&tensors(&want.join("weights.safetensors")), &tensors(&got.join("weights.safetensors")));
     assert_eq!(metadata(&want)["training_history"]["loss"], metadata(&got)["training_history"]["loss"]);
 }
+
+/// `train --refresh`: no epoch; the tracks added since the latest version get the embedding its
+/// weights give them (recomputed here from its weights file and statistics), and every other row is
+/// the parent's, bit for bit.
+#[test]
+fn a_refresh_embeds_exactly_the_new_tracks_and_keeps_every_other_row() {
+    use audotics_trainer::training::model::{Encoder, EncoderConfig};
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), &["--epochs", "2"]);
+    let parent = only_version(dir.path());
+    // 850 tracks: the generator draws the first 800 exactly as before, then 50 new ones.
+    let out = train(dir.path(), &["--refresh", "--synthetic-tracks", "850", "--embedding-size", "8"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("epoch finished"), "a refresh trains nothing: {stderr}");
+    let child = versions(dir.path()).pop().unwrap();
+    let meta = metadata(&child);
+    assert_eq!(meta["lineage"]["mode"], "refresh");
+    assert_eq!(meta["lineage"]["new_tracks"], 50);
+    assert_eq!(meta["epochs_completed"], 0);
+    assert_eq!(meta["embedding_size"], 16, "the parent's settings, not the flags (--embedding-size 8)");
+    assert_same_tensors(&tensors(&parent.join("weights.safetensors")), &tensors(&child.join("weights.safetensors")));
+
+    let old = floats(&tensors(&parent.join("embeddings.safetensors"))["embeddings"]);
+    let new = floats(&tensors(&child.join("embeddings.safetensors"))["embeddings"]);
+    let ids = |m: &serde_json::Value| -> Vec<String> { serde_json::from_value(m["track_ids"].clone()).unwrap() };
+    let (old_ids, new_ids) = (ids(&metadata(&parent)), ids(&meta));
+    let e = 16;
+    let spec = audotics_trainer::data::source::SyntheticSpec {
+        tracks: 850,
+        users: 120,
+        interactions: 8000,
+        ..Default::default()
+    };
+    let catalogue = audotics_trainer::data::synthetic::generate(&spec).catalogue;
+    assert!(catalogue.track_ids == new_ids, "the refresh's catalogue is the generator's");
+    let parent_meta = metadata(&parent);
+    let stats = |key: &str| -> [f32; 11] { serde_json::from_value(parent_meta[key].clone()).unwrap() };
+    let standardizer =
+        audotics_trainer::data::features::Standardizer { means: stats("feature_means"), stds: stats("feature_stds") };
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    let encoder = Encoder::new(
+        EncoderConfig { embedding_size: e, dropout: 0.2 },
+        &mut rng,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    encoder.load(&tensors(&parent.join("weights.safetensors"))).unwrap();
+    let mut fresh = 0;
+    for (t, id) in new_ids.iter().enumerate() {
+        let row = &new[t * e..(t + 1) * e];
+        match old_ids.iter().position(|o| o == id) {
+            Some(p) => assert!(row == &old[p * e..(p + 1) * e], "track {id}: not the parent's row"),
+            None => {
+                fresh += 1;
+                let x = Tensor::from_vec(standardizer.apply(&catalogue.features[t]).to_vec(), (1, 11), &Device::Cpu)
+                    .unwrap();
+                let want = floats(&encoder.embed(&x).unwrap());
+                let worst = want.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-5, "new track {id}: {worst} from the parent's encoder");
+            }
+        }
+    }
+    assert_eq!(fresh, 50);
+}

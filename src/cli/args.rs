@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a model and write a new version (synthetic data unless a database is configured).
-    Train(Box<TrainArgs>),
+    Train(Box<super::train_args::TrainCommand>),
     /// Measure training throughput (pairs/s) and peak memory on synthetic data.
     Bench(crate::bench::BenchArgs),
     /// Measure building the exact similar-tracks table for a catalogue size (seconds, peak memory).

@@ -113,7 +113,8 @@ pub(super) async fn seed(args: SeedArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn train(command: super::train_args::TrainCommand) -> anyhow::Result<ExitCode> {
+    let args = &command.args;
     let store = ModelStore::open(&args.output)?;
     let stop = StopFlag::default();
     spawn_signal_handler(stop.clone());
@@ -125,6 +126,8 @@ pub(super) async fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let job = TrainJob {
         database_url: args.database_url.clone(),
         resume: args.resume.clone(),
+        refresh: command.refresh,
+        requested_full: command.full,
         show_progress: !args.no_progress,
         memory_budget: MemoryBudget::detect(None),
         ..defaults.job(args.model.clone(), defaults.config.clone(), data, stop)

@@ -41,7 +41,7 @@ impl Cli {
     pub fn cpu_threads(&self) -> Option<usize> {
         match (&self.command, self.cpu_threads) {
             (_, n) if n > 0 => Some(n),
-            (Command::Train(t), _) if t.batch_size <= 512 => Some(1),
+            (Command::Train(t), _) if t.args.batch_size <= 512 => Some(1),
             // The pool is sized once per process: a request that raises its batch size keeps it.
             (Command::Worker(w), _) if w.train.batch_size <= 512 => Some(1),
             (Command::Bench(b), _) if b.batch_sizes.iter().all(|&size| size <= 512) => Some(1),
@@ -80,7 +80,7 @@ mod tests {
         let mut argv = vec!["audotics-trainer", "train"];
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv) {
-            Ok(Cli { command: Command::Train(t), .. }) => Ok(*t),
+            Ok(Cli { command: Command::Train(t), .. }) => Ok(t.args),
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string().lines().next().unwrap().to_string()),
         }

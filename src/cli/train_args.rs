@@ -261,6 +261,20 @@ impl TrainArgs {
     }
 }
 
+/// `train`'s own flags beside the run settings it shares with the worker.
+#[derive(Debug, Args)]
+pub struct TrainCommand {
+    #[command(flatten)]
+    pub args: TrainArgs,
+    /// No training: embed the tracks added since the latest version with its weights, keep every
+    /// other track's row, and publish (content and hybrid models; the latest version's settings).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Retrain from scratch even when `--warm-start auto` would warm-start.
+    #[arg(long)]
+    pub full: bool,
+}
+
 /// Sizes of the synthetic dataset (the embedded default when no database is configured).
 #[derive(Debug, Args)]
 pub struct SyntheticArgs {

@@ -64,6 +64,9 @@ pub struct Params {
     /// Retrain from scratch even where the worker would warm-start from the latest version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full: Option<bool>,
+    /// No training: embed the tracks added since the latest version with its weights and publish.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<bool>,
 }
 
 impl Params {

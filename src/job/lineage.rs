@@ -58,6 +58,9 @@ pub struct ParentSummary {
     #[serde(default)]
     pub epochs_completed: usize,
     pub data: ParentData,
+    /// The parent's settings: a refresh embeds with exactly them.
+    #[serde(default)]
+    pub hyperparameters: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,13 +107,12 @@ pub fn decide(
             parent,
         );
     }
-    // A parent from before lineages were recorded was trained from scratch: it is its own base.
-    let (base_version, base_watermark_ms, versions_before, epochs_before) = match &p.lineage {
-        Some(l) if l.plan.mode == TrainingMode::Warm => {
-            (l.plan.base_version.clone(), l.plan.base_watermark_ms, l.plan.versions_since_full, l.epochs_since_full)
-        }
-        _ => (Some(p.model_version.clone()), p.data.watermark.newest_interaction_ms, 0, p.epochs_completed),
-    };
+    let Base {
+        version: base_version,
+        watermark_ms: base_watermark_ms,
+        versions_since_full: versions_before,
+        epochs_since_full: epochs_before,
+    } = Base::of(p);
     let versions_since_full = versions_before + 1;
     if settings.full_retrain_every > 0 && versions_since_full >= settings.full_retrain_every {
         return full(
@@ -147,6 +149,57 @@ pub fn decide(
         epochs_before,
         new_interaction_share: share,
     }
+}
+
+/// Where a parent's lineage started and how far it has come.
+struct Base {
+    version: Option<String>,
+    watermark_ms: Option<i64>,
+    versions_since_full: usize,
+    epochs_since_full: usize,
+}
+
+impl Base {
+    /// A warm or refreshed parent continues its lineage; a full parent (or one from before lineages
+    /// were recorded, which was trained from scratch) is its own base.
+    fn of(p: &ParentSummary) -> Self {
+        match &p.lineage {
+            Some(l) if l.plan.mode != TrainingMode::Full => Self {
+                version: l.plan.base_version.clone(),
+                watermark_ms: l.plan.base_watermark_ms,
+                versions_since_full: l.plan.versions_since_full,
+                epochs_since_full: l.epochs_since_full,
+            },
+            _ => Self {
+                version: Some(p.model_version.clone()),
+                watermark_ms: p.data.watermark.newest_interaction_ms,
+                versions_since_full: 0,
+                epochs_since_full: p.epochs_completed,
+            },
+        }
+    }
+}
+
+/// The plan of a refresh of `parent`: no training, so the lineage's counts stay the parent's. Only
+/// the content and hybrid kinds can embed a track without training it.
+pub fn refresh_plan(parent: &ParentSummary) -> anyhow::Result<LineagePlan> {
+    anyhow::ensure!(
+        parent.model_type != ModelKind::Collaborative.as_str(),
+        "version {} is a collaborative model, which cannot embed a track it has not trained on: retrain instead \
+         of refreshing",
+        parent.model_version
+    );
+    let base = Base::of(parent);
+    Ok(LineagePlan {
+        mode: TrainingMode::Refresh,
+        reason: format!("refresh of {}: tracks added since it are embedded by its weights", parent.model_version),
+        parent_version: Some(parent.model_version.clone()),
+        base_version: base.version,
+        base_watermark_ms: base.watermark_ms,
+        versions_since_full: base.versions_since_full,
+        epochs_before: base.epochs_since_full,
+        new_interaction_share: None,
+    })
 }
 
 /// Share of the timestamped interactions newer than `base_ms` (0 when none has a timestamp).
@@ -188,6 +241,7 @@ mod tests {
             data: ParentData {
                 watermark: crate::data::Watermark { newest_interaction_ms: Some(100), ..Default::default() },
             },
+            hyperparameters: serde_json::Value::Null,
         }
     }
 
@@ -205,6 +259,7 @@ mod tests {
             },
             epochs_since_full: 25,
             carried_over: Vec::new(),
+            new_tracks: None,
         }
     }
 

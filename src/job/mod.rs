@@ -88,6 +88,9 @@ pub struct TrainJob {
     pub lineage: lineage::LineageSettings,
     /// A request asked for a full retrain (`params.full`).
     pub requested_full: bool,
+    /// No training: embed the tracks added since the latest version with its weights and publish
+    /// (`params.refresh`, `train --refresh`).
+    pub refresh: bool,
 }
 
 /// What every run of a process starts from (the `train` flags): the CLI's one run, and each of the
@@ -156,6 +159,7 @@ impl RunDefaults {
             memory_budget: None,
             lineage: self.lineage,
             requested_full: false,
+            refresh: false,
         }
     }
 }
@@ -258,18 +262,29 @@ async fn execute(
     }
     if record.lineage.is_none() {
         // Decided once, on this data, and kept: a resumed run warm-starts from the same parent.
-        let parent = match job.lineage.warm_start {
-            lineage::WarmStart::Off => None,
-            lineage::WarmStart::Auto => latest_summary(store, &record.model, &record.version).await?,
+        let plan = if job.refresh {
+            let parent = latest_summary(store, &record.model, &record.version)
+                .await?
+                .with_context(|| format!("nothing to refresh: model {} has no version yet", record.model))?;
+            let plan = lineage::refresh_plan(&parent)?;
+            // A refresh embeds with the parent's weights, so with exactly its settings.
+            record.config = serde_json::from_value(parent.hyperparameters.clone())
+                .with_context(|| format!("version {}'s hyperparameters", parent.model_version))?;
+            plan
+        } else {
+            let parent = match job.lineage.warm_start {
+                lineage::WarmStart::Off => None,
+                lineage::WarmStart::Auto => latest_summary(store, &record.model, &record.version).await?,
+            };
+            lineage::decide(
+                &job.lineage,
+                parent.as_ref(),
+                job.requested_full,
+                record.config.model_kind,
+                record.config.encoder.embedding_size,
+                &dataset.interactions,
+            )
         };
-        let plan = lineage::decide(
-            &job.lineage,
-            parent.as_ref(),
-            job.requested_full,
-            record.config.model_kind,
-            record.config.encoder.embedding_size,
-            &dataset.interactions,
-        );
         info!(mode = ?plan.mode, parent = plan.parent_version.as_deref().unwrap_or(""), reason = %plan.reason, "lineage decided");
         record.lineage = Some(plan);
         changed = true;

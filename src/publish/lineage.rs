@@ -13,6 +13,9 @@ pub enum TrainingMode {
     Full,
     /// From the parent version's weights, with the lineage's standardisation.
     Warm,
+    /// No training: the parent's weights embed the tracks added since it; the others' rows are the
+    /// parent's, bit for bit.
+    Refresh,
 }
 
 /// What a run decided before training (kept in its `run.json`, so a resumed run decides nothing).
@@ -46,6 +49,9 @@ pub struct Lineage {
     /// Warm runs: rows copied from the parent and rows new to this version, per table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub carried_over: Vec<CarriedOver>,
+    /// Refreshes: tracks embedded for the first time (the rest are the parent's rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_tracks: Option<usize>,
 }
 
 /// A published version's model read back from its files, for a warm start: `weights.safetensors`,
@@ -55,6 +61,7 @@ pub fn parent_model(
     weights: &[u8],
     metadata: &serde_json::Value,
     vocabularies: Option<&serde_json::Value>,
+    embeddings: Option<&[u8]>,
 ) -> anyhow::Result<crate::training::warm::ParentModel> {
     use crate::training::warm::{ParentModel, ParentTable};
     use anyhow::Context;
@@ -87,10 +94,30 @@ pub fn parent_model(
     }
     let encoder: std::collections::HashMap<String, candle_core::Tensor> =
         tensors.into_iter().filter(|(n, _)| !n.ends_with(".embeddings")).collect();
+    let track_ids: Vec<String> = serde_json::from_value(metadata["track_ids"].clone())
+        .with_context(|| format!("version {version}'s metadata has no track_ids"))?;
+    let published = match embeddings {
+        None => None,
+        Some(bytes) => {
+            let t = candle_core::safetensors::load_buffer(bytes, &candle_core::Device::Cpu)?;
+            let e = t
+                .get("embeddings")
+                .with_context(|| format!("version {version}'s embeddings file has no `embeddings`"))?;
+            let (rows, dim) = e.dims2()?;
+            anyhow::ensure!(
+                rows == track_ids.len(),
+                "version {version} has {rows} embeddings for {} tracks",
+                track_ids.len()
+            );
+            Some((dim, e.flatten_all()?.to_vec1()?))
+        }
+    };
     Ok(ParentModel {
         version: version.to_string(),
         standardizer,
         encoder: (!encoder.is_empty()).then_some(encoder),
         tables,
+        track_ids,
+        published,
     })
 }

@@ -30,6 +30,11 @@ pub struct ParentModel {
     pub encoder: Option<HashMap<String, Tensor>>,
     /// Each table the parent has: its row keys (see [`row_keys`]) and `[rows, dim]` values.
     pub tables: Vec<ParentTable>,
+    /// The parent's catalogue, in its row order.
+    pub track_ids: Vec<String>,
+    /// The parent's published embeddings (`dim`, `[rows, dim]` values), when read (a refresh
+    /// keeps them bit for bit).
+    pub published: Option<(usize, Vec<f32>)>,
 }
 
 pub struct ParentTable {
@@ -116,6 +121,35 @@ pub fn start(
     Ok((state, carried))
 }
 
+/// Overwrites the rows of `embeddings` (`[track_ids.len(), dim]`, this catalogue) of every track
+/// the parent published with the parent's row, bit for bit; returns how many tracks are new (kept
+/// as computed). A refresh uses it so that only the new tracks' rows change.
+pub fn keep_published_rows(
+    embeddings: &mut [f32],
+    track_ids: &[String],
+    parent: &ParentModel,
+) -> anyhow::Result<usize> {
+    let (dim, published) = parent
+        .published
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("version {}'s embeddings were not read", parent.version))?;
+    anyhow::ensure!(
+        embeddings.len() == track_ids.len() * dim,
+        "this run's embeddings have {} values for {} tracks of {dim}",
+        embeddings.len(),
+        track_ids.len()
+    );
+    let row: HashMap<&str, usize> = parent.track_ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    let mut new = 0;
+    for (t, id) in track_ids.iter().enumerate() {
+        match row.get(id.as_str()) {
+            Some(&p) => embeddings[t * dim..(t + 1) * dim].copy_from_slice(&published[p * dim..(p + 1) * dim]),
+            None => new += 1,
+        }
+    }
+    Ok(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +205,8 @@ mod tests {
                     values: t.values.clone(),
                 })
                 .collect(),
+            track_ids: old_ids.to_vec(),
+            published: None,
         };
         let new_inputs = TrackInputs::build(&tags(&[(&["y"], "B"), (&["z"], "C"), (&["x"], "A")]), 1);
         let new_ids = ["b".to_string(), "c".to_string(), "a".to_string()];
@@ -216,6 +252,8 @@ mod tests {
                 dim: 3,
                 values: vec![0.0; 3],
             }],
+            track_ids: vec!["a".into()],
+            published: None,
         };
         let err = apply(&mut state, &parent, &["a".to_string()], &inputs).unwrap_err();
         assert!(err.to_string().contains("have 3 values"), "{err}");

@@ -136,6 +136,7 @@ fn build_job(shared: &Shared, claim: &Claim, stop: StopFlag) -> TrainJob {
         trigger: "worker",
         memory_budget: shared.memory_budget,
         requested_full: claim.params.as_ref().and_then(|p| p.full).unwrap_or(false),
+        refresh: claim.params.as_ref().and_then(|p| p.refresh).unwrap_or(false),
         ..defaults.job(claim.model.clone(), config, defaults.postgres_data(), stop)
     }
 }

@@ -19,7 +19,7 @@ use tracing::info;
 use super::{RunRecord, StopFlag};
 use crate::data::Dataset;
 use crate::publish::gate;
-use crate::publish::lineage::Lineage;
+use crate::publish::lineage::{Lineage, TrainingMode};
 use crate::publish::store::ModelStore;
 use crate::system::device;
 use crate::system::telemetry::EpochProgress;
@@ -94,6 +94,10 @@ impl BlockingRun {
             }
             None => (trainer.fresh_state(&device)?, Vec::new()),
         };
+        if self.record.lineage.as_ref().is_some_and(|l| l.mode == TrainingMode::Refresh) {
+            let parent = parent.as_ref().context("a refresh reads its parent")?;
+            return self.refresh(&trainer, &data, &dataset, initial, parent, baselines, carried_over, &device);
+        }
         let ended = match self.run_epochs(&trainer, initial)? {
             Epochs::Ended(ended) => ended,
             Epochs::StopRequested { epochs_completed } => return Ok(Trained::Stopped { epochs_completed }),
@@ -109,16 +113,42 @@ impl BlockingRun {
         };
         let weights = best.as_ref().unwrap_or(state);
         let embeddings = trainer.embed(weights)?;
+        let end = RunEnd {
+            state,
+            weights,
+            best_epoch,
+            stop_reason: ended.stop_reason,
+            training_date: ended.training_date.clone(),
+            carried_over,
+            new_tracks: None,
+        };
+        self.finish(&trainer, &data, &dataset, embeddings, baselines, end, &device)
+    }
+
+    /// Scores the published weights, judges them and builds the version's files.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        trainer: &Trainer,
+        data: &PreparedData,
+        dataset: &Dataset,
+        embeddings: candle_core::Tensor,
+        baselines: Baselines,
+        end: RunEnd,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<Trained> {
+        let config = &self.record.config;
+        let RunEnd { state, weights, best_epoch, stop_reason, training_date, carried_over, new_tracks } = end;
         let final_metrics = trainer.evaluate(&embeddings)?;
         info!(
             best_epoch,
             epochs_trained = state.epoch,
-            stop_reason = ended.stop_reason.as_str(),
+            stop_reason = stop_reason.as_str(),
             recall_at_10 = final_metrics.recall_at_10,
             "training ended; publishing the best epoch's weights"
         );
         let current = match self.gate.tolerance {
-            Some(_) => self.score_current(&trainer, &dataset)?,
+            Some(_) => self.score_current(trainer, dataset)?,
             None => None,
         };
         let gate = gate::judge(&final_metrics, &baselines, current, self.gate);
@@ -128,21 +158,15 @@ impl BlockingRun {
         let final_cold_metrics = trainer.evaluate_cold(&embeddings)?;
         let learned = trainer.learned_rows();
         let learned_tracks = learned.as_ref().map(|l| l.iter().filter(|k| **k).count());
-        let scores = Scores {
-            final_metrics,
-            final_cold_metrics,
-            learned_tracks,
-            baselines,
-            best_epoch,
-            stop_reason: ended.stop_reason,
-            gate,
-        };
-        let table = self.neighbour_table(&embeddings, learned.as_deref(), &dataset)?;
-        let mut metadata = self.metadata(&dataset, &data, state, scores, &device, &ended.training_date);
+        let scores =
+            Scores { final_metrics, final_cold_metrics, learned_tracks, baselines, best_epoch, stop_reason, gate };
+        let table = self.neighbour_table(&embeddings, learned.as_deref(), dataset)?;
+        let mut metadata = self.metadata(dataset, data, state, scores, device, &training_date);
         metadata.lineage = self.record.lineage.clone().map(|plan| Lineage {
             epochs_since_full: plan.epochs_before + state.epoch,
             plan,
             carried_over,
+            new_tracks,
         });
         let table = table.map(|(table, summary)| {
             metadata.neighbours = Some(summary);
@@ -150,6 +174,40 @@ impl BlockingRun {
         });
         let tables = (!config.model_kind.is_content()).then_some((&data.inputs, learned.as_deref()));
         Ok(Trained::Done(Box::new(VersionFiles::new(weights, &embeddings, metadata, tables, table.as_ref())?)))
+    }
+
+    /// A refresh: no epoch; the parent's weights embed this catalogue, and every track the parent
+    /// published keeps the parent's row bit for bit, so only the new tracks' rows are new.
+    #[allow(clippy::too_many_arguments)]
+    fn refresh(
+        &self,
+        trainer: &Trainer,
+        data: &PreparedData,
+        dataset: &Dataset,
+        state: TrainingState,
+        parent: &warm::ParentModel,
+        baselines: Baselines,
+        carried_over: Vec<warm::CarriedOver>,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<Trained> {
+        let computed = trainer.embed(&state)?;
+        let (n, dim) = computed.dims2()?;
+        let mut rows: Vec<f32> = computed.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let new_tracks = warm::keep_published_rows(&mut rows, &dataset.catalogue.track_ids, parent)?;
+        info!(new_tracks, parent = %parent.version, "refresh: the parent's weights embed the new tracks");
+        let embeddings = candle_core::Tensor::from_vec(rows, (n, dim), computed.device())?;
+        // The run's creation time, not "now": a retried publish must produce the same bytes.
+        let created = chrono::DateTime::parse_from_rfc3339(&self.record.created_at)?;
+        let end = RunEnd {
+            state: &state,
+            weights: &state,
+            best_epoch: 0,
+            stop_reason: StopReason::NotTrained,
+            training_date: created.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+            carried_over,
+            new_tracks: Some(new_tracks),
+        };
+        self.finish(trainer, data, dataset, embeddings, baselines, end, device)
     }
 
     /// Why this run must not train at all: data below the minimum sizes, nothing to pair, or a
@@ -217,6 +275,18 @@ impl BlockingRun {
         let training_date = saved_at.context("a finished run has a checkpoint")?;
         Ok(Epochs::Ended(Box::new(EpochsEnded { state, stop_reason, training_date })))
     }
+}
+
+/// What the published version is made of, however the run got there.
+struct RunEnd<'s> {
+    /// The last state (history, epochs) and the published weights (the best epoch's).
+    state: &'s TrainingState,
+    weights: &'s TrainingState,
+    best_epoch: usize,
+    stop_reason: StopReason,
+    training_date: String,
+    carried_over: Vec<warm::CarriedOver>,
+    new_tracks: Option<usize>,
 }
 
 /// Where training left the run.

@@ -10,11 +10,12 @@ use crate::publish::{artifacts, layout};
 use crate::training::warm::ParentModel;
 
 impl BlockingRun {
-    /// The parent model of a warm run (`None` for a full one). Versions are immutable, so a resumed
-    /// run reads the same parent; one deleted by retention since is an error that says so.
+    /// The parent model of a warm run or a refresh (`None` for a full run); a refresh also reads the
+    /// parent's published embeddings. Versions are immutable, so a resumed run reads the same parent;
+    /// one deleted by retention since is an error that says so.
     pub(super) fn warm_parent(&self) -> anyhow::Result<Option<ParentModel>> {
         let m = &self.record;
-        let Some(plan) = m.lineage.as_ref().filter(|l| l.mode == TrainingMode::Warm) else { return Ok(None) };
+        let Some(plan) = m.lineage.as_ref().filter(|l| l.mode != TrainingMode::Full) else { return Ok(None) };
         let version = plan.parent_version.as_deref().context("a warm plan names its parent")?;
         let get = |name: &str| {
             self.runtime
@@ -31,7 +32,12 @@ impl BlockingRun {
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        let parent = parent_model(version, &get(layout::WEIGHTS)?, &metadata, vocabularies.as_ref())?;
+        let embeddings = match plan.mode {
+            TrainingMode::Refresh => Some(get(layout::EMBEDDINGS)?),
+            _ => None,
+        };
+        let parent =
+            parent_model(version, &get(layout::WEIGHTS)?, &metadata, vocabularies.as_ref(), embeddings.as_deref())?;
         info!(parent = version, tables = parent.tables.len(), "parent version loaded for a warm start");
         Ok(Some(parent))
     }

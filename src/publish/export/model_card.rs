@@ -140,6 +140,7 @@ pub fn markdown(m: &ModelMetadata) -> String {
             crate::training::trainer::StopReason::EarlyStopping =>
                 format!("stopped early: {} epochs without a gain above {}", h.patience, h.min_delta),
             crate::training::trainer::StopReason::MaxEpochs => "every epoch asked for".to_string(),
+            crate::training::trainer::StopReason::NotTrained => "none: a refresh of the parent's weights".to_string(),
         },
         m.best_epoch,
         h.sampling.pairs_per_track,
@@ -272,6 +273,12 @@ fn lineage(s: &mut String, m: &ModelMetadata) {
     let p = &l.plan;
     let _ = match p.mode {
         crate::publish::lineage::TrainingMode::Full => writeln!(s, "- **Full retrain** ({}).", p.reason),
+        crate::publish::lineage::TrainingMode::Refresh => writeln!(
+            s,
+            "- **Refresh** of {} ({}): no training; the parent's weights and standardisation.",
+            p.parent_version.as_deref().unwrap_or("?"),
+            p.reason
+        ),
         crate::publish::lineage::TrainingMode::Warm => writeln!(
             s,
             "- **Warm start** from {} ({}); {} version(s) and {} epochs since the last full retrain {}; \
@@ -283,6 +290,13 @@ fn lineage(s: &mut String, m: &ModelMetadata) {
             p.base_version.as_deref().unwrap_or("?"),
         ),
     };
+    if p.mode == crate::publish::lineage::TrainingMode::Refresh {
+        let _ = writeln!(
+            s,
+            "  - {} tracks embedded for the first time; every other row is the parent's.",
+            l.new_tracks.unwrap_or(0)
+        );
+    }
     for c in &l.carried_over {
         let _ = writeln!(s, "  - `{}`: {} rows from the parent, {} new.", c.table, c.copied_rows, c.new_rows);
     }

@@ -115,6 +115,8 @@ pub enum StopReason {
     MaxEpochs,
     /// `patience` epochs passed without an improvement larger than `min_delta`.
     EarlyStopping,
+    /// A refresh: the parent's weights, no epoch trained.
+    NotTrained,
 }
 
 impl StopReason {
@@ -122,6 +124,7 @@ impl StopReason {
         match self {
             StopReason::MaxEpochs => "max_epochs",
             StopReason::EarlyStopping => "early_stopping",
+            StopReason::NotTrained => "not_trained",
         }
     }
 }
