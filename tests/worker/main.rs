@@ -3,6 +3,7 @@
 //! run one at a time (one of them restarts the broker).
 
 mod chaos;
+mod freshness;
 mod harness;
 mod kinds;
 mod limits;
