@@ -82,6 +82,9 @@ pub struct TrainArgs {
     /// the lineage's last full version, in [0, 1).
     #[arg(long, env = "FULL_RETRAIN_DRIFT", default_value_t = crate::job::lineage::LineageSettings::default().drift_threshold, value_parser = share_below_one, allow_negative_numbers = true)]
     pub full_retrain_drift: f64,
+    /// A warm run's epochs are uniform samples of at most this many pairs (0: every pair).
+    #[arg(long, env = "WARM_PAIRS_PER_EPOCH", default_value_t = crate::job::lineage::LineageSettings::default().warm_pairs_per_epoch)]
+    pub warm_pairs_per_epoch: usize,
     /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
     #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
     pub loss: LossKind,
@@ -256,6 +259,7 @@ impl TrainArgs {
                 warm_start: self.warm_start,
                 full_retrain_every: self.full_retrain_every,
                 drift_threshold: self.full_retrain_drift,
+                warm_pairs_per_epoch: self.warm_pairs_per_epoch,
             },
         }
     }

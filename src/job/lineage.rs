@@ -39,12 +39,35 @@ pub struct LineageSettings {
     pub full_retrain_every: usize,
     /// A full retrain when more than this share of the interactions is newer than the base.
     pub drift_threshold: f64,
+    /// A warm run's epoch: a uniform sample of at most this many pairs (0: every pair). It starts
+    /// near where it will end, so it needs fresh samples of the data more than whole passes.
+    pub warm_pairs_per_epoch: usize,
 }
 
 impl Default for LineageSettings {
     fn default() -> Self {
-        Self { warm_start: WarmStart::Off, full_retrain_every: 10, drift_threshold: 0.25 }
+        Self {
+            warm_start: WarmStart::Off,
+            full_retrain_every: 10,
+            drift_threshold: 0.25,
+            warm_pairs_per_epoch: 300_000,
+        }
     }
+}
+
+/// `config` as a run with `plan` trains it: a warm run's epochs are samples of at most
+/// `settings.warm_pairs_per_epoch` pairs (a smaller sample asked for by the run's own settings wins).
+pub fn config_for_plan(
+    mut config: crate::training::trainer::TrainConfig,
+    plan: &LineagePlan,
+    settings: &LineageSettings,
+) -> crate::training::trainer::TrainConfig {
+    let cap = settings.warm_pairs_per_epoch;
+    if plan.mode == TrainingMode::Warm && cap > 0 {
+        let own = config.sampling.max_pairs_per_epoch;
+        config.sampling.max_pairs_per_epoch = if own == 0 { cap } else { own.min(cap) };
+    }
+    config
 }
 
 /// What the decision reads of the latest version's metadata.
@@ -263,8 +286,25 @@ mod tests {
         }
     }
 
-    const AUTO: LineageSettings =
-        LineageSettings { warm_start: WarmStart::Auto, full_retrain_every: 4, drift_threshold: 0.25 };
+    const AUTO: LineageSettings = LineageSettings {
+        warm_start: WarmStart::Auto,
+        full_retrain_every: 4,
+        drift_threshold: 0.25,
+        warm_pairs_per_epoch: 100,
+    };
+
+    #[test]
+    fn only_warm_runs_sample_their_epochs_and_a_smaller_own_sample_wins() {
+        let config = crate::training::checkpoint::tests::config();
+        let warm = decide(&AUTO, Some(&parent(None)), false, ModelKind::Hybrid, 64, &history(&[10]));
+        assert_eq!(warm.mode, TrainingMode::Warm);
+        assert_eq!(config_for_plan(config.clone(), &warm, &AUTO).sampling.max_pairs_per_epoch, 100);
+        let mut own = config.clone();
+        own.sampling.max_pairs_per_epoch = 40;
+        assert_eq!(config_for_plan(own, &warm, &AUTO).sampling.max_pairs_per_epoch, 40);
+        let full = decide(&AUTO, None, false, ModelKind::Hybrid, 64, &history(&[10]));
+        assert_eq!(config_for_plan(config, &full, &AUTO).sampling.max_pairs_per_epoch, 0);
+    }
 
     #[test]
     fn off_first_requested_and_incompatible_parents_retrain_fully() {

@@ -286,6 +286,7 @@ async fn execute(
             )
         };
         info!(mode = ?plan.mode, parent = plan.parent_version.as_deref().unwrap_or(""), reason = %plan.reason, "lineage decided");
+        record.config = lineage::config_for_plan(record.config.clone(), &plan, &job.lineage);
         record.lineage = Some(plan);
         changed = true;
     }
