@@ -9,7 +9,8 @@ use tracing::info;
 
 use super::BlockingRun;
 use crate::data::Dataset;
-use crate::publish::versions::read_latest;
+use crate::publish::store::StoreError;
+use crate::publish::versions::{Latest, read_latest};
 use crate::publish::{gate, layout};
 use crate::training::trainer::Trainer;
 
@@ -22,16 +23,8 @@ impl BlockingRun {
         trainer: &Trainer,
         dataset: &Dataset,
     ) -> anyhow::Result<Option<gate::CurrentScore>> {
-        let m = &self.record;
-        let Some(latest) = self.runtime.block_on(read_latest(&self.store, &m.model))? else {
-            return Ok(None);
-        };
-        if latest.version == m.version {
-            return Ok(None);
-        }
-        let get = |name: &str| {
-            self.runtime.block_on(self.store.get(&layout::version_object(&m.model, &latest.version, name)))
-        };
+        let Some(latest) = self.other_latest()? else { return Ok(None) };
+        let get = |name: &str| self.version_file(&latest.version, name);
         let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)
             .with_context(|| format!("the current version {}'s metadata", latest.version))?;
         let ids: Vec<&str> =
@@ -60,5 +53,20 @@ impl BlockingRun {
             "the current version scored on this run's held-out listens"
         );
         Ok(Some(gate::CurrentScore { version: latest.version, metrics, known_tracks }))
+    }
+}
+
+impl BlockingRun {
+    /// The version `latest.json` names, unless there is none or it is this run's own (a publish
+    /// retried after it advanced `latest.json`): what this run is compared with.
+    pub(super) fn other_latest(&self) -> anyhow::Result<Option<Latest>> {
+        let m = &self.record;
+        let latest = self.runtime.block_on(read_latest(&self.store, &m.model))?;
+        Ok(latest.filter(|l| l.version != m.version))
+    }
+
+    /// One file of a published version of this run's model.
+    pub(super) fn version_file(&self, version: &str, name: &str) -> Result<bytes::Bytes, StoreError> {
+        self.runtime.block_on(self.store.get(&layout::version_object(&self.record.model, version, name)))
     }
 }

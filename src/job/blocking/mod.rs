@@ -1,8 +1,9 @@
 //! The blocking half of a run (everything that touches candle) and the publication of its files.
 //!
-//! Files: this one (the run's steps: prepare, check, train, pick the best epoch, judge),
+//! Files: this one (the run's steps: prepare, check, train or refresh, pick the best epoch, judge),
 //! `checkpointer` (a checkpoint per epoch; the best one read back), `current` (the live version
-//! scored for the gate), `neighbours` (the similar-tracks table, compared with the parent's),
+//! scored for the gate, and reading a published version's files), `parent` (a warm run's or a
+//! refresh's parent model), `neighbours` (the similar-tracks table, compared with the parent's),
 //! `version` (metadata, files, upload).
 
 mod checkpointer;

@@ -12,7 +12,6 @@ use crate::data::Dataset;
 use crate::publish::artifacts::NeighbourSummary;
 use crate::publish::layout;
 use crate::publish::store::StoreError;
-use crate::publish::versions::read_latest;
 use crate::training::neighbours::{self, Neighbours};
 
 /// Neighbours compared with the parent's: the first 10 of each track.
@@ -95,16 +94,8 @@ impl BlockingRun {
     /// The neighbour table of the version `latest.json` names: `None` for a first version, a
     /// retried publish of this very version, or a parent published before versions had tables.
     fn parent_table(&self) -> anyhow::Result<Option<ParentTable>> {
-        let m = &self.record;
-        let Some(latest) = self.runtime.block_on(read_latest(&self.store, &m.model))? else {
-            return Ok(None);
-        };
-        if latest.version == m.version {
-            return Ok(None);
-        }
-        let get = |name: &str| {
-            self.runtime.block_on(self.store.get(&layout::version_object(&m.model, &latest.version, name)))
-        };
+        let Some(latest) = self.other_latest()? else { return Ok(None) };
+        let get = |name: &str| self.version_file(&latest.version, name);
         let bytes = match get(layout::NEIGHBOURS) {
             Ok(bytes) => bytes,
             Err(StoreError::NotFound { .. }) => return Ok(None),

@@ -14,20 +14,15 @@ impl BlockingRun {
     /// parent's published embeddings. Versions are immutable, so a resumed run reads the same parent;
     /// one deleted by retention since is an error that says so.
     pub(super) fn warm_parent(&self) -> anyhow::Result<Option<ParentModel>> {
-        let m = &self.record;
-        let Some(plan) = m.lineage.as_ref().filter(|l| l.mode != TrainingMode::Full) else { return Ok(None) };
+        let Some(plan) = self.record.lineage.as_ref().filter(|l| l.mode != TrainingMode::Full) else {
+            return Ok(None);
+        };
         let version = plan.parent_version.as_deref().context("a warm plan names its parent")?;
         let get = |name: &str| {
-            self.runtime
-                .block_on(self.store.get(&layout::version_object(&m.model, version, name)))
-                .with_context(|| format!("reading {name} of the parent version {version}"))
+            self.version_file(version, name).with_context(|| format!("reading {name} of the parent version {version}"))
         };
         let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)?;
-        let vocabularies = match self.runtime.block_on(self.store.get(&layout::version_object(
-            &m.model,
-            version,
-            artifacts::VOCABULARIES,
-        ))) {
+        let vocabularies = match self.version_file(version, artifacts::VOCABULARIES) {
             Ok(bytes) => Some(serde_json::from_slice::<serde_json::Value>(&bytes)?),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),

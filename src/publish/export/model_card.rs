@@ -273,12 +273,9 @@ fn lineage(s: &mut String, m: &ModelMetadata) {
     let p = &l.plan;
     let _ = match p.mode {
         crate::publish::lineage::TrainingMode::Full => writeln!(s, "- **Full retrain** ({}).", p.reason),
-        crate::publish::lineage::TrainingMode::Refresh => writeln!(
-            s,
-            "- **Refresh** of {} ({}): no training; the parent's weights and standardisation.",
-            p.parent_version.as_deref().unwrap_or("?"),
-            p.reason
-        ),
+        crate::publish::lineage::TrainingMode::Refresh => {
+            writeln!(s, "- **Refresh** ({}): no training; the parent's weights and standardisation.", p.reason)
+        }
         crate::publish::lineage::TrainingMode::Warm => writeln!(
             s,
             "- **Warm start** from {} ({}); {} version(s) and {} epochs since the last full retrain {}; \
