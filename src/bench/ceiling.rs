@@ -25,7 +25,11 @@ pub fn ceiling(spec: &SyntheticSpec, config: &TrainConfig) -> anyhow::Result<Vec
     let truth_user = truth_user_of_rows(&truth, &dataset.interactions.user_ids, &data.user_index)?;
     let n = data.num_tracks();
     let oracle = |eval: &EvalSet| {
-        eval.evaluate_each_user(n, |row, _, scores| truth.positive_listen_probabilities(truth_user[row], scores))
+        // Positive as the evaluation counts it: the run's positive kinds.
+        let positive = |kind: &str| config.positive_kinds.iter().any(|k| k == kind);
+        eval.evaluate_each_user(n, |row, _, scores| {
+            truth.positive_listen_probabilities(truth_user[row], positive, scores)
+        })
     };
     let mut rows = vec![
         ("generator's own probabilities (the ceiling)", oracle(trainer.eval_set())),

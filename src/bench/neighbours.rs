@@ -41,19 +41,18 @@ fn bench(args: &NeighbourBenchArgs) -> anyhow::Result<()> {
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
         row.iter_mut().for_each(|x| *x /= norm);
     }
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(cores).build()?;
     let started = Instant::now();
-    let table = pool.install(|| neighbours::exact(&z, dim, args.k, None));
+    let table = neighbours::exact_on_all_cores(&z, dim, args.k, None)?;
     let seconds = started.elapsed().as_secs_f64();
     let result = serde_json::json!({
         "tracks": n,
         "embedding_size": dim,
         "k": args.k,
-        "cores": cores,
+        "cores": neighbours::cores(),
         "seconds": seconds,
         "cosines_per_second": (n as f64) * (n as f64) / seconds,
-        "peak_rss_mib": procstat::peak_rss_bytes().unwrap_or(0) >> 20,
+        // null where the platform does not report it.
+        "peak_rss_mib": procstat::peak_rss_bytes().map(|b| b >> 20),
         "listed": table.num_tracks(),
     });
     println!("{result}");

@@ -272,7 +272,7 @@ pub struct TrainCommand {
     pub args: TrainArgs,
     /// No training: embed the tracks added since the latest version with its weights, keep every
     /// other track's row, and publish (content and hybrid models; the latest version's settings).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "full")]
     pub refresh: bool,
     /// Retrain from scratch even when `--warm-start auto` would warm-start.
     #[arg(long)]

@@ -108,7 +108,11 @@ impl Params {
             self.validation_split,
             self.validation_split.is_none_or(|v| v.is_finite() && v > 0.0 && v < 1.0),
             "(0, 1)",
-        )
+        )?;
+        if self.full == Some(true) && self.refresh == Some(true) {
+            return Err("params.full and params.refresh are both true: a refresh trains nothing".into());
+        }
+        Ok(())
     }
 }
 
@@ -347,5 +351,15 @@ mod tests {
     fn bounds_are_inclusive_where_documented() {
         let ok = r#"{"model":"content-based","params":{"epochs":1000,"batch_size":2,"learning_rate":1,"embedding_size":1024,"temperature":0.01,"validation_split":0.5}}"#;
         assert!(parse_str(ok).is_ok());
+    }
+
+    #[test]
+    fn a_full_refresh_is_invalid_params_while_either_alone_parses() {
+        let both = r#"{"model":"content-based","params":{"full":true,"refresh":true}}"#;
+        let err = parse_str(both).unwrap_err();
+        assert!(format!("{err:?}").contains("params.full and params.refresh"), "{err:?}");
+        for one in [r#"{"full":true}"#, r#"{"refresh":true}"#, r#"{"full":false,"refresh":true}"#] {
+            assert!(parse_str(&format!(r#"{{"model":"content-based","params":{one}}}"#)).is_ok(), "{one}");
+        }
     }
 }

@@ -105,7 +105,7 @@ pub fn generate_with_truth(spec: &SyntheticSpec) -> (Dataset, GenerativeTruth) {
     let truth = GenerativeTruth {
         user_ids: interactions.user_ids.clone(),
         tastes,
-        genres: genres.into_iter().map(|g| (g.tracks, g.cumulative)).collect(),
+        genres: genres.into_iter().map(|g| (g.tracks, probabilities(&g.cumulative))).collect(),
         features: catalogue.features.clone(),
     };
     interactions.canonicalize_users();
@@ -122,7 +122,8 @@ pub struct GenerativeTruth {
     /// User ids in generation order (`tastes[i]` is `user_ids[i]`'s).
     user_ids: Vec<String>,
     tastes: Vec<Vec<(usize, FeatureRow)>>,
-    /// Per genre: its tracks, most popular first, and the cumulative Zipf weights over them.
+    /// Per genre: its tracks, most popular first, and the probability that a popularity draw
+    /// proposes each.
     genres: Vec<(Vec<u32>, Vec<f64>)>,
     features: Vec<FeatureRow>,
 }
@@ -135,7 +136,7 @@ impl GenerativeTruth {
     }
 
     /// Writes into `out` (one slot per catalogue track, overwritten) the probability that one
-    /// interaction of generated user `user` is a positive listen (not a skip or dislike) of each
+    /// interaction of generated user `user` is a positive listen (a kind `is_positive` accepts) of each
     /// track, following [`generate_history`] step by step:
     /// - with [`STRAY_PROBABILITY`] a uniform genre and a track by popularity alone;
     /// - otherwise the primary genre (always, or with 0.6 when there are others) or one of the others
@@ -143,20 +144,17 @@ impl GenerativeTruth {
     ///   `A = Σ p·a`, up to 63 tests and the 64th proposal taken as is, so
     ///   `P(t) = p(t)·(a(t)·(1 − (1 − A)^63) / A + (1 − A)^63)`;
     /// - then the kind: positive with the in-taste or out-of-taste probabilities of the genre.
-    pub fn positive_listen_probabilities(&self, user: usize, out: &mut [f32]) {
+    pub fn positive_listen_probabilities(&self, user: usize, is_positive: impl Fn(&str) -> bool, out: &mut [f32]) {
         let taste = &self.tastes[user];
         let k = self.genres.len();
-        let positive = |kinds: &[(&str, f64)]| -> f64 {
-            kinds.iter().filter(|(name, _)| !matches!(*name, "skip" | "dislike")).map(|(_, p)| p).sum()
-        };
+        let positive =
+            |kinds: &[(&str, f64)]| -> f64 { kinds.iter().filter(|(name, _)| is_positive(name)).map(|(_, p)| p).sum() };
         let (in_taste, out_of_taste) = (positive(&IN_TASTE_KINDS), positive(&OUT_OF_TASTE_KINDS));
         let mut prob = vec![0f64; out.len()];
-        for (g, (tracks, cum)) in self.genres.iter().enumerate() {
+        for (g, (tracks, proposal)) in self.genres.iter().enumerate() {
             let liked = taste.iter().any(|(l, _)| *l == g);
             let weight = STRAY_PROBABILITY / k as f64 * if liked { in_taste } else { out_of_taste };
-            let total = cum.last().copied().unwrap_or(1.0);
-            for (i, &t) in tracks.iter().enumerate() {
-                let p = (cum[i] - if i == 0 { 0.0 } else { cum[i - 1] }) / total;
+            for (&t, p) in tracks.iter().zip(proposal) {
                 prob[t as usize] += weight * p;
             }
         }
@@ -168,16 +166,14 @@ impl GenerativeTruth {
                 (n, _) => 0.4 / (n - 1) as f64,
             };
             let weight = (1.0 - STRAY_PROBABILITY) * share * in_taste;
-            let (tracks, cum) = &self.genres[*g];
-            let total = cum.last().copied().unwrap_or(1.0);
-            let proposal = |i: usize| (cum[i] - if i == 0 { 0.0 } else { cum[i - 1] }) / total;
+            let (tracks, proposal) = &self.genres[*g];
             let accept: Vec<f64> =
                 tracks.iter().map(|&t| taste_affinity(&self.features[t as usize], point) as f64).collect();
-            let a_total: f64 = accept.iter().enumerate().map(|(i, a)| proposal(i) * a).sum();
+            let a_total: f64 = accept.iter().zip(proposal).map(|(a, p)| a * p).sum();
             let none_accepted = (1.0 - a_total).powi(tests);
             let per_accept = if a_total > 0.0 { (1.0 - none_accepted) / a_total } else { 0.0 };
-            for (i, &t) in tracks.iter().enumerate() {
-                prob[t as usize] += weight * proposal(i) * (accept[i] * per_accept + none_accepted);
+            for ((&t, a), p) in tracks.iter().zip(&accept).zip(proposal) {
+                prob[t as usize] += weight * p * (a * per_accept + none_accepted);
             }
         }
         for (o, p) in out.iter_mut().zip(prob) {
@@ -439,6 +435,19 @@ fn generate_history(
     (out, tastes)
 }
 
+/// Each index's probability under the weights behind `cum` (a running sum).
+fn probabilities(cum: &[f64]) -> Vec<f64> {
+    let total = cum.last().copied().unwrap_or(1.0);
+    let mut previous = 0.0;
+    cum.iter()
+        .map(|&c| {
+            let p = (c - previous) / total;
+            previous = c;
+            p
+        })
+        .collect()
+}
+
 fn zipf_weights(n: usize, s: f64) -> Vec<f64> {
     (0..n).map(|r| 1.0 / ((r + 1) as f64).powf(s)).collect()
 }
@@ -487,11 +496,12 @@ mod tests {
         let spec = SyntheticSpec { tracks: 120, users: 1, interactions: 200_000, genres: 4, seed: 11 };
         let (dataset, truth) = generate_with_truth(&spec);
         let mut p = vec![0f32; spec.tracks];
-        truth.positive_listen_probabilities(0, &mut p);
+        let positive = |kind: &str| !matches!(kind, "skip" | "dislike");
+        truth.positive_listen_probabilities(0, positive, &mut p);
         let mut counts = vec![0f64; spec.tracks];
         let i = &dataset.interactions;
         for (&t, &k) in i.track.iter().zip(&i.kind) {
-            if !matches!(i.kinds.name(k), "skip" | "dislike") {
+            if positive(i.kinds.name(k)) {
                 counts[t as usize] += 1.0;
             }
         }

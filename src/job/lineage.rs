@@ -115,7 +115,7 @@ pub fn decide(
     }
     let Some(p) = parent else { return full("the first version of this model".into(), None) };
     if requested_full {
-        return full("requested (params.full)".into(), parent);
+        return full("requested (params.full, train --full)".into(), parent);
     }
     if p.model_type != kind.as_str() || p.embedding_size != embedding_size {
         return full(
@@ -314,7 +314,7 @@ mod tests {
         assert_eq!((off.mode, off.reason.as_str()), (TrainingMode::Full, "warm start is off"));
         assert_eq!(decide(&AUTO, None, false, ModelKind::Hybrid, 64, &h).mode, TrainingMode::Full);
         let asked = decide(&AUTO, Some(&p), true, ModelKind::Hybrid, 64, &h);
-        assert_eq!((asked.mode, asked.reason.as_str()), (TrainingMode::Full, "requested (params.full)"));
+        assert_eq!((asked.mode, asked.reason.as_str()), (TrainingMode::Full, "requested (params.full, train --full)"));
         assert_eq!(decide(&AUTO, Some(&p), false, ModelKind::ContentBased, 64, &h).mode, TrainingMode::Full);
         assert_eq!(decide(&AUTO, Some(&p), false, ModelKind::Hybrid, 32, &h).mode, TrainingMode::Full);
     }

@@ -313,6 +313,7 @@ async fn execute(
         memory_budget: job.memory_budget,
         keep_checkpoints: job.keep_checkpoints,
         owner: job.lease_token.map(|t| t.simple().to_string()[..12].to_string()),
+        published_metadata: Default::default(),
         gate: gate::GateSettings {
             min_lift: job.min_lift,
             floors: job.quality_floors,

@@ -79,11 +79,12 @@ pub fn parent_model(
             .with_context(|| format!("version {version}'s vocabularies have no {table}"))?;
         Ok(std::iter::once(String::new()).chain(names).collect())
     };
+    let track_ids: Vec<String> = serde_json::from_value(metadata["track_ids"].clone())
+        .with_context(|| format!("version {version}'s metadata has no track_ids"))?;
     let mut tables = Vec::new();
     for (name, values) in tensors.iter().filter_map(|(n, t)| n.strip_suffix(".embeddings").map(|n| (n, t))) {
         let keys = match name {
-            "track_embedding" => serde_json::from_value(metadata["track_ids"].clone())
-                .with_context(|| format!("version {version}'s metadata has no track_ids"))?,
+            "track_embedding" => track_ids.clone(),
             "artist_embedding" => names("artists")?,
             "album_embedding" => names("albums")?,
             other => anyhow::bail!("version {version} has an unknown table {other}"),
@@ -94,8 +95,6 @@ pub fn parent_model(
     }
     let encoder: std::collections::HashMap<String, candle_core::Tensor> =
         tensors.into_iter().filter(|(n, _)| !n.ends_with(".embeddings")).collect();
-    let track_ids: Vec<String> = serde_json::from_value(metadata["track_ids"].clone())
-        .with_context(|| format!("version {version}'s metadata has no track_ids"))?;
     let published = match embeddings {
         None => None,
         Some(bytes) => {

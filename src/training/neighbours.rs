@@ -43,6 +43,11 @@ impl Neighbours {
         self.indices.len().checked_div(self.k).unwrap_or(0)
     }
 
+    /// Whether track `t` has any neighbour (not an ineligible track, nor one without candidates).
+    pub fn is_listed(&self, t: usize) -> bool {
+        self.k > 0 && self.indices[t * self.k] != PADDING
+    }
+
     /// Track `t`'s neighbours and cosines, best first, padding included.
     pub fn of(&self, t: usize) -> (&[u32], &[f32]) {
         let range = t * self.k..(t + 1) * self.k;
@@ -85,6 +90,24 @@ pub fn exact(embeddings: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>
     exact_tiled(embeddings, dim, k, eligible, Tiles { rows: ROW_BLOCK, columns: COLUMN_TILE })
 }
 
+/// The cores the table is built on: all of this process's (its CPU affinity and cgroup quota),
+/// even when training ran on one thread (batches ≤ 512 train fastest there and size the global
+/// pool to 1): the table is one big matrix product, which scales.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// [`exact`] on a pool of [`cores`] threads.
+pub fn exact_on_all_cores(
+    embeddings: &[f32],
+    dim: usize,
+    k: usize,
+    eligible: Option<&[bool]>,
+) -> Result<Neighbours, rayon::ThreadPoolBuildError> {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(cores()).build()?;
+    Ok(pool.install(|| exact(embeddings, dim, k, eligible)))
+}
+
 /// Row block and column tile sizes (small ones in tests exercise every edge on small inputs).
 #[derive(Clone, Copy)]
 struct Tiles {
@@ -102,14 +125,26 @@ fn exact_tiled(embeddings: &[f32], dim: usize, k: usize, eligible: Option<&[bool
     // Only eligible rows take part: compact them, so every product is useful; compact indices
     // map back in increasing order, which keeps the tie rule.
     let rows: Vec<u32> = (0..n as u32).filter(|&t| eligible.is_none_or(|e| e[t as usize])).collect();
-    let compact: Vec<f32> = match eligible {
-        None => embeddings.to_vec(),
-        Some(_) => rows.iter().flat_map(|&t| &embeddings[t as usize * dim..(t as usize + 1) * dim]).copied().collect(),
+    let compact: std::borrow::Cow<[f32]> = match eligible {
+        None => embeddings.into(),
+        Some(_) => rows
+            .iter()
+            .flat_map(|&t| &embeddings[t as usize * dim..(t as usize + 1) * dim])
+            .copied()
+            .collect::<Vec<f32>>()
+            .into(),
     };
     let m = rows.len();
+    // One score tile per thread, reused by every block the thread takes.
+    let tile_len = tiles.rows.min(m) * tiles.columns.min(m);
     let blocks: Vec<(Vec<u32>, Vec<f32>)> = (0..m.div_ceil(tiles.rows))
         .into_par_iter()
-        .map(|b| top_k_of_block(&compact, dim, k, b * tiles.rows..((b + 1) * tiles.rows).min(m), tiles.columns))
+        .map_init(
+            || vec![0f32; tile_len],
+            |tile, b| {
+                top_k_of_block(&compact, dim, k, b * tiles.rows..((b + 1) * tiles.rows).min(m), tiles.columns, tile)
+            },
+        )
         .collect();
     for (b, (indices, cosines)) in blocks.into_iter().enumerate() {
         for (r, (idx, cos)) in indices.chunks(k).zip(cosines.chunks(k)).enumerate() {
@@ -132,12 +167,12 @@ fn top_k_of_block(
     k: usize,
     block: std::ops::Range<usize>,
     column_tile: usize,
+    tile: &mut [f32],
 ) -> (Vec<u32>, Vec<f32>) {
     let m = z.len() / dim;
     let rows = block.len();
     let mut best = vec![TopK::new(k); rows];
     let queries = Mat::new(&z[block.start * dim..block.end * dim], rows, dim);
-    let mut tile = vec![0f32; rows * column_tile.min(m)];
     for start in (0..m).step_by(column_tile) {
         let cols = column_tile.min(m - start);
         let scores = &mut tile[..rows * cols];

@@ -185,7 +185,7 @@ fn neighbour_table_bytes(config: &TrainConfig, tracks: u64) -> u64 {
     if config.neighbours == 0 {
         return 0;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let cores = crate::training::neighbours::cores() as u64;
     3 * tracks * config.neighbours as u64 * 8 + cores * crate::training::neighbours::SCRATCH_BYTES_PER_THREAD
 }
 

@@ -71,6 +71,6 @@ async fn full_then_refresh_then_warm_then_requested_full() {
     events.wait_satisfied(std::slice::from_ref(&full), 2 * MINUTE).await;
     let v4 = ready(&full);
     assert_eq!(v4["lineage"]["mode"], "full");
-    assert_eq!(v4["lineage"]["reason"], "requested (params.full)");
+    assert_eq!(v4["lineage"]["reason"], "requested (params.full, train --full)");
     assert!(events.dead_letters().is_empty(), "{:#?}", events.dead_letters());
 }

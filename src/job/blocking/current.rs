@@ -25,8 +25,7 @@ impl BlockingRun {
     ) -> anyhow::Result<Option<gate::CurrentScore>> {
         let Some(latest) = self.other_latest()? else { return Ok(None) };
         let get = |name: &str| self.version_file(&latest.version, name);
-        let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)
-            .with_context(|| format!("the current version {}'s metadata", latest.version))?;
+        let metadata = self.version_metadata(&latest.version)?;
         let ids: Vec<&str> =
             metadata["track_ids"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
         let tensors = candle_core::safetensors::load_buffer(&get(layout::EMBEDDINGS)?, &Device::Cpu)?;
@@ -63,6 +62,21 @@ impl BlockingRun {
         let m = &self.record;
         let latest = self.runtime.block_on(read_latest(&self.store, &m.model))?;
         Ok(latest.filter(|l| l.version != m.version))
+    }
+
+    /// A published version's metadata, parsed once per run: the gate, the neighbour comparison and
+    /// a warm start all read the latest version's, whose `track_ids` make it megabytes.
+    pub(super) fn version_metadata(&self, version: &str) -> anyhow::Result<std::sync::Arc<serde_json::Value>> {
+        let mut cached = self.published_metadata.lock().expect("the metadata cache is never poisoned");
+        if let Some((_, metadata)) = cached.as_ref().filter(|(v, _)| v == version) {
+            return Ok(metadata.clone());
+        }
+        let metadata: std::sync::Arc<serde_json::Value> = std::sync::Arc::new(
+            serde_json::from_slice(&self.version_file(version, layout::METADATA)?)
+                .with_context(|| format!("version {version}'s metadata"))?,
+        );
+        *cached = Some((version.to_string(), metadata.clone()));
+        Ok(metadata)
     }
 
     /// One file of a published version of this run's model.

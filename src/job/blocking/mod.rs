@@ -47,6 +47,8 @@ pub(super) struct BlockingRun {
     pub owner: Option<String>,
     /// What the version must beat to be published.
     pub gate: gate::GateSettings,
+    /// The last published version's metadata read (see [`Self::version_metadata`]).
+    pub published_metadata: std::sync::Mutex<Option<(String, std::sync::Arc<serde_json::Value>)>>,
 }
 
 pub(super) enum Trained {

@@ -42,13 +42,10 @@ impl BlockingRun {
         let started = Instant::now();
         let (_, dim) = embeddings.dims2()?;
         let host: Vec<f32> = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        // Every core, even when training ran on one thread (batches ≤ 512 train fastest there and
-        // size the global pool to 1): the table is one big matrix product, which scales.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(cores).build()?;
-        let table = pool.install(|| neighbours::exact(&host, dim, k, learned));
+        let cores = neighbours::cores();
+        let table = neighbours::exact_on_all_cores(&host, dim, k, learned)?;
         let seconds = started.elapsed().as_secs_f64();
-        let tracks_listed = (0..table.num_tracks()).filter(|&t| table.of(t).0[0] != neighbours::PADDING).count();
+        let tracks_listed = (0..table.num_tracks()).filter(|&t| table.is_listed(t)).count();
         let mut summary = NeighbourSummary {
             k,
             tracks_listed,
@@ -67,8 +64,7 @@ impl BlockingRun {
                 let our_row = |i: u32| parent.track_ids.get(i as usize).and_then(|id| ours.get(id.as_str()).copied());
                 // Only tracks listed in both: a track new to this version (or newly learned) has
                 // no earlier list to have changed from.
-                let listed = |n: &Neighbours, t: usize| n.of(t).0[0] != neighbours::PADDING;
-                let both = |t: usize| parent_row(t).filter(|&p| listed(&table, t) && listed(&parent.table, p));
+                let both = |t: usize| parent_row(t).filter(|&p| table.is_listed(t) && parent.table.is_listed(p));
                 let change = table.mean_jaccard(&parent.table, JACCARD_AT, both, our_row);
                 summary.jaccard_at_10_vs_parent = change.map(|(jaccard, _)| jaccard);
                 summary.tracks_compared = Some(change.map_or(0, |(_, tracks)| tracks));
@@ -101,8 +97,7 @@ impl BlockingRun {
             Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)
-            .with_context(|| format!("version {}'s metadata", latest.version))?;
+        let metadata = self.version_metadata(&latest.version)?;
         let track_ids: Vec<String> = serde_json::from_value(metadata["track_ids"].clone())
             .with_context(|| format!("version {}'s metadata has no track_ids", latest.version))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;

@@ -21,7 +21,7 @@ impl BlockingRun {
         let get = |name: &str| {
             self.version_file(version, name).with_context(|| format!("reading {name} of the parent version {version}"))
         };
-        let metadata: serde_json::Value = serde_json::from_slice(&get(layout::METADATA)?)?;
+        let metadata = self.version_metadata(version)?;
         let vocabularies = match self.version_file(version, artifacts::VOCABULARIES) {
             Ok(bytes) => Some(serde_json::from_slice::<serde_json::Value>(&bytes)?),
             Err(StoreError::NotFound { .. }) => None,
