@@ -30,7 +30,11 @@ impl RunStatus {
 }
 
 /// A run starting (or starting again, when resumed): inserts the row, or marks it running again and
-/// counts the attempt.
+/// counts the attempt. With `lease_token` (worker runs) the row is written only while that lease
+/// still holds the run: a worker paused between its claim and this write (or stuck on a database
+/// outage) may find the run taken over and already finished by another, and marking it `running`
+/// again would leave the row running for ever, overlapping every later run of the model. Returns
+/// whether the row was written.
 pub async fn record_start(
     pool: &PgPool,
     run_id: Uuid,
@@ -38,10 +42,14 @@ pub async fn record_start(
     version: &str,
     trigger: &str,
     config: &Value,
-) -> sqlx::Result<()> {
+    lease_token: Option<Uuid>,
+) -> sqlx::Result<bool> {
     sqlx::query(
         "INSERT INTO audotics_trainer.training_runs (id, model, version, status, trigger, config)
-         VALUES ($1, $2, $3, 'running', $4, $5)
+         SELECT $1, $2, $3, 'running', $4, $5
+         WHERE $6::uuid IS NULL OR EXISTS (
+               SELECT 1 FROM audotics_trainer.run_jobs j
+               WHERE j.run_id = $1 AND j.lease_token = $6 AND j.state = 'running')
          ON CONFLICT (id) DO UPDATE
          SET status = 'running', attempts = training_runs.attempts + 1, finished_at = NULL, error = NULL",
     )
@@ -50,9 +58,10 @@ pub async fn record_start(
     .bind(version)
     .bind(trigger)
     .bind(config)
+    .bind(lease_token)
     .execute(pool)
     .await
-    .map(|_| ())
+    .map(|done| done.rows_affected() == 1)
 }
 
 /// What a finished run records.

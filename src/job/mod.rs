@@ -42,6 +42,20 @@ impl StopFlag {
     }
 }
 
+/// The run's lease was gone before it started: another worker took the run over (this one was
+/// paused, or stuck on an outage, past its lease) and may already have finished it. Nothing was
+/// trained or written to the ledger; the caller leaves the run to its new owner.
+#[derive(Debug)]
+pub struct LeaseGone;
+
+impl std::fmt::Display for LeaseGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the run's lease was gone before it started: another worker owns it now")
+    }
+}
+
+impl std::error::Error for LeaseGone {}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct TrainJob {
@@ -210,9 +224,21 @@ pub async fn run(store: &ModelStore, job: TrainJob) -> anyhow::Result<RunOutcome
         let run_id = record.run_uuid()?;
         if let Some(pool) = &pool {
             let config = serde_json::to_value(&record.config)?;
-            ledger::record_start(pool, run_id, &record.model, &record.version, job.trigger, &config)
-                .await
-                .context("cannot record the run in the training_runs ledger")?;
+            let recorded = ledger::record_start(
+                pool,
+                run_id,
+                &record.model,
+                &record.version,
+                job.trigger,
+                &config,
+                job.lease_token,
+            )
+            .await
+            .context("cannot record the run in the training_runs ledger")?;
+            if !recorded {
+                warn!("the run's lease is gone before it started: leaving the run to its new owner");
+                return Err(LeaseGone.into());
+            }
         }
         let result = execute(store, &job, &mut record, record_tag, pool.as_ref()).await;
         if let Some(pool) = &pool {

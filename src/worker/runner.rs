@@ -103,8 +103,9 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
         heartbeat.abort();
         deadline.abort();
         *shared.run_stop.lock().expect("run_stop lock") = None;
+        let gone_before_start = matches!(&result, Err(e) if e.downcast_ref::<job::LeaseGone>().is_some());
         let ended = RunEnded {
-            lease_lost: lease_lost.load(Ordering::SeqCst),
+            lease_lost: gone_before_start || lease_lost.load(Ordering::SeqCst),
             past_deadline: past_deadline.load(Ordering::SeqCst),
         };
         let status = conclude(shared, &claim, result, ended).await;
