@@ -35,10 +35,13 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::training::cpu_step::kernels::{Mat, matmul_single_thread};
 use crate::training::pairs::UserTracks;
 
 /// Cut-off of the ranking metrics.
 pub const K: usize = 10;
+/// Users scored per product in the embedding evaluation (each chunk's scores: this many × tracks).
+pub const USERS_PER_CHUNK: usize = 64;
 
 /// Recall@10 and NDCG@10 over a set of held-out (user, track).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -110,12 +113,17 @@ impl<'a> EvalSet<'a> {
 
     /// The one implementation behind [`Self::evaluate_embeddings`] (`known = None`: every track is
     /// known) and [`Self::evaluate_embeddings_known`].
+    ///
+    /// On the CPU, users are scored in parallel in fixed chunks (a single-threaded product per chunk
+    /// into that thread's own score tile, then the top-K scan), merged in order, so the figures do not
+    /// depend on the number of threads. The scan is most of the work (every track, for every user):
+    /// done on one thread behind a parallel product, it made this evaluation — run every epoch —
+    /// most of a warm epoch's time. On another device the product runs there, chunk by chunk.
     fn evaluate_embeddings_masked(
         &self,
         embeddings: &Tensor,
         known: Option<&[bool]>,
     ) -> candle_core::Result<RankingMetrics> {
-        const USERS_PER_CHUNK: usize = 64;
         let (n, d) = embeddings.dims2()?;
         if let Some(known) = known
             && known.len() != n
@@ -123,25 +131,61 @@ impl<'a> EvalSet<'a> {
             candle_core::bail!("known has {} entries for {n} embedding rows", known.len());
         }
         let host: Vec<f32> = embeddings.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        if !embeddings.device().is_cpu() {
+            return self.evaluate_on_device(embeddings, &host, known);
+        }
+        let tracks = Mat::new(&host, n, d).t();
+        let parts: Vec<Accumulator> = self
+            .users
+            .par_chunks(USERS_PER_CHUNK)
+            .map_init(Vec::new, |scores: &mut Vec<f32>, chunk| {
+                let mut queries = vec![0f32; chunk.len() * d];
+                for (row, &u) in chunk.iter().enumerate() {
+                    add_query(&mut queries[row * d..(row + 1) * d], &host, self.train.user(u), known);
+                }
+                scores.resize(chunk.len() * n, 0.0);
+                // Cosine ranking needs only the direction of the query: no division by the count.
+                matmul_single_thread(scores, Mat::new(&queries, chunk.len(), d), tracks);
+                let mut acc = self.accumulator(n);
+                for (row, &u) in chunk.iter().enumerate() {
+                    self.add_scored_user(&mut acc, &mut scores[row * n..(row + 1) * n], u, known);
+                }
+                acc
+            })
+            .collect();
+        Ok(parts.into_iter().reduce(Accumulator::merge).unwrap_or_else(|| self.accumulator(0)).finish())
+    }
+
+    /// [`Self::evaluate_embeddings_masked`] with the product on the embeddings' device (a GPU).
+    fn evaluate_on_device(
+        &self,
+        embeddings: &Tensor,
+        host: &[f32],
+        known: Option<&[bool]>,
+    ) -> candle_core::Result<RankingMetrics> {
+        let (n, d) = embeddings.dims2()?;
         let on_device_t = embeddings.to_dtype(DType::F32)?.t()?.contiguous()?;
         let mut acc = self.accumulator(n);
         for chunk in self.users.chunks(USERS_PER_CHUNK) {
             let mut queries = vec![0f32; chunk.len() * d];
             for (row, &u) in chunk.iter().enumerate() {
-                add_query(&mut queries[row * d..(row + 1) * d], &host, self.train.user(u), known);
+                add_query(&mut queries[row * d..(row + 1) * d], host, self.train.user(u), known);
             }
-            // Cosine ranking needs only the direction of the query: no division by the count.
             let q = Tensor::from_vec(queries, (chunk.len(), d), embeddings.device())?;
             let mut scores: Vec<f32> = q.matmul(&on_device_t)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
             for (row, &u) in chunk.iter().enumerate() {
-                let user_scores = &mut scores[row * n..(row + 1) * n];
-                if let Some(known) = known {
-                    mask_unknown(user_scores, known);
-                }
-                acc.add_user(user_scores, self.train.user(u), self.heldout.user(u));
+                self.add_scored_user(&mut acc, &mut scores[row * n..(row + 1) * n], u, known);
             }
         }
         Ok(acc.finish())
+    }
+
+    /// Ranks user `u` by `scores` (tracks the model does not know first set to −∞) into `acc`.
+    fn add_scored_user(&self, acc: &mut Accumulator, scores: &mut [f32], u: usize, known: Option<&[bool]>) {
+        if let Some(known) = known {
+            mask_unknown(scores, known);
+        }
+        acc.add_user(scores, self.train.user(u), self.heldout.user(u));
     }
 
     /// Metrics for per-user scores: `fill(training tracks, scores)` writes one score per track.
@@ -762,11 +806,9 @@ mod tests {
         assert_eq!((m.recall_at_10, m.ndcg_at_10), (1.0, 1.0));
     }
 
-    #[test]
-    fn item_cf_in_parallel_chunks_matches_one_sequential_pass() {
-        // 150 seeded users over 60 tracks, every other one holding out two tracks: 75 evaluated users,
-        // three chunks. The chunked, parallel evaluation must count every user once and agree with
-        // the sequential evaluation of the same scorer, whatever the number of threads.
+    /// 150 seeded users over 60 tracks, every other one holding out up to two tracks: 75 evaluated
+    /// users, so more than one chunk of [`USERS_PER_CHUNK`].
+    fn random_history() -> (UserTracks, UserTracks) {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let mut rows = |n: usize| -> Vec<Vec<u32>> {
             (0..150)
@@ -787,17 +829,25 @@ mod tests {
             .collect();
         let train = UserTracks::from_users(train_rows.iter().map(|v| v.as_slice()));
         let heldout = UserTracks::from_users(heldout_rows.iter().map(|v| v.as_slice()));
+        (train, heldout)
+    }
+
+    fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    }
+
+    #[test]
+    fn item_cf_in_parallel_chunks_matches_one_sequential_pass() {
+        // The chunked, parallel evaluation must count every user once and agree with the sequential
+        // evaluation of the same scorer, whatever the number of threads.
+        let (train, heldout) = random_history();
         let set = EvalSet::new(&train, &heldout, 1000, 0);
-        assert!(set.users.len() > 64, "{} users: fewer than three chunks", set.users.len());
+        assert!(set.users.len() > USERS_PER_CHUNK, "{} users: one chunk", set.users.len());
 
         let cf = ItemCf::new(&train, 60);
         let mut scratch = cf.scratch();
         let sequential = set.evaluate_user_scores(60, |tracks, scores| cf.score(&mut scratch, tracks, scores));
-        let in_pool = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| set.evaluate_item_cf(60))
-        };
-        let (one, three) = (in_pool(1), in_pool(3));
+        let (one, three) = (in_pool(1, || set.evaluate_item_cf(60)), in_pool(3, || set.evaluate_item_cf(60)));
         assert_eq!(one, three);
         assert_eq!(
             (one.users, one.heldout, one.recall_at_10),
@@ -805,5 +855,40 @@ mod tests {
         );
         assert!(one.recall_at_10 > 0.0 && one.recall_at_10 < 1.0, "{one:?}");
         assert!((one.ndcg_at_10 - sequential.ndcg_at_10).abs() < 1e-12);
+    }
+
+    #[test]
+    fn embedding_evaluation_in_parallel_chunks_matches_one_sequential_pass() {
+        // Integer embeddings, so every score is exact in f32 and the chunked products must rank as a
+        // plain dot product per user does: the same hits, whatever the number of threads, with and
+        // without tracks the model does not know.
+        let (train, heldout) = random_history();
+        let set = EvalSet::new(&train, &heldout, 1000, 0);
+        assert!(set.users.len() > USERS_PER_CHUNK, "{} users: one chunk", set.users.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let rows: Vec<f32> = (0..60 * 4).map(|_| rng.random_range(-3i32..=3) as f32).collect();
+        let embeddings = Tensor::from_vec(rows.clone(), (60, 4), &Device::Cpu).unwrap();
+        let known: Vec<bool> = (0..60).map(|j| j % 5 != 0).collect();
+        for mask in [None, Some(known.as_slice())] {
+            let sequential = set.evaluate_each_user(60, |_, tracks, scores| {
+                let mut query = [0f32; 4];
+                add_query(&mut query, &rows, tracks, mask);
+                for (j, score) in scores.iter_mut().enumerate() {
+                    *score = (0..4).map(|c| query[c] * rows[j * 4 + c]).sum();
+                }
+                if let Some(known) = mask {
+                    mask_unknown(scores, known);
+                }
+            });
+            let run = |threads| in_pool(threads, || set.evaluate_embeddings_masked(&embeddings, mask).unwrap());
+            let (one, three) = (run(1), run(3));
+            assert_eq!(one, three);
+            assert_eq!(
+                (one.users, one.heldout, one.recall_at_10),
+                (sequential.users, sequential.heldout, sequential.recall_at_10)
+            );
+            assert!(one.recall_at_10 > 0.0 && one.recall_at_10 < 1.0, "{one:?}");
+            assert!((one.ndcg_at_10 - sequential.ndcg_at_10).abs() < 1e-12);
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! process already holds once the data is prepared. `BENCHMARKS.md` compares it with measured peaks.
 
 use crate::data::features::NUM_FEATURES;
+use crate::training::eval::USERS_PER_CHUNK;
 use crate::training::trainer::TrainConfig;
 
 const F32: u64 = 4;
@@ -163,10 +164,11 @@ pub fn estimate(config: &TrainConfig, sizes: DataSizes, in_use: u64) -> MemoryEs
         if contrastive { 3 * square(validation_batch) } else { 0 } + 2 * validation_batch * per_row + with_adam;
     let tracks = sizes.tracks as u64;
     // Host copy, on-device copy and its transpose for evaluation; the export's npy, TF.js and Keras
-    // buffers; 64 users' scores over every track.
+    // buffers; per evaluating thread, one chunk of users' scores over every track and its stamps.
     let table = tracks * e * F32;
+    let evaluation_scores = crate::training::neighbours::cores() as u64 * (USERS_PER_CHUNK as u64 + 1) * tracks * F32;
     let evaluate_and_export =
-        6 * table + 2 * 64 * tracks * F32 + tracks * f * F32 + with_adam + neighbour_table_bytes(config, tracks);
+        6 * table + evaluation_scores + tracks * f * F32 + with_adam + neighbour_table_bytes(config, tracks);
     // The tables live through every phase: values and two moments, plus a checkpoint's copy of all three.
     let tables = 6 * sizes.table_rows as u64 * e * F32;
     let largest = train_step.max(validation).max(evaluate_and_export) + tables;
