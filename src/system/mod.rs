@@ -5,6 +5,7 @@
 //! - [`signals`]: SIGTERM / Ctrl-C handling;
 //! - [`device`]: choosing where tensors live (CPU, or CUDA when compiled in and present).
 
+pub mod cores;
 pub mod device;
 pub mod procstat;
 pub mod signals;

@@ -17,6 +17,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::system::cores::on_all_cores;
 use crate::training::cpu_step::CpuStep;
 use crate::training::eval::{EvalSet, RankingMetrics};
 use crate::training::loss::{self, LossConfig, LossKind, PairBatch};
@@ -142,7 +143,12 @@ impl<'a> Trainer<'a> {
         self.sampler.max_pairs(&self.data.train)
     }
 
+    /// The baselines' figures on the evaluation sets (on all cores: see [`on_all_cores`]).
     pub fn baselines(&self) -> anyhow::Result<Baselines> {
+        on_all_cores(|| self.baselines_here())
+    }
+
+    fn baselines_here(&self) -> anyhow::Result<Baselines> {
         let raw = l2_normalize(&self.data.features)?;
         let popularity: Vec<f32> = self.data.track_counts.iter().map(|&c| c as f32).collect();
         let n = self.data.num_tracks();
@@ -186,11 +192,12 @@ impl<'a> Trainer<'a> {
 
     /// Held-out ranking metrics of normalised embeddings `[num_tracks, E]` (from [`Self::embed`]):
     /// tracks without a learned row (collaborative) rank last and add nothing to queries.
+    /// Runs on all cores ([`on_all_cores`]), as every evaluation does: it ends every epoch.
     pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
-        match self.learned_rows() {
+        on_all_cores(|| match self.learned_rows() {
             Some(learned) => self.eval.evaluate_embeddings_known(embeddings, &learned),
             None => self.eval.evaluate_embeddings(embeddings),
-        }
+        })
     }
 
     /// Trains from `state` (fresh or restored) until `config.epochs` or until the observer stops.

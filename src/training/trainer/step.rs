@@ -8,6 +8,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use super::{Trainer, TrainingState, pair_loss};
+use crate::system::cores::on_all_cores;
 use crate::training::host::host_values;
 use crate::training::loss;
 use crate::training::model::tables::{TableDropout, TableMix};
@@ -157,7 +158,9 @@ impl Trainer<'_> {
     /// embed a track without listens (not the collaborative kind).
     pub fn evaluate_cold(&self, embeddings: &Tensor) -> candle_core::Result<Option<super::RankingMetrics>> {
         match (&self.cold_eval, self.config.model_kind) {
-            (Some(cold), kind) if kind != ModelKind::Collaborative => Ok(Some(cold.evaluate_embeddings(embeddings)?)),
+            (Some(cold), kind) if kind != ModelKind::Collaborative => {
+                Ok(Some(on_all_cores(|| cold.evaluate_embeddings(embeddings))?))
+            }
             _ => Ok(None),
         }
     }
