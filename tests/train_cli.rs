@@ -375,7 +375,7 @@ fn neighbour_rows(version: &Path) -> Vec<Vec<(u32, f32)>> {
 }
 
 #[test]
-fn each_version_lists_every_tracks_exact_neighbours_and_how_far_they_moved() {
+fn each_version_lists_every_tracks_neighbours_exact_or_approximate_and_how_far_they_moved() {
     let dir = tempfile::tempdir().unwrap();
     train(dir.path(), &["--epochs", "2", "--neighbours", "20"]);
     let first = only_version(dir.path());
@@ -403,10 +403,28 @@ fn each_version_lists_every_tracks_exact_neighbours_and_how_far_they_moved() {
     assert_eq!(meta["neighbours"]["tracks_listed"], n as u64);
     assert!(meta["neighbours"].get("parent_version").is_none(), "a first version has no parent");
 
-    // Another model of the same catalogue: the card and metadata say how far the lists moved.
-    train(dir.path(), &["--epochs", "1", "--neighbours", "20"]);
+    assert_eq!(meta["neighbours"]["method"], "exact");
+
+    // Another model of the same catalogue, its table approximate (HNSW): it finds (almost) every
+    // exact neighbour, and the card and metadata say how far the lists moved.
+    train(dir.path(), &["--epochs", "1", "--neighbours", "20", "--neighbour-index", "approximate"]);
     let second = versions(dir.path()).pop().unwrap();
     let meta = metadata(&second);
+    assert_eq!(meta["neighbours"]["method"], "hnsw", "{:#}", meta["neighbours"]);
+    assert_eq!(meta["neighbours"]["hnsw"]["connections"], 24);
+    let emb = &tensors(&second.join("embeddings.safetensors"))["embeddings"];
+    let z: Vec<f32> = emb.flatten_all().unwrap().to_vec1().unwrap();
+    let (mut found, approx) = (0usize, neighbour_rows(&second));
+    for (t, got) in approx.iter().enumerate() {
+        let mut all: Vec<(u32, f32)> =
+            (0..n).filter(|&j| j != t).map(|j| (j as u32, (0..e).map(|d| z[t * e + d] * z[j * e + d]).sum())).collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        found += all[..10].iter().filter(|(i, _)| got[..10].iter().any(|(j, _)| j == i)).count();
+        assert!(got.windows(2).all(|w| w[0].1 >= w[1].1), "track {t}: cosines out of order");
+    }
+    let recall = found as f64 / (10 * n) as f64;
+    assert!(recall >= 0.99, "the approximate table's recall@10 {recall}");
+    eprintln!("figures: approximate table recall@10 {recall:.4} over {n} tracks");
     assert_eq!(meta["neighbours"]["parent_version"].as_str().unwrap(), first.file_name().unwrap().to_str().unwrap());
     assert_eq!(meta["neighbours"]["tracks_compared"], n as u64);
     let (a, b) = (neighbour_rows(&first), neighbour_rows(&second));
@@ -424,6 +442,7 @@ fn each_version_lists_every_tracks_exact_neighbours_and_how_far_they_moved() {
     assert!(jaccard > 0.0 && jaccard < 1.0, "one more epoch moves some lists, not all: {jaccard}");
     let card = std::fs::read_to_string(second.join("MODEL_CARD.md")).unwrap();
     assert!(card.contains(&format!("mean Jaccard@10 {jaccard:.3}")), "{card}");
+    assert!(card.contains("approximate: the candidates an HNSW graph"), "{card}");
 
     // K = 0: no table.
     train(dir.path(), &["--epochs", "1", "--neighbours", "0"]);

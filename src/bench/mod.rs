@@ -282,6 +282,7 @@ pub fn train_config(args: &BenchArgs, kind: ModelKind, loss: LossKind, batch_siz
         tables: (!kind.is_content()).then(TableConfig::default),
         cold_tracks: 0.0,
         neighbours: crate::training::neighbours::DEFAULT_K,
+        neighbour_index: crate::training::neighbours::IndexChoice::Auto,
     }
 }
 

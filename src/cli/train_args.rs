@@ -13,6 +13,7 @@ use crate::system::device::DeviceChoice;
 use crate::training::loss::{LossConfig, LossKind};
 use crate::training::model::tables::TableConfig;
 use crate::training::model::{EncoderConfig, ModelKind};
+use crate::training::neighbours::IndexChoice;
 use crate::training::pairs::{DEFAULT_POSITIVE_KINDS, SamplingConfig};
 use crate::training::trainer::{Holdout, TrainConfig};
 
@@ -70,6 +71,11 @@ pub struct TrainArgs {
     /// cosine), at most 1000 (0: no table).
     #[arg(long, env = "AUDOTICS_NEIGHBOURS", default_value_t = crate::training::neighbours::DEFAULT_K, value_parser = neighbours_per_track)]
     pub neighbours: usize,
+    /// How the neighbour table is built: `exact` (every cosine), `approximate` (an HNSW graph:
+    /// faster past ~1M tracks, finds most but not all of the exact neighbours; its recall is in
+    /// BENCHMARKS.md) or `auto` (exact up to 1,000,000 listed tracks, approximate beyond).
+    #[arg(long, env = "AUDOTICS_NEIGHBOUR_INDEX", value_enum, default_value_t = IndexChoice::Auto)]
+    pub neighbour_index: IndexChoice,
     /// Start each run from the weights of the version latest.json names (`auto`), unless a full
     /// retrain is due (schedule, drift, request, another kind or size), or always train from
     /// scratch (`off`).
@@ -212,6 +218,7 @@ impl TrainArgs {
             tables: None,
             cold_tracks: self.cold_tracks,
             neighbours: self.neighbours,
+            neighbour_index: self.neighbour_index,
         }
         .for_kind(self.model_kind, self.table_config(), self.centering_weight.0)
     }

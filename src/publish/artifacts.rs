@@ -22,7 +22,7 @@ use crate::training::eval::RankingMetrics;
 use crate::training::model::tables::Tables;
 use crate::training::model::vocab::{OOV_ROW, TrackInputs};
 use crate::training::model::{BN_EPSILON, BN_MOMENTUM, Encoder, EncoderConfig, ModelKind};
-use crate::training::neighbours::Neighbours;
+use crate::training::neighbours::{HnswSettings, Method, Neighbours};
 use crate::training::pairs::MiningStats;
 use crate::training::trainer::{Baselines, EpochHistory, TrainConfig};
 
@@ -118,6 +118,12 @@ pub struct NeighbourSummary {
     /// Tracks with at least one neighbour (the collaborative kind lists only learned tracks).
     pub tracks_listed: usize,
     pub seconds: f64,
+    /// How the table was built: `exact` (versions before the option existed), or `hnsw`.
+    #[serde(default)]
+    pub method: Method,
+    /// The HNSW graph's settings, when `method` is `hnsw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hnsw: Option<HnswSettings>,
     /// The version `latest.json` named when this one was built, if it had a neighbour table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_version: Option<String>,

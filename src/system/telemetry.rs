@@ -23,8 +23,9 @@ pub enum LogFormat {
 static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// `info`, minus lapin's dump of every returned (unroutable) message — the worker logs those itself,
-/// without the body — and sqlx's notices about `IF NOT EXISTS` objects.
-const DEFAULT_FILTER: &str = "info,lapin::returned_messages=error,sqlx::postgres::notice=warn";
+/// without the body — sqlx's notices about `IF NOT EXISTS` objects, and hnsw_rs's progress lines
+/// (the neighbour table logs its own summary).
+const DEFAULT_FILTER: &str = "info,lapin::returned_messages=error,sqlx::postgres::notice=warn,hnsw_rs=warn";
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter.
 pub fn init(format: LogFormat) {

@@ -229,6 +229,7 @@ pub(crate) mod tests {
             tables: None,
             cold_tracks: 0.0,
             neighbours: crate::training::neighbours::DEFAULT_K,
+            neighbour_index: crate::training::neighbours::IndexChoice::Auto,
         }
     }
 

@@ -9,6 +9,7 @@
 
 use crate::data::features::NUM_FEATURES;
 use crate::training::eval::USERS_PER_CHUNK;
+use crate::training::neighbours::Method;
 use crate::training::trainer::TrainConfig;
 
 const F32: u64 = 4;
@@ -188,8 +189,16 @@ fn neighbour_table_bytes(config: &TrainConfig, tracks: u64) -> u64 {
         return 0;
     }
     let cores = crate::training::neighbours::cores() as u64;
-    3 * tracks * config.neighbours as u64 * 8 + cores * crate::training::neighbours::SCRATCH_BYTES_PER_THREAD
+    let building = match config.neighbour_index.method(tracks as usize) {
+        Method::Exact => cores * crate::training::neighbours::SCRATCH_BYTES_PER_THREAD,
+        Method::Hnsw => tracks * HNSW_BYTES_PER_TRACK,
+    };
+    3 * tracks * config.neighbours as u64 * 8 + building
 }
+
+/// The HNSW graph's memory per track at the default settings (a copy of the row and ~2M links with
+/// their allocations), from `bench-neighbours --index approximate`'s peak RSS (BENCHMARKS.md).
+const HNSW_BYTES_PER_TRACK: u64 = 2_500;
 
 /// What the requested batch alone needs in one training step, whatever the data: the contrastive
 /// loss's `[B, B]` logits and gradient. The batch is smaller than asked only when the whole history
@@ -281,6 +290,7 @@ mod tests {
             tables: None,
             cold_tracks: 0.0,
             neighbours: crate::training::neighbours::DEFAULT_K,
+            neighbour_index: crate::training::neighbours::IndexChoice::Auto,
         }
     }
 

@@ -82,6 +82,7 @@ pub fn model_ready(p: &Published) -> EventDraft {
     if let Some(n) = &m.neighbours {
         body["neighbours"] = json!({
             "k": n.k,
+            "method": n.method,
             "parent_version": n.parent_version,
             "jaccard_at_10_vs_parent": n.jaccard_at_10_vs_parent,
         });

@@ -12,7 +12,7 @@ use crate::data::Dataset;
 use crate::publish::artifacts::NeighbourSummary;
 use crate::publish::layout;
 use crate::publish::store::StoreError;
-use crate::training::neighbours::{self, Neighbours};
+use crate::training::neighbours::{self, HnswSettings, Method, Neighbours};
 
 /// Neighbours compared with the parent's: the first 10 of each track.
 const JACCARD_AT: usize = 10;
@@ -25,7 +25,7 @@ struct ParentTable {
 }
 
 impl BlockingRun {
-    /// The exact top-K table of `embeddings` among the tracks that have one (`learned`, for the
+    /// The top-K table of `embeddings` (exact, or approximate as the run's `neighbour_index` says) among the tracks that have one (`learned`, for the
     /// collaborative kind), with its Jaccard@10 against the version `latest.json` names. `None`
     /// when the run asks for no table (K = 0).
     pub(super) fn neighbour_table(
@@ -43,13 +43,16 @@ impl BlockingRun {
         let (_, dim) = embeddings.dims2()?;
         let host: Vec<f32> = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let cores = neighbours::cores();
-        let table = neighbours::exact_on_all_cores(&host, dim, k, learned)?;
+        let (table, method) =
+            neighbours::build_on_all_cores(&host, dim, k, learned, self.record.config.neighbour_index);
         let seconds = started.elapsed().as_secs_f64();
         let tracks_listed = (0..table.num_tracks()).filter(|&t| table.is_listed(t)).count();
         let mut summary = NeighbourSummary {
             k,
             tracks_listed,
             seconds,
+            method,
+            hnsw: (method == Method::Hnsw).then_some(HnswSettings::DEFAULT),
             parent_version: None,
             jaccard_at_10_vs_parent: None,
             tracks_compared: None,
@@ -80,6 +83,7 @@ impl BlockingRun {
             seconds,
             cores,
             tracks_listed,
+            method = ?method,
             parent_version = summary.parent_version.as_deref().unwrap_or(""),
             jaccard_at_10_vs_parent = summary.jaccard_at_10_vs_parent.unwrap_or(f64::NAN),
             "neighbour table built"

@@ -303,10 +303,18 @@ fn lineage(s: &mut String, m: &ModelMetadata) {
 fn similar_tracks(s: &mut String, m: &ModelMetadata) {
     let Some(n) = &m.neighbours else { return };
     let _ = writeln!(s, "## Similar tracks\n");
+    let how = match n.hnsw {
+        None => "exact (every pair scored)".to_string(),
+        Some(h) => format!(
+            "approximate: the candidates an HNSW graph (M {}, ef_construction {}, ef {}) finds, most but not all \
+             of the exact neighbours (recall in BENCHMARKS.md), ranked by their exact cosine",
+            h.connections, h.ef_construction, h.ef_search
+        ),
+    };
     let _ = writeln!(
         s,
-        "`{}` lists each track's {} most similar tracks by cosine, exact (every pair scored), best first, ties by \
-         lower row; {} tracks have neighbours. Built in {:.1} s.",
+        "`{}` lists each track's {} most similar tracks by cosine, {how}, best first, ties by lower row; {} tracks \
+         have neighbours. Built in {:.1} s.",
         crate::publish::layout::NEIGHBOURS,
         n.k,
         n.tracks_listed,

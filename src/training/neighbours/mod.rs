@@ -1,4 +1,6 @@
-//! Similar tracks: for every track, the K other tracks with the highest cosine, exact.
+//! Similar tracks: for every track, the K other tracks with the highest cosine: exact (this
+//! module), or approximate by an HNSW graph ([`approximate`]) for catalogues past
+//! [`AUTO_APPROXIMATE_ABOVE`] tracks or when asked ([`IndexChoice`]).
 //!
 //! What the platform's "similar tracks" does on every request (rank every candidate against one
 //! track), done once per version. Embeddings are L2-normalised, so the cosines are `Z·Zᵀ`; that
@@ -17,7 +19,14 @@
 //! may differ from another summation order in the last bits; two tracks whose cosines differ only
 //! there may be listed in either order by two implementations.
 
+pub mod approximate;
+
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::system::cores::on_all_cores;
+
+pub use approximate::HnswSettings;
 
 use crate::training::cpu_step::kernels::{Mat, matmul_single_thread};
 
@@ -90,22 +99,88 @@ pub fn exact(embeddings: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>
     exact_tiled(embeddings, dim, k, eligible, Tiles { rows: ROW_BLOCK, columns: COLUMN_TILE })
 }
 
-/// The cores the table is built on: all of this process's (its CPU affinity and cgroup quota),
-/// even when training ran on one thread (batches ≤ 512 train fastest there and size the global
-/// pool to 1): the table is one big matrix product, which scales.
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// The cores the table is built on: all of this process's (see [`crate::system::cores`]).
+pub use crate::system::cores::cores;
+
+/// The exact top-`k` of the tracks `rows` only, against every track (one list per entry of
+/// `rows`, in that order): what checks an approximate table on a sample of its tracks.
+pub fn exact_of_rows(embeddings: &[f32], dim: usize, k: usize, rows: &[u32]) -> Neighbours {
+    let n = embeddings.len().checked_div(dim).unwrap_or(0);
+    let tile_len = ROW_BLOCK.min(rows.len()) * COLUMN_TILE.min(n);
+    let blocks: Vec<(Vec<u32>, Vec<f32>)> = rows
+        .par_chunks(ROW_BLOCK)
+        .map_init(
+            || vec![0f32; tile_len],
+            |tile, chunk| {
+                let queries: Vec<f32> = chunk
+                    .iter()
+                    .flat_map(|&t| &embeddings[t as usize * dim..(t as usize + 1) * dim])
+                    .copied()
+                    .collect();
+                top_k_of_queries(embeddings, dim, k, &queries, |r| chunk[r] as usize, COLUMN_TILE, tile)
+            },
+        )
+        .collect();
+    let (indices, cosines) = blocks.into_iter().fold((Vec::new(), Vec::new()), |(mut i, mut c), (bi, bc)| {
+        i.extend(bi);
+        c.extend(bc);
+        (i, c)
+    });
+    Neighbours { k, indices, cosines }
 }
 
-/// [`exact`] on a pool of [`cores`] threads.
-pub fn exact_on_all_cores(
+/// How the table is built: exact (`n²` cosines), approximate (an HNSW graph: [`approximate`]), or
+/// exact up to [`AUTO_APPROXIMATE_ABOVE`] listed tracks and approximate beyond.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexChoice {
+    Exact,
+    Approximate,
+    #[default]
+    Auto,
+}
+
+/// Listed tracks above which `auto` builds the approximate table: the exact one takes ~21 min for
+/// 1M tracks on 2 cores (BENCHMARKS.md), and grows as n².
+pub const AUTO_APPROXIMATE_ABOVE: usize = 1_000_000;
+
+/// How a table was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Exact,
+    /// An HNSW graph with [`HnswSettings::DEFAULT`].
+    Hnsw,
+}
+
+impl IndexChoice {
+    /// The method for a table of `listed` tracks.
+    pub fn method(self, listed: usize) -> Method {
+        match self {
+            Self::Exact => Method::Exact,
+            Self::Auto if listed <= AUTO_APPROXIMATE_ABOVE => Method::Exact,
+            Self::Approximate | Self::Auto => Method::Hnsw,
+        }
+    }
+}
+
+/// The table by `choice`, on all cores, and the method that built it.
+pub fn build_on_all_cores(
     embeddings: &[f32],
     dim: usize,
     k: usize,
     eligible: Option<&[bool]>,
-) -> Result<Neighbours, rayon::ThreadPoolBuildError> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(cores()).build()?;
-    Ok(pool.install(|| exact(embeddings, dim, k, eligible)))
+    choice: IndexChoice,
+) -> (Neighbours, Method) {
+    let n = embeddings.len().checked_div(dim).unwrap_or(0);
+    let listed = eligible.map_or(n, |e| e.iter().filter(|&&x| x).count());
+    let method = choice.method(listed);
+    let table = on_all_cores(|| match method {
+        Method::Exact => exact(embeddings, dim, k, eligible),
+        Method::Hnsw => approximate::approximate(embeddings, dim, k, eligible, HnswSettings::DEFAULT),
+    });
+    (table, method)
 }
 
 /// Row block and column tile sizes (small ones in tests exercise every edge on small inputs).
@@ -169,16 +244,31 @@ fn top_k_of_block(
     column_tile: usize,
     tile: &mut [f32],
 ) -> (Vec<u32>, Vec<f32>) {
+    let queries = &z[block.start * dim..block.end * dim];
+    top_k_of_queries(z, dim, k, queries, |r| block.start + r, column_tile, tile)
+}
+
+/// The best `k` (rows of `z`, cosines) of each row of `queries`, padded; query `r` is row `own(r)`
+/// of `z`, which it never lists.
+fn top_k_of_queries(
+    z: &[f32],
+    dim: usize,
+    k: usize,
+    queries: &[f32],
+    own: impl Fn(usize) -> usize,
+    column_tile: usize,
+    tile: &mut [f32],
+) -> (Vec<u32>, Vec<f32>) {
     let m = z.len() / dim;
-    let rows = block.len();
+    let rows = queries.len() / dim;
     let mut best = vec![TopK::new(k); rows];
-    let queries = Mat::new(&z[block.start * dim..block.end * dim], rows, dim);
+    let queries = Mat::new(queries, rows, dim);
     for start in (0..m).step_by(column_tile) {
         let cols = column_tile.min(m - start);
         let scores = &mut tile[..rows * cols];
         matmul_single_thread(scores, queries, Mat::new(&z[start * dim..(start + cols) * dim], cols, dim).t());
         for (r, row) in scores.chunks_mut(cols).enumerate() {
-            let own = block.start + r;
+            let own = own(r);
             if (start..start + cols).contains(&own) {
                 row[own - start] = f32::NEG_INFINITY;
             }
@@ -371,5 +461,13 @@ mod tests {
         assert!((j - (0.5 + 1.0 + 1.0) / 3.0).abs() < 1e-12, "{j}");
         assert_eq!(tracks, 3);
         assert_eq!(a.mean_jaccard(&b, 2, |_| None, map), None);
+    }
+
+    #[test]
+    fn auto_is_exact_up_to_the_threshold_and_approximate_past_it() {
+        assert_eq!(IndexChoice::Auto.method(AUTO_APPROXIMATE_ABOVE), Method::Exact);
+        assert_eq!(IndexChoice::Auto.method(AUTO_APPROXIMATE_ABOVE + 1), Method::Hnsw);
+        assert_eq!(IndexChoice::Exact.method(usize::MAX), Method::Exact);
+        assert_eq!(IndexChoice::Approximate.method(2), Method::Hnsw);
     }
 }

@@ -51,6 +51,14 @@ pub struct TrainConfig {
     /// the JSON at the default, so runs recorded before the table existed read as before.
     #[serde(default = "default_neighbours", skip_serializing_if = "is_default_neighbours")]
     pub neighbours: usize,
+    /// How the neighbour table is built: exact, approximate (HNSW) or `auto` (exact up to 1M
+    /// listed tracks). Absent from the JSON at the default.
+    #[serde(default, skip_serializing_if = "is_default_index")]
+    pub neighbour_index: crate::training::neighbours::IndexChoice,
+}
+
+fn is_default_index(choice: &crate::training::neighbours::IndexChoice) -> bool {
+    *choice == crate::training::neighbours::IndexChoice::Auto
 }
 
 fn is_zero(v: &f64) -> bool {

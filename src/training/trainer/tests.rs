@@ -144,6 +144,7 @@ fn small_run() -> (Dataset, TrainConfig) {
         tables: None,
         cold_tracks: 0.0,
         neighbours: crate::training::neighbours::DEFAULT_K,
+        neighbour_index: crate::training::neighbours::IndexChoice::Auto,
     };
     (dataset, config)
 }
