@@ -233,12 +233,25 @@ impl<'a> EvalSet<'a> {
     /// fixed chunks, each with its own buffers and running sums, merged in order, so the figures do not
     /// depend on the number of threads.
     pub fn evaluate_item_cf(&self, num_tracks: usize) -> RankingMetrics {
+        self.evaluate_item_cf_unless(num_tracks, &|| false).expect("never stopped")
+    }
+
+    /// [`Self::evaluate_item_cf`], or `None` once `stop()` says so (checked before each chunk of
+    /// users): the longest baseline, computed beside training, must not hold up a stop request.
+    pub fn evaluate_item_cf_unless(
+        &self,
+        num_tracks: usize,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Option<RankingMetrics> {
         const USERS_PER_TASK: usize = 32;
         let cf = ItemCf::new(self.train, num_tracks);
-        let parts: Vec<Accumulator> = self
+        let parts: Option<Vec<Accumulator>> = self
             .users
             .par_chunks(USERS_PER_TASK)
             .map(|chunk| {
+                if stop() {
+                    return None;
+                }
                 let mut acc = self.accumulator(num_tracks);
                 let mut scratch = cf.scratch();
                 let mut scores = vec![0f32; num_tracks];
@@ -247,10 +260,10 @@ impl<'a> EvalSet<'a> {
                     cf.score(&mut scratch, self.train.user(u), &mut scores);
                     acc.add_user(&scores, self.train.user(u), self.heldout.user(u));
                 }
-                acc
+                Some(acc)
             })
             .collect();
-        parts.into_iter().reduce(Accumulator::merge).unwrap_or_else(|| self.accumulator(0)).finish()
+        Some(parts?.into_iter().reduce(Accumulator::merge).unwrap_or_else(|| self.accumulator(0)).finish())
     }
 
     /// Shared-label baseline (same artist, same subgenre): a track scores the number of the user's
@@ -848,6 +861,12 @@ mod tests {
         let mut scratch = cf.scratch();
         let sequential = set.evaluate_user_scores(60, |tracks, scores| cf.score(&mut scratch, tracks, scores));
         let (one, three) = (in_pool(1, || set.evaluate_item_cf(60)), in_pool(3, || set.evaluate_item_cf(60)));
+        assert_same_evaluation(&one, &three, &sequential);
+    }
+
+    /// One and three threads give the same figures, which are a sequential pass's (the sums of
+    /// discounted gains up to their order) and neither all hits nor none.
+    fn assert_same_evaluation(one: &RankingMetrics, three: &RankingMetrics, sequential: &RankingMetrics) {
         assert_eq!(one, three);
         assert_eq!(
             (one.users, one.heldout, one.recall_at_10),
@@ -855,6 +874,18 @@ mod tests {
         );
         assert!(one.recall_at_10 > 0.0 && one.recall_at_10 < 1.0, "{one:?}");
         assert!((one.ndcg_at_10 - sequential.ndcg_at_10).abs() < 1e-12);
+    }
+
+    #[test]
+    fn item_cf_gives_up_at_a_stop_request_and_otherwise_agrees() {
+        let (train, heldout) = random_history();
+        let set = EvalSet::new(&train, &heldout, 1000, 0);
+        assert_eq!(set.evaluate_item_cf_unless(60, &|| true), None);
+        // A stop asked after the first chunk: the rest are not scored.
+        let chunks = std::sync::atomic::AtomicUsize::new(0);
+        let after_one = || chunks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1;
+        assert_eq!(in_pool(1, || set.evaluate_item_cf_unless(60, &after_one)), None);
+        assert_eq!(set.evaluate_item_cf_unless(60, &|| false), Some(set.evaluate_item_cf(60)));
     }
 
     #[test]
@@ -881,14 +912,7 @@ mod tests {
                 }
             });
             let run = |threads| in_pool(threads, || set.evaluate_embeddings_masked(&embeddings, mask).unwrap());
-            let (one, three) = (run(1), run(3));
-            assert_eq!(one, three);
-            assert_eq!(
-                (one.users, one.heldout, one.recall_at_10),
-                (sequential.users, sequential.heldout, sequential.recall_at_10)
-            );
-            assert!(one.recall_at_10 > 0.0 && one.recall_at_10 < 1.0, "{one:?}");
-            assert!((one.ndcg_at_10 - sequential.ndcg_at_10).abs() < 1e-12);
+            assert_same_evaluation(&run(1), &run(3), &sequential);
         }
     }
 }

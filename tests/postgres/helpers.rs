@@ -140,3 +140,15 @@ pub fn only_version(dir: &Path) -> PathBuf {
 pub fn metadata(version_dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(version_dir.join("content-based-model-metadata.json")).unwrap()).unwrap()
 }
+
+/// A retrain request for model `m` with no parameters.
+pub fn retrain_request(event_id: impl Into<String>) -> audotics_trainer::contract::request::RetrainRequest {
+    audotics_trainer::contract::request::RetrainRequest {
+        event_id: event_id.into(),
+        model: "m".into(),
+        requested_at: None,
+        interactions_until: None,
+        reason: None,
+        params: None,
+    }
+}

@@ -1,12 +1,11 @@
 use std::time::Duration;
 
-use audotics_trainer::contract::request::RetrainRequest;
 use audotics_trainer::db::coord::{self, EventDraft, Finish};
 use audotics_trainer::db::ledger;
 
 use serde_json::json;
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, retrain_request};
 
 /// What the fault suite's long run found (102 "overlapping runs"): an attempt taken over mid-run
 /// leaves its ledger row `running`; when the run's last attempt then fails before it reaches the
@@ -15,7 +14,7 @@ use crate::helpers::TestDb;
 async fn a_run_failed_for_good_by_an_attempt_that_never_reached_the_ledger_still_ends_there() {
     let db = TestDb::new().await;
     audotics_trainer::db::migrate(&db.pool).await.unwrap();
-    coord::record_request(&db.pool, &request("r1")).await.unwrap();
+    coord::record_request(&db.pool, &retrain_request("r1")).await.unwrap();
     let lease = Duration::from_secs(60);
     let empty = json!({});
     let first = coord::claim(&db.pool, "w1", &["m".to_string()], lease).await.unwrap().unwrap();
@@ -39,16 +38,6 @@ async fn a_run_failed_for_good_by_an_attempt_that_never_reached_the_ledger_still
     assert_eq!(db.count(ended).await, 1, "the ledger's row ends with the run");
 }
 
-fn request(event_id: &str) -> RetrainRequest {
-    RetrainRequest {
-        event_id: event_id.into(),
-        model: "m".into(),
-        requested_at: None,
-        interactions_until: None,
-        reason: None,
-        params: None,
-    }
-}
 
 /// What the fault suite found on CI (38 "overlapping runs"): a worker paused between its claim and
 /// the ledger's first write came back after another worker had taken the run over and finished it,
@@ -57,7 +46,7 @@ fn request(event_id: &str) -> RetrainRequest {
 async fn a_worker_whose_lease_is_gone_does_not_mark_a_finished_run_running_again() {
     let db = TestDb::new().await;
     audotics_trainer::db::migrate(&db.pool).await.unwrap();
-    coord::record_request(&db.pool, &request("r1")).await.unwrap();
+    coord::record_request(&db.pool, &retrain_request("r1")).await.unwrap();
     let lease = Duration::from_secs(60);
     let empty = json!({});
     let paused = coord::claim(&db.pool, "w1", &["m".to_string()], lease).await.unwrap().unwrap();

@@ -1,20 +1,9 @@
 use std::time::Duration;
 
-use audotics_trainer::contract::request::RetrainRequest;
 use audotics_trainer::db::coord::{self, EventDraft, Finish, SATISFIES_PER_EVENT};
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, retrain_request};
 
-fn request(event_id: String) -> RetrainRequest {
-    RetrainRequest {
-        event_id,
-        model: "m".into(),
-        requested_at: None,
-        interactions_until: None,
-        reason: None,
-        params: None,
-    }
-}
 
 #[tokio::test]
 async fn a_burst_coalesced_into_one_run_is_announced_in_bounded_messages_that_answer_every_request() {
@@ -22,7 +11,7 @@ async fn a_burst_coalesced_into_one_run_is_announced_in_bounded_messages_that_an
     audotics_trainer::db::migrate(&db.pool).await.unwrap();
     let n = 2 * SATISFIES_PER_EVENT + 17;
     for i in 0..n {
-        coord::record_request(&db.pool, &request(format!("burst-{i}"))).await.unwrap();
+        coord::record_request(&db.pool, &retrain_request(format!("burst-{i}"))).await.unwrap();
     }
     let claim = coord::claim(&db.pool, "w", &["m".to_string()], Duration::from_secs(60)).await.unwrap().unwrap();
     let event_id = uuid::Uuid::new_v4();

@@ -145,10 +145,13 @@ impl<'a> Trainer<'a> {
 
     /// The baselines' figures on the evaluation sets (on all cores: see [`on_all_cores`]).
     pub fn baselines(&self) -> anyhow::Result<Baselines> {
-        on_all_cores(|| self.baselines_here())
+        on_all_cores(|| self.baselines_unless(&|| false))?.context("baselines stopped though nothing asked")
     }
 
-    fn baselines_here(&self) -> anyhow::Result<Baselines> {
+    /// [`Self::baselines`] on the caller's rayon pool, or `None` once `stop()` says so (checked
+    /// between baselines and within item-CF, the longest): for computing them beside training,
+    /// which a stop request must not wait for.
+    pub fn baselines_unless(&self, stop: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<Option<Baselines>> {
         let raw = l2_normalize(&self.data.features)?;
         let popularity: Vec<f32> = self.data.track_counts.iter().map(|&c| c as f32).collect();
         let n = self.data.num_tracks();
@@ -164,15 +167,23 @@ impl<'a> Trainer<'a> {
             }),
             None => None,
         };
-        Ok(Baselines {
-            raw_features: self.eval.evaluate_embeddings(&raw)?,
+        if stop() {
+            return Ok(None);
+        }
+        let raw_features = self.eval.evaluate_embeddings(&raw)?;
+        let Some(item_cf) = self.eval.evaluate_item_cf_unless(n, stop) else { return Ok(None) };
+        if stop() {
+            return Ok(None);
+        }
+        Ok(Some(Baselines {
+            raw_features,
             popularity: self.eval.evaluate_global_scores(&popularity),
-            item_cf: self.eval.evaluate_item_cf(n),
+            item_cf,
             random: self.eval.evaluate_random(n, self.config.seed),
             shared_artist: shared_artist(&self.eval),
             shared_album: shared_album(&self.eval),
             cold,
-        })
+        }))
     }
 
     /// The catalogue's vocabularies and table rows.
