@@ -38,7 +38,6 @@ async fn a_run_failed_for_good_by_an_attempt_that_never_reached_the_ledger_still
     assert_eq!(db.count(ended).await, 1, "the ledger's row ends with the run");
 }
 
-
 /// What the fault suite found on CI (38 "overlapping runs"): a worker paused between its claim and
 /// the ledger's first write came back after another worker had taken the run over and finished it,
 /// and marked the row `running` again, for ever. With its lease gone the write must not happen.

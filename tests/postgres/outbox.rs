@@ -4,7 +4,6 @@ use audotics_trainer::db::coord::{self, EventDraft, Finish, SATISFIES_PER_EVENT}
 
 use crate::helpers::{TestDb, retrain_request};
 
-
 #[tokio::test]
 async fn a_burst_coalesced_into_one_run_is_announced_in_bounded_messages_that_answer_every_request() {
     let db = TestDb::new().await;
