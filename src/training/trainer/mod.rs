@@ -49,7 +49,7 @@ pub trait TrainObserver {
 
 /// Reference metrics of what a platform could run instead of the model, on the same held-out
 /// listens, computed once per run.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Baselines {
     /// Standardised raw features as embeddings.
     pub raw_features: RankingMetrics,
@@ -76,7 +76,7 @@ pub struct Baselines {
 }
 
 /// Baselines that can rank tracks without listens, on the cold hold-out.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ColdBaselines {
     pub raw_features: RankingMetrics,
     pub shared_artist: RankingMetrics,
@@ -158,30 +158,32 @@ impl<'a> Trainer<'a> {
         let tags = &self.data.tags;
         let shared_artist = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.artists.len(), |t| tags.artists_of(t));
         let shared_album = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.albums.len(), |t| tags.albums_of(t));
+        // Each baseline unless a stop came before it (item-CF, the longest, also looks within).
+        let unless = |f: &dyn Fn() -> anyhow::Result<RankingMetrics>| if stop() { Ok(None) } else { f().map(Some) };
+        macro_rules! or_stop {
+            ($metrics:expr) => {
+                match $metrics {
+                    Some(m) => m,
+                    None => return Ok(None),
+                }
+            };
+        }
         let cold = match &self.cold_eval {
             Some(cold) => Some(ColdBaselines {
-                raw_features: cold.evaluate_embeddings(&raw)?,
-                shared_artist: shared_artist(cold),
-                shared_album: shared_album(cold),
-                random: cold.evaluate_random(n, self.config.seed),
+                raw_features: or_stop!(unless(&|| Ok(cold.evaluate_embeddings(&raw)?))?),
+                shared_artist: or_stop!(unless(&|| Ok(shared_artist(cold)))?),
+                shared_album: or_stop!(unless(&|| Ok(shared_album(cold)))?),
+                random: or_stop!(unless(&|| Ok(cold.evaluate_random(n, self.config.seed)))?),
             }),
             None => None,
         };
-        if stop() {
-            return Ok(None);
-        }
-        let raw_features = self.eval.evaluate_embeddings(&raw)?;
-        let Some(item_cf) = self.eval.evaluate_item_cf_unless(n, stop) else { return Ok(None) };
-        if stop() {
-            return Ok(None);
-        }
         Ok(Some(Baselines {
-            raw_features,
-            popularity: self.eval.evaluate_global_scores(&popularity),
-            item_cf,
-            random: self.eval.evaluate_random(n, self.config.seed),
-            shared_artist: shared_artist(&self.eval),
-            shared_album: shared_album(&self.eval),
+            raw_features: or_stop!(unless(&|| Ok(self.eval.evaluate_embeddings(&raw)?))?),
+            item_cf: or_stop!(self.eval.evaluate_item_cf_unless(n, stop)),
+            popularity: or_stop!(unless(&|| Ok(self.eval.evaluate_global_scores(&popularity)))?),
+            random: or_stop!(unless(&|| Ok(self.eval.evaluate_random(n, self.config.seed)))?),
+            shared_artist: or_stop!(unless(&|| Ok(shared_artist(&self.eval)))?),
+            shared_album: or_stop!(unless(&|| Ok(shared_album(&self.eval)))?),
             cold,
         }))
     }

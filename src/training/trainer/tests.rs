@@ -299,3 +299,20 @@ fn cold_tracks_are_never_trained_on_yet_the_hybrid_embeds_and_ranks_them() {
         }
     }
 }
+
+#[test]
+fn baselines_beside_training_give_up_at_a_stop_and_otherwise_match() {
+    let (dataset, config) = small_run_of(ModelKind::Hybrid);
+    let config = TrainConfig { cold_tracks: 0.2, ..config };
+    let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+    let trainer = Trainer::new(&config, &data).unwrap();
+    let all = trainer.baselines().unwrap();
+    assert_eq!(trainer.baselines_unless(&|| false).unwrap(), Some(all));
+    // A stop asked before the first baseline, or before any later one (four cold, six warm, and
+    // item-CF asks once per chunk of users: at least ten asks), even the last: nothing is returned.
+    for asks_before_stop in [0, 1, 4, 6, 9] {
+        let asks = std::sync::atomic::AtomicUsize::new(0);
+        let stop = || asks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= asks_before_stop;
+        assert_eq!(trainer.baselines_unless(&stop).unwrap(), None, "stop after {asks_before_stop} asks");
+    }
+}
