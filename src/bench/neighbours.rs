@@ -62,7 +62,7 @@ fn bench(args: &NeighbourBenchArgs) -> anyhow::Result<()> {
         "embeddings": args.embeddings.as_ref().map_or("uniform directions".to_string(), |p| p.display().to_string()),
         "k": args.k,
         "method": method,
-        "cores": neighbours::cores(),
+        "cores": crate::system::cores::cores(),
         "seconds": seconds,
         "cosines_per_second": (n as f64) * (n as f64) / seconds,
         // null where the platform does not report it.

@@ -139,12 +139,8 @@ impl<'a> EvalSet<'a> {
             .users
             .par_chunks(USERS_PER_CHUNK)
             .map_init(Vec::new, |scores: &mut Vec<f32>, chunk| {
-                let mut queries = vec![0f32; chunk.len() * d];
-                for (row, &u) in chunk.iter().enumerate() {
-                    add_query(&mut queries[row * d..(row + 1) * d], &host, self.train.user(u), known);
-                }
+                let queries = self.queries(chunk, &host, d, known);
                 scores.resize(chunk.len() * n, 0.0);
-                // Cosine ranking needs only the direction of the query: no division by the count.
                 matmul_single_thread(scores, Mat::new(&queries, chunk.len(), d), tracks);
                 let mut acc = self.accumulator(n);
                 for (row, &u) in chunk.iter().enumerate() {
@@ -167,17 +163,23 @@ impl<'a> EvalSet<'a> {
         let on_device_t = embeddings.to_dtype(DType::F32)?.t()?.contiguous()?;
         let mut acc = self.accumulator(n);
         for chunk in self.users.chunks(USERS_PER_CHUNK) {
-            let mut queries = vec![0f32; chunk.len() * d];
-            for (row, &u) in chunk.iter().enumerate() {
-                add_query(&mut queries[row * d..(row + 1) * d], host, self.train.user(u), known);
-            }
-            let q = Tensor::from_vec(queries, (chunk.len(), d), embeddings.device())?;
+            let q = Tensor::from_vec(self.queries(chunk, host, d, known), (chunk.len(), d), embeddings.device())?;
             let mut scores: Vec<f32> = q.matmul(&on_device_t)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
             for (row, &u) in chunk.iter().enumerate() {
                 self.add_scored_user(&mut acc, &mut scores[row * n..(row + 1) * n], u, known);
             }
         }
         Ok(acc.finish())
+    }
+
+    /// The queries of `users`, `[users, d]` row-major: each the sum of the rows of `host` of the
+    /// user's training tracks that the model knows (cosine ranking needs only the direction).
+    fn queries(&self, users: &[usize], host: &[f32], d: usize, known: Option<&[bool]>) -> Vec<f32> {
+        let mut queries = vec![0f32; users.len() * d];
+        for (row, &u) in users.iter().enumerate() {
+            add_query(&mut queries[row * d..(row + 1) * d], host, self.train.user(u), known);
+        }
+        queries
     }
 
     /// Ranks user `u` by `scores` (tracks the model does not know first set to −∞) into `acc`.

@@ -167,7 +167,7 @@ pub fn estimate(config: &TrainConfig, sizes: DataSizes, in_use: u64) -> MemoryEs
     // Host copy, on-device copy and its transpose for evaluation; the export's npy, TF.js and Keras
     // buffers; per evaluating thread, one chunk of users' scores over every track and its stamps.
     let table = tracks * e * F32;
-    let evaluation_scores = crate::training::neighbours::cores() as u64 * (USERS_PER_CHUNK as u64 + 1) * tracks * F32;
+    let evaluation_scores = crate::system::cores::cores() as u64 * (USERS_PER_CHUNK as u64 + 1) * tracks * F32;
     let evaluate_and_export =
         6 * table + evaluation_scores + tracks * f * F32 + with_adam + neighbour_table_bytes(config, tracks);
     // The tables live through every phase: values and two moments, plus a checkpoint's copy of all three.
@@ -188,7 +188,7 @@ fn neighbour_table_bytes(config: &TrainConfig, tracks: u64) -> u64 {
     if config.neighbours == 0 {
         return 0;
     }
-    let cores = crate::training::neighbours::cores() as u64;
+    let cores = crate::system::cores::cores() as u64;
     let building = match config.neighbour_index.method(tracks as usize) {
         Method::Exact => cores * crate::training::neighbours::SCRATCH_BYTES_PER_THREAD,
         Method::Hnsw => tracks * HNSW_BYTES_PER_TRACK,

@@ -12,7 +12,6 @@ use crate::data::Dataset;
 use crate::publish::store::StoreError;
 use crate::publish::versions::{Latest, read_latest};
 use crate::publish::{gate, layout};
-use crate::system::cores::on_all_cores;
 use crate::training::trainer::Trainer;
 
 impl BlockingRun {
@@ -44,7 +43,7 @@ impl BlockingRun {
             }
         }
         let embeddings = Tensor::from_vec(matched, (n, dim), &Device::Cpu)?;
-        let metrics = on_all_cores(|| trainer.eval_set().evaluate_embeddings_known(&embeddings, &known))?;
+        let metrics = trainer.evaluate_known(&embeddings, &known)?;
         let known_tracks = known.iter().filter(|k| **k).count();
         info!(
             current_version = %latest.version,

@@ -25,9 +25,9 @@ struct ParentTable {
 }
 
 impl BlockingRun {
-    /// The top-K table of `embeddings` (exact, or approximate as the run's `neighbour_index` says) among the tracks that have one (`learned`, for the
-    /// collaborative kind), with its Jaccard@10 against the version `latest.json` names. `None`
-    /// when the run asks for no table (K = 0).
+    /// The top-K table of `embeddings` (exact, or approximate as the run's `neighbour_index` says)
+    /// among the tracks that have one (`learned`, for the collaborative kind), with its Jaccard@10
+    /// against the version `latest.json` names. `None` when the run asks for no table (K = 0).
     pub(super) fn neighbour_table(
         &self,
         embeddings: &Tensor,
@@ -42,7 +42,7 @@ impl BlockingRun {
         let started = Instant::now();
         let (_, dim) = embeddings.dims2()?;
         let host: Vec<f32> = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let cores = neighbours::cores();
+        let cores = crate::system::cores::cores();
         let (table, method) =
             neighbours::build_on_all_cores(&host, dim, k, learned, self.record.config.neighbour_index);
         let seconds = started.elapsed().as_secs_f64();

@@ -99,9 +99,6 @@ pub fn exact(embeddings: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>
     exact_tiled(embeddings, dim, k, eligible, Tiles { rows: ROW_BLOCK, columns: COLUMN_TILE })
 }
 
-/// The cores the table is built on: all of this process's (see [`crate::system::cores`]).
-pub use crate::system::cores::cores;
-
 /// The exact top-`k` of the tracks `rows` only, against every track (one list per entry of
 /// `rows`, in that order): what checks an approximate table on a sample of its tracks.
 pub fn exact_of_rows(embeddings: &[f32], dim: usize, k: usize, rows: &[u32]) -> Neighbours {
@@ -121,12 +118,8 @@ pub fn exact_of_rows(embeddings: &[f32], dim: usize, k: usize, rows: &[u32]) -> 
             },
         )
         .collect();
-    let (indices, cosines) = blocks.into_iter().fold((Vec::new(), Vec::new()), |(mut i, mut c), (bi, bc)| {
-        i.extend(bi);
-        c.extend(bc);
-        (i, c)
-    });
-    Neighbours { k, indices, cosines }
+    let (indices, cosines): (Vec<Vec<u32>>, Vec<Vec<f32>>) = blocks.into_iter().unzip();
+    Neighbours { k, indices: indices.concat(), cosines: cosines.concat() }
 }
 
 /// How the table is built: exact (`n²` cosines), approximate (an HNSW graph: [`approximate`]), or
@@ -140,8 +133,9 @@ pub enum IndexChoice {
     Auto,
 }
 
-/// Listed tracks above which `auto` builds the approximate table: the exact one takes ~21 min for
-/// 1M tracks on 2 cores (BENCHMARKS.md), and grows as n².
+/// Listed tracks above which `auto` builds the approximate table: extrapolated from 101k tracks on
+/// 2 cores, the exact table (n²) and the graph (n·log n) cross near 600k, and at 1M the exact one
+/// needs ~24 min against the graph's ~16 (BENCHMARKS.md; neither 1M figure is measured).
 pub const AUTO_APPROXIMATE_ABOVE: usize = 1_000_000;
 
 /// How a table was built.

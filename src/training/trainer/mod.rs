@@ -158,34 +158,42 @@ impl<'a> Trainer<'a> {
         let tags = &self.data.tags;
         let shared_artist = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.artists.len(), |t| tags.artists_of(t));
         let shared_album = |eval: &EvalSet| eval.evaluate_shared_labels(n, tags.albums.len(), |t| tags.albums_of(t));
-        // Each baseline unless a stop came before it (item-CF, the longest, also looks within).
-        let unless = |f: &dyn Fn() -> anyhow::Result<RankingMetrics>| if stop() { Ok(None) } else { f().map(Some) };
-        macro_rules! or_stop {
-            ($metrics:expr) => {
-                match $metrics {
-                    Some(m) => m,
-                    None => return Ok(None),
-                }
-            };
-        }
-        let cold = match &self.cold_eval {
-            Some(cold) => Some(ColdBaselines {
-                raw_features: or_stop!(unless(&|| Ok(cold.evaluate_embeddings(&raw)?))?),
-                shared_artist: or_stop!(unless(&|| Ok(shared_artist(cold)))?),
-                shared_album: or_stop!(unless(&|| Ok(shared_album(cold)))?),
-                random: or_stop!(unless(&|| Ok(cold.evaluate_random(n, self.config.seed)))?),
-            }),
-            None => None,
+        // `None` once a stop came: asked before each baseline (item-CF, the longest, also asks
+        // before each chunk of users).
+        let go = || (!stop()).then_some(());
+        let cold_baselines = |cold: &EvalSet| -> Option<candle_core::Result<ColdBaselines>> {
+            go()?;
+            let raw_features = cold.evaluate_embeddings(&raw);
+            go()?;
+            let shared_artist = shared_artist(cold);
+            go()?;
+            let shared_album = shared_album(cold);
+            go()?;
+            let random = cold.evaluate_random(n, self.config.seed);
+            Some(raw_features.map(|raw_features| ColdBaselines { raw_features, shared_artist, shared_album, random }))
         };
-        Ok(Some(Baselines {
-            raw_features: or_stop!(unless(&|| Ok(self.eval.evaluate_embeddings(&raw)?))?),
-            item_cf: or_stop!(self.eval.evaluate_item_cf_unless(n, stop)),
-            popularity: or_stop!(unless(&|| Ok(self.eval.evaluate_global_scores(&popularity)))?),
-            random: or_stop!(unless(&|| Ok(self.eval.evaluate_random(n, self.config.seed)))?),
-            shared_artist: or_stop!(unless(&|| Ok(shared_artist(&self.eval)))?),
-            shared_album: or_stop!(unless(&|| Ok(shared_album(&self.eval)))?),
-            cold,
-        }))
+        let all = || -> Option<candle_core::Result<Baselines>> {
+            let cold = match &self.cold_eval {
+                Some(cold) => Some(cold_baselines(cold)?),
+                None => None,
+            };
+            go()?;
+            let raw_features = self.eval.evaluate_embeddings(&raw);
+            let item_cf = self.eval.evaluate_item_cf_unless(n, stop)?;
+            go()?;
+            let popularity = self.eval.evaluate_global_scores(&popularity);
+            go()?;
+            let random = self.eval.evaluate_random(n, self.config.seed);
+            go()?;
+            let shared_artist = shared_artist(&self.eval);
+            go()?;
+            let shared_album = shared_album(&self.eval);
+            Some((|| {
+                let (raw_features, cold) = (raw_features?, cold.transpose()?);
+                Ok(Baselines { raw_features, popularity, item_cf, random, shared_artist, shared_album, cold })
+            })())
+        };
+        Ok(all().transpose()?)
     }
 
     /// The catalogue's vocabularies and table rows.
@@ -207,10 +215,16 @@ impl<'a> Trainer<'a> {
     /// tracks without a learned row (collaborative) rank last and add nothing to queries.
     /// Runs on all cores ([`on_all_cores`]), as every evaluation does: it ends every epoch.
     pub fn evaluate(&self, embeddings: &Tensor) -> candle_core::Result<RankingMetrics> {
-        on_all_cores(|| match self.learned_rows() {
-            Some(learned) => self.eval.evaluate_embeddings_known(embeddings, &learned),
-            None => self.eval.evaluate_embeddings(embeddings),
-        })
+        match self.learned_rows() {
+            Some(learned) => self.evaluate_known(embeddings, &learned),
+            None => on_all_cores(|| self.eval.evaluate_embeddings(embeddings)),
+        }
+    }
+
+    /// Held-out metrics of embeddings of which only the `known` tracks count (they rank the others
+    /// last): a collaborative model's, or the latest version's scored for the gate. On all cores.
+    pub fn evaluate_known(&self, embeddings: &Tensor, known: &[bool]) -> candle_core::Result<RankingMetrics> {
+        on_all_cores(|| self.eval.evaluate_embeddings_known(embeddings, known))
     }
 
     /// Trains from `state` (fresh or restored) until `config.epochs` or until the observer stops.
