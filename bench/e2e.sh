@@ -47,8 +47,8 @@
 # BATCH_SIZE [64] CPU_THREADS [0] (AUDOTICS_CPU_THREADS; 0 = the worker's auto) TIMEOUT_S [3600]
 # (the longest wait for the answer) OUT [target/bench-e2e] STORE_PREFIX [a new one per run: the
 # store's prefix; bench/warm.sh reuses one so that a later request finds the earlier version]
-# WARM_START [off] (AUDOTICS_WARM_START) PARAMS [none] (the request's params JSON, e.g.
-# '{"full": true}'). s3s-fs from S3S_FS_BIN, else
+# WARM_START [off] (AUDOTICS_WARM_START) WARM_OPTIMIZER [fresh] (AUDOTICS_WARM_OPTIMIZER) PARAMS
+# [none] (the request's params JSON, e.g. '{"full": true}'). s3s-fs from S3S_FS_BIN, else
 # ~/.cargo/bin. Drop the database by hand when done (`dropdb -h 127.0.0.1 -U postgres bench_e2e`),
 # and $OUT/s3 (each run leaves its ~30 MB version there).
 set -euo pipefail
@@ -67,6 +67,7 @@ CPU_THREADS=${CPU_THREADS:-0}
 TIMEOUT_S=${TIMEOUT_S:-3600}
 OUT=${OUT:-target/bench-e2e}
 WARM_START=${WARM_START:-off}
+WARM_OPTIMIZER=${WARM_OPTIMIZER:-fresh}
 PARAMS=${PARAMS:-}
 MODEL=content-based
 BUCKET=bench-e2e
@@ -152,7 +153,7 @@ env -i PATH="$PATH" HOME="$HOME" \
     AUDOTICS_DEVICE=cpu AUDOTICS_LOG_FORMAT=json RUST_LOG=info \
     AUDOTICS_EPOCHS="$EPOCHS" AUDOTICS_BATCH_SIZE="$BATCH_SIZE" AUDOTICS_MAX_PAIRS_PER_EPOCH="$MAX_PAIRS_PER_EPOCH" \
     AUDOTICS_CPU_THREADS="$CPU_THREADS" AUDOTICS_WARM_START="$WARM_START" \
-    "$BIN" worker 2>"$LOG" >/dev/null &
+    AUDOTICS_WARM_OPTIMIZER="$WARM_OPTIMIZER" "$BIN" worker 2>"$LOG" >/dev/null &
 WORKER_PID=$!
 say "worker $WORKER_PID (log $LOG), store $STORE, vhost $VHOST"
 ready=''
@@ -203,7 +204,7 @@ cat >"$WORK/config.json" <<EOF
 {"run": "$RUN", "binary_rev": "$REV", "db": "$DB", "tracks": $TRACKS, "users": $USERS,
  "interactions_seeded": $INTERACTIONS, "seed": $SEED, "epochs": $EPOCHS, "batch_size": $BATCH_SIZE,
  "max_pairs_per_epoch": $MAX_PAIRS_PER_EPOCH, "cpu_threads": $CPU_THREADS, "device": "cpu",
- "warm_start": "$WARM_START", "params": ${PARAMS:-null},
+ "warm_start": "$WARM_START", "warm_optimizer": "$WARM_OPTIMIZER", "params": ${PARAMS:-null},
  "seed_seconds": $SEED_SECONDS, "event_id": "$EVENT_ID", "store": "$STORE",
  "store_dir": "$OUT/s3/$BUCKET/$STORE_PREFIX", "worker_exit_on_sigterm": $WORKER_EXIT, "nproc": $(nproc),
  "worker_threads": $THREADS, "worker_cpu_user_seconds": $UTIME, "worker_cpu_system_seconds": $STIME}

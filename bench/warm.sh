@@ -12,7 +12,9 @@
 # results are the last four lines of $OUT/e2e.jsonl, summarised at the end. The grown rows are
 # removed afterwards (bench/warm/shrink.sql), leaving bench_e2e as seeded.
 #
-# Parameters: those of bench/e2e.sh (TRACKS, USERS, INTERACTIONS, SEED, DB, ADMIN_URL, OUT, ...).
+# Parameters: STOP_AFTER [4] (2: only the full version and the refresh — the parent
+# bench/warm/again.sh starts from, with the checkpoints of the run that trained it still there), and
+# those of bench/e2e.sh (TRACKS, USERS, INTERACTIONS, SEED, DB, ADMIN_URL, OUT, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -31,6 +33,10 @@ trap shrink EXIT
 say "2/4: growing the data, then a refresh"
 psql "$URL" -X -f bench/warm/grow.sql
 PARAMS='{"refresh": true}' bench/e2e.sh
+if [ "${STOP_AFTER:-4}" -le 2 ]; then
+    say "stopped after the refresh: FROM=$PREFIX bench/warm/again.sh starts from it"
+    exit 0
+fi
 say "3/4: a warm retrain"
 PARAMS='' bench/e2e.sh
 say "4/4: a full retrain of the same grown data"

@@ -607,3 +607,52 @@ fn a_refresh_embeds_exactly_the_new_tracks_and_keeps_every_other_row() {
     }
     assert_eq!(fresh, 50);
 }
+
+/// `adam_step` of a checkpoint file.
+fn adam_step(checkpoint: &Path) -> u64 {
+    let bytes = std::fs::read(checkpoint).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    header.metadata().as_ref().unwrap()["adam_step"].parse().unwrap()
+}
+
+/// The checkpoint of `epoch` of the run that published `version`.
+fn checkpoint_of(dir: &Path, version: &Path, epoch: u64) -> PathBuf {
+    let run = metadata(version)["run_id"].as_str().unwrap().to_string();
+    dir.join(format!("content-based/runs/{run}/checkpoints/epoch-{epoch:04}.safetensors"))
+}
+
+/// `--warm-optimizer carried` through a refresh: the warm run's Adam continues the step count of the
+/// epoch whose weights it starts from (the refresh's parent's best), which retention kept; `fresh`
+/// starts it at zero.
+#[test]
+fn a_carried_optimizer_continues_the_adam_of_the_run_behind_the_parents_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let hybrid = ["--model-kind", "hybrid", "--warm-start", "auto"];
+    train(dir.path(), &[&hybrid[..], &["--epochs", "3"]].concat());
+    let trained = only_version(dir.path());
+    let best = metadata(&trained)["best_epoch"].as_u64().unwrap();
+    train(dir.path(), &[&hybrid[..], &["--refresh"]].concat());
+    let refreshed = versions(dir.path()).pop().unwrap();
+    assert_eq!(metadata(&refreshed)["lineage"]["mode"], "refresh");
+    let parent_steps = adam_step(&checkpoint_of(dir.path(), &trained, best));
+    assert!(parent_steps > 0);
+
+    train(dir.path(), &[&hybrid[..], &["--epochs", "1", "--warm-optimizer", "carried"]].concat());
+    let carried = versions(dir.path()).pop().unwrap();
+    let lineage = &metadata(&carried)["lineage"];
+    assert_eq!(lineage["parent_version"].as_str(), refreshed.file_name().unwrap().to_str());
+    let run = metadata(&trained)["run_id"].as_str().unwrap().to_string();
+    let name = trained.file_name().unwrap().to_str().unwrap();
+    assert_eq!(lineage["optimizer_from"], format!("run {run}'s epoch {best} (version {name})"), "{lineage:#}");
+    let card = std::fs::read_to_string(carried.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("Adam's moments and step counts carried over from run"), "{card}");
+    // Read now: the next publish's retention deletes this run's checkpoints.
+    let carried_steps = adam_step(&checkpoint_of(dir.path(), &carried, 1));
+
+    train(dir.path(), &[&hybrid[..], &["--epochs", "1", "--warm-optimizer", "fresh"]].concat());
+    let fresh = versions(dir.path()).pop().unwrap();
+    assert!(metadata(&fresh)["lineage"].get("optimizer_from").is_none());
+    let epoch_steps = adam_step(&checkpoint_of(dir.path(), &fresh, 1));
+    assert!(epoch_steps > 0);
+    assert_eq!(carried_steps, parent_steps + epoch_steps);
+}

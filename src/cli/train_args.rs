@@ -91,6 +91,10 @@ pub struct TrainArgs {
     /// A warm run's epochs are uniform samples of at most this many pairs (0: every pair).
     #[arg(long, env = "WARM_PAIRS_PER_EPOCH", default_value_t = crate::job::lineage::LineageSettings::default().warm_pairs_per_epoch)]
     pub warm_pairs_per_epoch: usize,
+    /// Where a warm run's Adam starts: `fresh` (moments zero) or `carried` (the moments of the
+    /// epoch the parent published, from its run's checkpoint).
+    #[arg(long, env = "AUDOTICS_WARM_OPTIMIZER", value_enum, default_value = "fresh")]
+    pub warm_optimizer: crate::job::lineage::WarmOptimizer,
     /// Training objective: contrastive (in-batch softmax) or cosine (the old, collapsing one).
     #[arg(long, env = "AUDOTICS_LOSS", value_enum, default_value = "contrastive")]
     pub loss: LossKind,
@@ -267,6 +271,7 @@ impl TrainArgs {
                 full_retrain_every: self.full_retrain_every,
                 drift_threshold: self.full_retrain_drift,
                 warm_pairs_per_epoch: self.warm_pairs_per_epoch,
+                warm_optimizer: self.warm_optimizer,
             },
         }
     }

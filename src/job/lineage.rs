@@ -32,6 +32,18 @@ pub enum WarmStart {
     Auto,
 }
 
+/// Where a warm run's Adam starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmOptimizer {
+    /// Moments zero, step 0, as in a full run.
+    #[default]
+    Fresh,
+    /// The moments and step counts of the epoch whose weights the parent published (read from
+    /// that run's checkpoint); fresh, with a warning, when that checkpoint is gone.
+    Carried,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LineageSettings {
     pub warm_start: WarmStart,
@@ -42,6 +54,7 @@ pub struct LineageSettings {
     /// A warm run's epoch: a uniform sample of at most this many pairs (0: every pair). It starts
     /// near where it will end, so it needs fresh samples of the data more than whole passes.
     pub warm_pairs_per_epoch: usize,
+    pub warm_optimizer: WarmOptimizer,
 }
 
 impl Default for LineageSettings {
@@ -51,6 +64,7 @@ impl Default for LineageSettings {
             full_retrain_every: 10,
             drift_threshold: 0.25,
             warm_pairs_per_epoch: 300_000,
+            warm_optimizer: WarmOptimizer::Fresh,
         }
     }
 }
@@ -109,6 +123,7 @@ pub fn decide(
         versions_since_full: 0,
         epochs_before: 0,
         new_interaction_share: None,
+        carry_optimizer: false,
     };
     if settings.warm_start == WarmStart::Off {
         return full("warm start is off".into(), parent);
@@ -171,6 +186,7 @@ pub fn decide(
         versions_since_full,
         epochs_before,
         new_interaction_share: share,
+        carry_optimizer: settings.warm_optimizer == WarmOptimizer::Carried,
     }
 }
 
@@ -222,6 +238,7 @@ pub fn refresh_plan(parent: &ParentSummary) -> anyhow::Result<LineagePlan> {
         versions_since_full: base.versions_since_full,
         epochs_before: base.epochs_since_full,
         new_interaction_share: None,
+        carry_optimizer: false,
     })
 }
 
@@ -279,10 +296,12 @@ mod tests {
                 versions_since_full,
                 epochs_before: 20,
                 new_interaction_share: None,
+                carry_optimizer: false,
             },
             epochs_since_full: 25,
             carried_over: Vec::new(),
             new_tracks: None,
+            optimizer_from: None,
         }
     }
 
@@ -291,7 +310,20 @@ mod tests {
         full_retrain_every: 4,
         drift_threshold: 0.25,
         warm_pairs_per_epoch: 100,
+        warm_optimizer: WarmOptimizer::Fresh,
     };
+
+    #[test]
+    fn only_warm_plans_carry_the_optimizer_and_only_when_asked() {
+        let carried = LineageSettings { warm_optimizer: WarmOptimizer::Carried, ..AUTO };
+        let plan = |settings: &LineageSettings, full: bool| {
+            decide(settings, Some(&parent(None)), full, ModelKind::Hybrid, 64, &history(&[10]))
+        };
+        assert!(plan(&carried, false).carry_optimizer);
+        assert!(!plan(&AUTO, false).carry_optimizer);
+        assert!(!plan(&carried, true).carry_optimizer, "a full retrain starts Adam afresh");
+        assert!(!refresh_plan(&parent(None)).unwrap().carry_optimizer);
+    }
 
     #[test]
     fn only_warm_runs_sample_their_epochs_and_a_smaller_own_sample_wins() {

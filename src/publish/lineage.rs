@@ -37,6 +37,10 @@ pub struct LineagePlan {
     /// Share of this run's timestamped interactions newer than the base's watermark (the drift
     /// measure), when there was a base to compare with.
     pub new_interaction_share: Option<f64>,
+    /// A warm run starts Adam from the parent's training run's state (`--warm-optimizer carried`)
+    /// instead of fresh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub carry_optimizer: bool,
 }
 
 /// The metadata's record: the plan, and what the run then did.
@@ -52,6 +56,9 @@ pub struct Lineage {
     /// Refreshes: tracks embedded for the first time (the rest are the parent's rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_tracks: Option<usize>,
+    /// Warm runs that carried the optimiser over: where its state came from, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer_from: Option<String>,
 }
 
 /// A published version's model read back from its files, for a warm start: `weights.safetensors`,

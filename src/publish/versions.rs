@@ -251,17 +251,50 @@ pub struct RetentionReport {
     pub checkpoint_runs_cleaned: Vec<String>,
 }
 
+/// The version whose run trained `version`'s weights, and its metadata: `version` itself, or for a
+/// refresh (which trains nothing and keeps its parent's weights) its nearest trained ancestor.
+pub async fn trained_version(
+    store: &ModelStore,
+    model: &str,
+    version: &str,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let mut version = version.to_string();
+    loop {
+        let bytes = store.get(&layout::version_object(model, &version, layout::METADATA)).await?;
+        let metadata: serde_json::Value =
+            serde_json::from_slice(&bytes).with_context(|| format!("version {version}'s metadata"))?;
+        if metadata["lineage"]["mode"] != "refresh" {
+            return Ok((version, metadata));
+        }
+        version = metadata["lineage"]["parent_version"]
+            .as_str()
+            .with_context(|| format!("refresh version {version} names no parent"))?
+            .to_string();
+    }
+}
+
 /// Keeps the newest `keep` versions (never the one `latest.json` names, nor any newer one, which
 /// may still be publishing) and deletes the others, manifest first. Deletes the checkpoints of
-/// finished runs (whose version has a manifest) except the newest run's.
+/// finished runs (whose version has a manifest) except the newest run's and the one that trained
+/// the latest version's weights (a warm start may carry its optimiser state over).
 pub async fn apply_retention(store: &ModelStore, model: &str, keep: usize) -> anyhow::Result<RetentionReport> {
     let mut report = RetentionReport::default();
     let latest = read_latest(store, model).await?;
     let Some(latest) = latest else { return Ok(report) };
+    let latest_weights_run = match trained_version(store, model, &latest.version).await {
+        Ok((_, metadata)) => metadata["run_id"].as_str().map(str::to_string),
+        Err(e) => {
+            warn!(error.message = %format!("{e:#}"), "cannot tell which run trained the latest version");
+            None
+        }
+    };
     // Checkpoints first: a finished run is recognised by its version's manifest, which version
     // retention may delete.
     let runs = child_names(&store.list(&layout::runs_dir(model)).await?, &layout::runs_dir(model));
     for run_id in runs.iter().take(runs.len().saturating_sub(1)) {
+        if latest_weights_run.as_deref() == Some(run_id.as_str()) {
+            continue;
+        }
         let checkpoints = store.list(&layout::checkpoints_dir(model, run_id)).await?;
         if checkpoints.is_empty() {
             continue;

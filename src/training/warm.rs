@@ -8,10 +8,15 @@
 //!
 //! What does not: rows of tracks, artists and albums the parent did not know keep this run's own
 //! initialisation — zero in the hybrid, so a new track starts where the content, artist and album
-//! path puts it; seeded in the collaborative kind, as in a full run. Adam starts fresh (moments
-//! zero, step 0): the parent's optimiser state is not published with a version. The standardisation
+//! path puts it; seeded in the collaborative kind, as in a full run. The standardisation
 //! statistics are the parent's (the caller passes them to data preparation), so a feature value
 //! means the same to the encoder along the whole lineage.
+//!
+//! Adam starts fresh (moments zero, step 0) unless the run asks to carry the optimiser over
+//! ([`apply_optimizer`]): then the moments and step counts come from the checkpoint of the epoch
+//! whose weights the parent published (a version publishes no optimiser state; its run's best
+//! checkpoint holds it), mapped by the same keys as the weights; rows new to this run keep zero
+//! moments.
 
 use std::collections::HashMap;
 
@@ -105,16 +110,106 @@ pub fn apply(
     Ok(carried)
 }
 
+/// The optimiser state of the run that trained a parent's weights: the checkpoint of its published
+/// epoch, and the row keys of each of its tables (that run's catalogue order, as the version that
+/// run published lists them).
+pub struct ParentOptimizer {
+    /// Where it came from, in words, for the log and the metadata.
+    pub origin: String,
+    pub checkpoint: Vec<u8>,
+    pub table_keys: Vec<(String, Vec<String>)>,
+}
+
+/// Loads the Adam moments and step counts of `from` into `state` (already warm-started by
+/// [`apply`]): the encoder's moments by tensor name, each table row's by key; a row the parent's
+/// run did not have keeps zero moments. The step counts carry over too: the moments were
+/// accumulated over that many steps, and the bias correction must say so.
+pub fn apply_optimizer(
+    state: &mut TrainingState,
+    from: &ParentOptimizer,
+    track_ids: &[String],
+    inputs: &TrackInputs,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let origin = &from.origin;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&from.checkpoint)
+        .with_context(|| format!("{origin}: not a safetensors checkpoint"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let step = |key: &str| -> anyhow::Result<u64> {
+        meta.get(key)
+            .with_context(|| format!("{origin} lacks {key}"))?
+            .parse()
+            .with_context(|| format!("{origin}'s {key}"))
+    };
+    let tensors = candle_core::safetensors::load_buffer(&from.checkpoint, &candle_core::Device::Cpu)?;
+    let take = |name: &str| tensors.get(name).cloned().with_context(|| format!("{origin} lacks tensor {name}"));
+    let mut first_moment = Vec::new();
+    let mut second_moment = Vec::new();
+    for name in crate::training::model::TRAINABLE_NAMES {
+        first_moment.push(take(&format!("adam.m.{name}"))?);
+        second_moment.push(take(&format!("adam.v.{name}"))?);
+    }
+    state
+        .optimizer
+        .restore(crate::training::optim::AdamState { first_moment, second_moment, step: step("adam_step")? })
+        .with_context(|| format!("{origin}'s encoder moments"))?;
+    for (i, slot) in state.tables.tables.iter_mut().enumerate() {
+        let Some(table) = slot else { continue };
+        let id = [TableId::Identity, TableId::Artist, TableId::Album][i];
+        let (_, parent_keys) = from
+            .table_keys
+            .iter()
+            .find(|(name, _)| name == TABLE_NAMES[i])
+            .with_context(|| format!("{origin} has no row keys for {}", TABLE_NAMES[i]))?;
+        let parent_row: HashMap<&str, usize> = parent_keys.iter().enumerate().map(|(r, k)| (k.as_str(), r)).collect();
+        let d = table.dim;
+        let part = |p: &str| -> anyhow::Result<Vec<f32>> {
+            let t = take(&format!("table.{}.{p}", table.name))?;
+            anyhow::ensure!(
+                t.dims() == [parent_keys.len(), d],
+                "{origin}'s {} moments have shape {:?}, not {} rows of {d}",
+                table.name,
+                t.dims(),
+                parent_keys.len()
+            );
+            Ok(t.flatten_all()?.to_vec1()?)
+        };
+        let (m, v) = (part("m")?, part("v")?);
+        for (row, key) in row_keys(id, track_ids, inputs).iter().enumerate() {
+            let span = row * d..(row + 1) * d;
+            match parent_row.get(key.as_str()) {
+                Some(&p) => {
+                    table.first_moment[span.clone()].copy_from_slice(&m[p * d..(p + 1) * d]);
+                    table.second_moment[span].copy_from_slice(&v[p * d..(p + 1) * d]);
+                }
+                None => {
+                    table.first_moment[span.clone()].fill(0.0);
+                    table.second_moment[span].fill(0.0);
+                }
+            }
+        }
+    }
+    if !state.tables.is_empty() {
+        state.tables.step = step("table_step")?;
+    }
+    Ok(())
+}
+
 /// The first state of a warm run: the trainer's fresh state with `parent` loaded into it
-/// ([`apply`]); a collaborative track without training listens keeps a zero row, as in a full run.
+/// ([`apply`]) and, when given, its run's optimiser state ([`apply_optimizer`]); a collaborative
+/// track without training listens keeps a zero row, as in a full run.
 pub fn start(
     trainer: &Trainer,
     device: &candle_core::Device,
     parent: &ParentModel,
+    optimizer: Option<&ParentOptimizer>,
     track_ids: &[String],
 ) -> anyhow::Result<(TrainingState, Vec<CarriedOver>)> {
     let mut state = trainer.fresh_state(device)?;
     let carried = apply(&mut state, parent, track_ids, trainer.inputs())?;
+    if let Some(optimizer) = optimizer {
+        apply_optimizer(&mut state, optimizer, track_ids, trainer.inputs())?;
+    }
     if let Some(learned) = trainer.learned_rows() {
         state.tables.zero_unlearned_identity(&learned);
     }
@@ -235,6 +330,74 @@ mod tests {
                 (t.flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
             assert_eq!(a, b, "{name}");
         }
+    }
+
+    #[test]
+    fn optimizer_state_carries_over_by_key_with_its_step_counts() {
+        let cfg = config(ModelKind::Hybrid);
+        let old_inputs = TrackInputs::build(&tags(&[(&["x"], "A"), (&["y"], "B")]), 1);
+        let old_ids = ["a".to_string(), "b".to_string()];
+        let mut parent_state = TrainingState::for_inputs(&cfg, &old_inputs, &Device::Cpu).unwrap();
+        let adam = parent_state.optimizer.state();
+        let filled = |ts: &[Tensor], base: f64| -> Vec<Tensor> {
+            ts.iter().enumerate().map(|(i, t)| (t.ones_like().unwrap() * (base + i as f64)).unwrap()).collect()
+        };
+        let carried = crate::training::optim::AdamState {
+            first_moment: filled(&adam.first_moment, 1.0),
+            second_moment: filled(&adam.second_moment, 100.0),
+            step: 41,
+        };
+        parent_state.optimizer.restore(carried).unwrap();
+        parent_state.tables.step = 17;
+        for table in parent_state.tables.tables.iter_mut().flatten() {
+            for (i, (m, v)) in table.first_moment.iter_mut().zip(table.second_moment.iter_mut()).enumerate() {
+                (*m, *v) = (i as f32 + 0.5, i as f32 + 1000.0);
+            }
+        }
+        let table_keys = parent_state
+            .tables
+            .tables
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, t)| {
+                let id = [TableId::Identity, TableId::Artist, TableId::Album][i];
+                (t.name.to_string(), row_keys(id, &old_ids, &old_inputs))
+            })
+            .collect();
+        let from = ParentOptimizer {
+            origin: "run r's epoch 3".into(),
+            checkpoint: crate::training::checkpoint::to_bytes(&parent_state, &cfg, "then").unwrap(),
+            table_keys,
+        };
+
+        // The new catalogue reorders the tracks and adds track c.
+        let new_inputs = TrackInputs::build(&tags(&[(&["y"], "B"), (&["z"], "C"), (&["x"], "A")]), 1);
+        let new_ids = ["b".to_string(), "c".to_string(), "a".to_string()];
+        let mut state = TrainingState::for_inputs(&cfg, &new_inputs, &Device::Cpu).unwrap();
+        apply_optimizer(&mut state, &from, &new_ids, &new_inputs).unwrap();
+        let got = state.optimizer.state();
+        assert_eq!(got.step, 41);
+        assert_eq!(state.tables.step, 17);
+        for (i, (m, v)) in got.first_moment.iter().zip(&got.second_moment).enumerate() {
+            let (m, v): (Vec<f32>, Vec<f32>) =
+                (m.flatten_all().unwrap().to_vec1().unwrap(), v.flatten_all().unwrap().to_vec1().unwrap());
+            assert!(m.iter().all(|&x| x == 1.0 + i as f32), "first moment of tensor {i}");
+            assert!(v.iter().all(|&x| x == 100.0 + i as f32), "second moment of tensor {i}");
+        }
+        let dim = cfg.encoder.embedding_size;
+        let identity = state.tables.tables[0].as_ref().unwrap();
+        let old_identity = parent_state.tables.tables[0].as_ref().unwrap();
+        assert_eq!(identity.first_moment[..dim], old_identity.first_moment[dim..2 * dim], "track b: row 1 → row 0");
+        assert_eq!(identity.second_moment[2 * dim..], old_identity.second_moment[..dim], "track a: row 0 → row 2");
+        assert!(identity.first_moment[dim..2 * dim].iter().all(|&x| x == 0.0), "new track c: zero moments");
+        assert!(identity.second_moment[dim..2 * dim].iter().all(|&x| x == 0.0), "new track c: zero moments");
+
+        // A checkpoint whose table disagrees with the keys it came with is refused, not misread.
+        let mut short = from;
+        short.table_keys[0].1.pop();
+        let err = apply_optimizer(&mut state, &short, &new_ids, &new_inputs).unwrap_err();
+        assert!(format!("{err:#}").contains("moments have shape"), "{err:#}");
     }
 
     #[test]

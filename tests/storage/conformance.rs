@@ -4,7 +4,7 @@ use bytes::Bytes;
 
 use audotics_trainer::data::Watermark;
 use audotics_trainer::publish::versions::{
-    VersionInfo, apply_retention, publish_version, read_latest, read_manifest, verify,
+    VersionInfo, apply_retention, publish_version, read_latest, read_manifest, trained_version, verify,
 };
 use audotics_trainer::publish::{
     layout,
@@ -208,6 +208,37 @@ async fn retention(store: &ModelStore) {
     verify(store, &read_manifest(store, &latest.manifest, Some(&latest.manifest_sha256)).await.unwrap()).await.unwrap();
 }
 
+/// A version's files whose metadata names the run that published it and, for a refresh, its parent.
+fn files_of_run(seed: u8, run_id: &str, refresh_of: Option<&str>) -> Vec<(String, Bytes)> {
+    let lineage = refresh_of.map(|parent| serde_json::json!({"mode": "refresh", "parent_version": parent}));
+    let metadata = serde_json::json!({"run_id": run_id, "best_epoch": 1, "lineage": lineage});
+    let mut f: Vec<_> = files(seed).into_iter().filter(|(n, _)| n != "content-based-model-metadata.json").collect();
+    f.push(("content-based-model-metadata.json".into(), Bytes::from(serde_json::to_vec(&metadata).unwrap())));
+    f
+}
+
+async fn retention_keeps_the_run_behind_a_refreshed_latest(store: &ModelStore) {
+    // v1 and v2 trained by runs 1 and 2; v3 a refresh of v2 (run 3, no checkpoints); v4 a refresh of
+    // v3. The latest's weights are run 2's: its checkpoints stay, run 1's go.
+    let run = |i: u8| format!("0190000{i}-0000-7000-8000-000000000000");
+    let version = |i: u8| format!("2026010{i}T000000Z-ffffff");
+    for i in 1..=4u8 {
+        let refresh_of = (i >= 3).then(|| version(i - 1));
+        publish(store, &version(i), files_of_run(40 + i, &run(i), refresh_of.as_deref())).await.unwrap();
+        let record = serde_json::json!({"version": version(i)});
+        store.put(&layout::run_record("m", &run(i)), serde_json::to_vec(&record).unwrap()).await.unwrap();
+        if i <= 2 {
+            store.put(&layout::checkpoint("m", &run(i), 1), Bytes::from_static(b"ckpt")).await.unwrap();
+        }
+    }
+    let (trained, _) = trained_version(store, "m", &version(4)).await.unwrap();
+    assert_eq!(trained, version(2));
+    let report = apply_retention(store, "m", 10).await.unwrap();
+    assert_eq!(report.checkpoint_runs_cleaned, [run(1)]);
+    assert!(store.exists(&layout::checkpoint("m", &run(2), 1)).await.unwrap());
+    assert!(!store.exists(&layout::checkpoint("m", &run(1), 1)).await.unwrap());
+}
+
 async fn corruption_is_caught(store: &ModelStore) {
     publish(store, "20260101T000000Z-eeeeee", files(30)).await.unwrap();
     let key = layout::version_object("m", "20260101T000000Z-eeeeee", "content-based-model.keras");
@@ -226,4 +257,12 @@ macro_rules! both_stores {
     };
 }
 
-both_stores!(round_trip, multipart, immutability, latest_is_written_last, retention, corruption_is_caught);
+both_stores!(
+    round_trip,
+    multipart,
+    immutability,
+    latest_is_written_last,
+    retention,
+    retention_keeps_the_run_behind_a_refreshed_latest,
+    corruption_is_caught
+);

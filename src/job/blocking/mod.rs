@@ -86,9 +86,11 @@ impl BlockingRun {
             return Ok(refused);
         }
         log_holdout(&data, &trainer);
+        let optimizer = self.parent_optimizer()?;
         let (initial, carried_over) = match &parent {
             Some(parent) => {
-                let (state, carried) = warm::start(&trainer, &device, parent, &dataset.catalogue.track_ids)?;
+                let track_ids = &dataset.catalogue.track_ids;
+                let (state, carried) = warm::start(&trainer, &device, parent, optimizer.as_ref(), track_ids)?;
                 for c in &carried {
                     info!(table = %c.table, copied_rows = c.copied_rows, new_rows = c.new_rows, "warm start");
                 }
@@ -96,6 +98,7 @@ impl BlockingRun {
             }
             None => (trainer.fresh_state(&device)?, Vec::new()),
         };
+        let optimizer_from = optimizer.map(|o| o.origin);
         if self.record.lineage.as_ref().is_some_and(|l| l.mode == TrainingMode::Refresh) {
             let parent = parent.as_ref().context("a refresh reads its parent")?;
             let baselines = baselines(&trainer)?;
@@ -139,6 +142,7 @@ impl BlockingRun {
             training_date: ended.training_date.clone(),
             carried_over,
             new_tracks: None,
+            optimizer_from,
         };
         self.finish(&trainer, &data, &dataset, embeddings, baselines, end, &device)
     }
@@ -156,7 +160,8 @@ impl BlockingRun {
         device: &candle_core::Device,
     ) -> anyhow::Result<Trained> {
         let config = &self.record.config;
-        let RunEnd { state, weights, best_epoch, stop_reason, training_date, carried_over, new_tracks } = end;
+        let RunEnd { state, weights, best_epoch, stop_reason, training_date, carried_over, new_tracks, optimizer_from } =
+            end;
         let final_metrics = trainer.evaluate(&embeddings)?;
         info!(
             best_epoch,
@@ -185,6 +190,7 @@ impl BlockingRun {
             plan,
             carried_over,
             new_tracks,
+            optimizer_from,
         });
         let table = table.map(|(table, summary)| {
             metadata.neighbours = Some(summary);
@@ -224,6 +230,7 @@ impl BlockingRun {
             training_date: created.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
             carried_over,
             new_tracks: Some(new_tracks),
+            optimizer_from: None,
         };
         self.finish(trainer, data, dataset, embeddings, baselines, end, device)
     }
@@ -305,6 +312,7 @@ struct RunEnd<'s> {
     training_date: String,
     carried_over: Vec<warm::CarriedOver>,
     new_tracks: Option<usize>,
+    optimizer_from: Option<String>,
 }
 
 /// Where training left the run.

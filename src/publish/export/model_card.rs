@@ -297,6 +297,12 @@ fn lineage(s: &mut String, m: &ModelMetadata) {
     for c in &l.carried_over {
         let _ = writeln!(s, "  - `{}`: {} rows from the parent, {} new.", c.table, c.copied_rows, c.new_rows);
     }
+    if p.mode == crate::publish::lineage::TrainingMode::Warm {
+        let _ = match &l.optimizer_from {
+            Some(from) => writeln!(s, "  - Adam's moments and step counts carried over from {from}."),
+            None => writeln!(s, "  - Adam started fresh (moments zero)."),
+        };
+    }
 }
 
 /// The neighbour table: what it holds and how far it moved since the parent version.
