@@ -29,7 +29,9 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(audotics_trainer::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error.message = %e, error.cause_chain = ?e, "command failed");
+            // The chain as one line (`{:#}`): anyhow's Debug form appends a backtrace dump when
+            // RUST_BACKTRACE is set, which the one error line a user reads should not carry.
+            tracing::error!(error.message = %e, error.cause_chain = %format!("{e:#}"), "command failed");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
