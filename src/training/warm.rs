@@ -270,13 +270,27 @@ mod tests {
         t
     }
 
+    /// The parent knew tracks a, b and artists x, y; the new catalogue adds track c and artist z and
+    /// reorders the tracks. Returns the config and (inputs, track ids) before and after.
+    #[allow(clippy::type_complexity)]
+    fn grown_catalogue() -> (TrainConfig, (TrackInputs, Vec<String>), (TrackInputs, Vec<String>)) {
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let old = TrackInputs::build(&tags(&[(&["x"], "A"), (&["y"], "B")]), 1);
+        let new = TrackInputs::build(&tags(&[(&["y"], "B"), (&["z"], "C"), (&["x"], "A")]), 1);
+        (config(ModelKind::Hybrid), (old, ids(&["a", "b"])), (new, ids(&["b", "c", "a"])))
+    }
+
+    /// The identity rows of [`grown_catalogue`]'s new order (b, c, a) against the parent's (a, b):
+    /// b and a are the parent's rows, the new track c's row is zero.
+    fn assert_rows_follow_their_keys(new: &[f32], old: &[f32], dim: usize, what: &str) {
+        assert_eq!(new[..dim], old[dim..2 * dim], "{what}: track b, parent row 1 → row 0");
+        assert_eq!(new[2 * dim..], old[..dim], "{what}: track a, parent row 0 → row 2");
+        assert!(new[dim..2 * dim].iter().all(|&v| v == 0.0), "{what}: the new track c's row is zero");
+    }
+
     #[test]
     fn rows_carry_over_by_key_and_new_ones_keep_their_initialisation() {
-        let cfg = config(ModelKind::Hybrid);
-        // The parent knew tracks a, b and artists x, y; the new catalogue adds track c and artist z
-        // and reorders the tracks.
-        let old_inputs = TrackInputs::build(&tags(&[(&["x"], "A"), (&["y"], "B")]), 1);
-        let old_ids = ["a".to_string(), "b".to_string()];
+        let (cfg, (old_inputs, old_ids), (new_inputs, new_ids)) = grown_catalogue();
         let mut parent_state = TrainingState::for_inputs(&cfg, &old_inputs, &Device::Cpu).unwrap();
         for table in parent_state.tables.tables.iter_mut().flatten() {
             for (i, v) in table.values.iter_mut().enumerate() {
@@ -303,17 +317,13 @@ mod tests {
             track_ids: old_ids.to_vec(),
             published: None,
         };
-        let new_inputs = TrackInputs::build(&tags(&[(&["y"], "B"), (&["z"], "C"), (&["x"], "A")]), 1);
-        let new_ids = ["b".to_string(), "c".to_string(), "a".to_string()];
         let reseeded = TrainConfig { seed: 99, ..cfg.clone() };
         let mut state = TrainingState::for_inputs(&reseeded, &new_inputs, &Device::Cpu).unwrap();
         let carried = apply(&mut state, &parent, &new_ids, &new_inputs).unwrap();
         let dim = cfg.encoder.embedding_size;
         let identity = state.tables.tables[0].as_ref().unwrap();
         let old_identity = parent_state.tables.tables[0].as_ref().unwrap();
-        assert_eq!(identity.values[..dim], old_identity.values[dim..2 * dim], "track b: parent row 1 → row 0");
-        assert_eq!(identity.values[2 * dim..], old_identity.values[..dim], "track a: parent row 0 → row 2");
-        assert!(identity.values[dim..2 * dim].iter().all(|&v| v == 0.0), "new track c keeps the hybrid's zero row");
+        assert_rows_follow_their_keys(&identity.values, &old_identity.values, dim, "values");
         assert_eq!(
             carried,
             vec![
@@ -334,9 +344,7 @@ mod tests {
 
     #[test]
     fn optimizer_state_carries_over_by_key_with_its_step_counts() {
-        let cfg = config(ModelKind::Hybrid);
-        let old_inputs = TrackInputs::build(&tags(&[(&["x"], "A"), (&["y"], "B")]), 1);
-        let old_ids = ["a".to_string(), "b".to_string()];
+        let (cfg, (old_inputs, old_ids), (new_inputs, new_ids)) = grown_catalogue();
         let mut parent_state = TrainingState::for_inputs(&cfg, &old_inputs, &Device::Cpu).unwrap();
         let adam = parent_state.optimizer.state();
         let filled = |ts: &[Tensor], base: f64| -> Vec<Tensor> {
@@ -371,9 +379,6 @@ mod tests {
             table_keys,
         };
 
-        // The new catalogue reorders the tracks and adds track c.
-        let new_inputs = TrackInputs::build(&tags(&[(&["y"], "B"), (&["z"], "C"), (&["x"], "A")]), 1);
-        let new_ids = ["b".to_string(), "c".to_string(), "a".to_string()];
         let mut state = TrainingState::for_inputs(&cfg, &new_inputs, &Device::Cpu).unwrap();
         apply_optimizer(&mut state, &from, &new_ids, &new_inputs).unwrap();
         let got = state.optimizer.state();
@@ -388,10 +393,8 @@ mod tests {
         let dim = cfg.encoder.embedding_size;
         let identity = state.tables.tables[0].as_ref().unwrap();
         let old_identity = parent_state.tables.tables[0].as_ref().unwrap();
-        assert_eq!(identity.first_moment[..dim], old_identity.first_moment[dim..2 * dim], "track b: row 1 → row 0");
-        assert_eq!(identity.second_moment[2 * dim..], old_identity.second_moment[..dim], "track a: row 0 → row 2");
-        assert!(identity.first_moment[dim..2 * dim].iter().all(|&x| x == 0.0), "new track c: zero moments");
-        assert!(identity.second_moment[dim..2 * dim].iter().all(|&x| x == 0.0), "new track c: zero moments");
+        assert_rows_follow_their_keys(&identity.first_moment, &old_identity.first_moment, dim, "first moment");
+        assert_rows_follow_their_keys(&identity.second_moment, &old_identity.second_moment, dim, "second moment");
 
         // A checkpoint whose table disagrees with the keys it came with is refused, not misread.
         let mut short = from;
