@@ -655,4 +655,14 @@ fn a_carried_optimizer_continues_the_adam_of_the_run_behind_the_parents_weights(
     let epoch_steps = adam_step(&checkpoint_of(dir.path(), &fresh, 1));
     assert!(epoch_steps > 0);
     assert_eq!(carried_steps, parent_steps + epoch_steps);
+
+    // The checkpoint gone (deleted by hand): the warm run still trains, Adam fresh, and says why.
+    let fresh_run = metadata(&fresh)["run_id"].as_str().unwrap().to_string();
+    std::fs::remove_dir_all(dir.path().join(format!("content-based/runs/{fresh_run}/checkpoints"))).unwrap();
+    let out = train(dir.path(), &[&hybrid[..], &["--epochs", "1", "--warm-optimizer", "carried"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is gone; Adam starts fresh"), "{stderr}");
+    let last = versions(dir.path()).pop().unwrap();
+    assert_eq!(metadata(&last)["lineage"]["mode"], "warm");
+    assert!(metadata(&last)["lineage"].get("optimizer_from").is_none());
 }
