@@ -259,7 +259,10 @@ pub async fn trained_version(
     version: &str,
 ) -> anyhow::Result<(String, serde_json::Value)> {
     let mut version = version.to_string();
+    let mut seen = std::collections::HashSet::new();
     loop {
+        // A parent is always an older version; a loop means damaged metadata, not a long lineage.
+        anyhow::ensure!(seen.insert(version.clone()), "version {version}'s lineage of refreshes loops");
         let bytes = store.get(&layout::version_object(model, &version, layout::METADATA)).await?;
         let metadata: serde_json::Value =
             serde_json::from_slice(&bytes).with_context(|| format!("version {version}'s metadata"))?;
