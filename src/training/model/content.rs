@@ -107,6 +107,35 @@ impl DropoutMasks {
     ) -> candle_core::Result<Self> {
         HostDropout::sample(config, rows, rng).to_tensors(config, rows, device, dtype)
     }
+
+    /// Draws masks for `rows` inputs with `device`'s own generator (cuRAND on a GPU), so that nothing
+    /// crosses the bus: host masks at batch 8192 are 12.6 MB a step. The same law as
+    /// [`HostDropout::sample`] (drop with probability p, keep as `1/(1−p)`), not the same draws; a
+    /// GPU run is seeded through the device (see `trainer::device`).
+    pub fn draw_on_device(
+        config: &EncoderConfig,
+        rows: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<Self> {
+        if config.dropout <= 0.0 {
+            return Ok(Self::none());
+        }
+        let p = config.dropout as f64;
+        let draw = |cols: usize| -> candle_core::Result<Tensor> {
+            let kept = Tensor::rand(0f32, 1f32, (rows, cols), device)?.ge(p)?;
+            kept.to_dtype(DType::F32)?.affine(1.0 / (1.0 - p), 0.0)?.to_dtype(dtype)
+        };
+        let e = config.embedding_size;
+        Ok(Self { hidden1: Some(draw(2 * e)?), hidden2: Some(draw(e)?) })
+    }
+
+    /// The masks' values, row-major, for tests.
+    #[cfg(test)]
+    pub(crate) fn to_vecs(&self) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        let values = |t: &Option<Tensor>| t.as_ref().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        (values(&self.hidden1), values(&self.hidden2))
+    }
 }
 
 /// Dropout masks as plain values (`[rows, 2E]` and `[rows, E]`, row-major): what the fused CPU step

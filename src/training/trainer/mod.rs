@@ -3,11 +3,13 @@
 //! interactions, then hand the state to the observer (which checkpoints it and may stop the run).
 
 mod config;
+mod device;
 mod prepared;
 mod state;
 mod step;
 
 pub use config::{Holdout, StopReason, TrainConfig, best_epoch, should_stop_early};
+pub use device::{DevicePath, LOSS_READBACK_STEPS};
 pub use prepared::{ColdHoldout, ColdSummary, HoldoutSummary, PreparedData};
 pub use state::{EpochCursor, EpochHistory, EpochMetrics, TrainingState};
 
@@ -23,6 +25,7 @@ use crate::training::eval::{EvalSet, RankingMetrics};
 use crate::training::loss::{self, LossConfig, LossKind, PairBatch};
 use crate::training::model::{BatchStats, DropoutMasks, Encoder, l2_normalize};
 use crate::training::pairs::PairSampler;
+use step::{StepLoss, StepPairs};
 
 /// What the observer tells the loop after each epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +98,8 @@ pub struct Trainer<'a> {
     logq: Option<Tensor>,
     /// The fused CPU step (`None` on a GPU, or when autograd is asked for).
     cpu_step: Option<CpuStep>,
+    /// Where masks are drawn, how often the loss is read, whether pair indices stay resident.
+    path: DevicePath,
 }
 
 impl<'a> Trainer<'a> {
@@ -114,7 +119,7 @@ impl<'a> Trainer<'a> {
         let cpu_step = (device.is_cpu() && data.features.dtype() == DType::F32)
             .then(|| CpuStep::new(config.encoder, config.loss.clone(), &data.features, logq.as_ref()))
             .transpose()?;
-        Ok(Self { config, data, sampler, eval, cold_eval, logq, cpu_step })
+        Ok(Self { config, data, sampler, eval, cold_eval, logq, cpu_step, path: DevicePath::for_device(device) })
     }
 
     /// A fresh state of this run's kind, sized by its catalogue; a collaborative model's tracks
@@ -135,6 +140,15 @@ impl<'a> Trainer<'a> {
     /// Trains through candle's autograd even on the CPU (the reference path; for comparisons).
     pub fn use_autograd(mut self) -> Self {
         self.cpu_step = None;
+        self
+    }
+
+    /// Trains the way a GPU does (autograd, masks drawn by the device, the loss read every
+    /// [`LOSS_READBACK_STEPS`] steps, resident pair indices) wherever the tensors are: on the CPU,
+    /// how the tests drive that path without a GPU. `path` overrides the device's defaults.
+    pub fn use_device_path(mut self, path: DevicePath) -> Self {
+        self.cpu_step = None;
+        self.path = path;
         self
     }
 
@@ -267,23 +281,47 @@ impl<'a> Trainer<'a> {
         let (anchors, partners): (Vec<u32>, Vec<u32>) = pairs.iter().map(|p| (p[0], p[1])).unzip();
         let trained_before = cursor.trained;
         let steps = pairs.len().div_ceil(self.config.batch_size);
-        while cursor.next_step < steps {
-            let start = cursor.next_step * self.config.batch_size;
-            cursor.next_step += 1;
+        // A step of `len` pairs trains unless it is a lone pair of the contrastive loss (no
+        // in-batch negatives); `None` for a step that trains nothing.
+        let batch = |step: usize| -> Option<(usize, usize)> {
+            let start = step * self.config.batch_size;
             let len = self.config.batch_size.min(pairs.len() - start);
-            if len < 2 && self.config.loss.kind == LossKind::Contrastive {
-                continue; // a single pair has no in-batch negatives
+            (len >= 2 || self.config.loss.kind != LossKind::Contrastive).then_some((start, len))
+        };
+        let device = self.data.features.device();
+        if self.path.masks_on_device && self.config.model_kind.has_content() {
+            device::seed_epoch(device, self.config.seed, state.epoch)?;
+            let rows_of = |step| batch(step).map(|(_, len)| 2 * len);
+            device::skip_masks(&self.config.encoder, device, DType::F32, cursor.next_step, rows_of)?;
+        }
+        let resident = match self.path.resident_pairs {
+            true => Some((loss::track_tensor(&anchors, device)?, loss::track_tensor(&partners, device)?)),
+            false => None,
+        };
+        let mut pending = device::PendingLoss::new(self.path.loss_readback_steps);
+        while cursor.next_step < steps {
+            let step = cursor.next_step;
+            cursor.next_step += 1;
+            let Some((start, len)) = batch(step) else { continue };
+            let on_device = match &resident {
+                Some((a, b)) => Some((a.narrow(0, start, len)?, b.narrow(0, start, len)?)),
+                None => None,
+            };
+            let step_pairs =
+                StepPairs { ta: &anchors[start..start + len], tb: &partners[start..start + len], on_device };
+            match self.train_step(state, step_pairs)? {
+                StepLoss::Read(loss) => cursor.loss_sum += loss as f64,
+                StepLoss::OnDevice(loss) => pending.add(&loss, &mut cursor.loss_sum)?,
             }
-            let (ta, tb) = (&anchors[start..start + len], &partners[start..start + len]);
-            let loss = self.train_step(state, ta, tb)?;
-            cursor.loss_sum += loss as f64;
             cursor.batches += 1;
             cursor.trained += len;
             if observer.batch_finished(len) == Control::Stop && cursor.next_step < steps {
+                pending.flush(&mut cursor.loss_sum)?;
                 state.cursor = Some(cursor);
                 return Ok(None);
             }
         }
+        pending.flush(&mut cursor.loss_sum)?;
         let EpochCursor { loss_sum, batches, trained, .. } = cursor;
         let train_seconds = started.elapsed().as_secs_f64();
         let train_cpu_seconds = cpu_started.zip(crate::system::procstat::cpu_seconds()).map(|(a, b)| b - a);
@@ -315,6 +353,7 @@ impl<'a> Trainer<'a> {
         }
         let (anchors, partners) = split_pairs(pairs, self.data.features.device())?;
         let (mut sum, mut batches) = (0.0, 0usize);
+        let mut pending = device::PendingLoss::new(self.path.loss_readback_steps);
         for start in (0..pairs.len()).step_by(self.config.batch_size) {
             let len = self.config.batch_size.min(pairs.len() - start);
             if len < 2 {
@@ -323,9 +362,10 @@ impl<'a> Trainer<'a> {
             let ta = anchors.narrow(0, start, len)?;
             let tb = partners.narrow(0, start, len)?;
             let z = l2_normalize(&self.inference_rows(state, &Tensor::cat(&[&ta, &tb], 0)?)?)?;
-            sum += pair_loss(&z, &ta, &tb, &self.config.loss, self.logq.as_ref())?.to_scalar::<f32>()? as f64;
+            pending.add(&pair_loss(&z, &ta, &tb, &self.config.loss, self.logq.as_ref())?, &mut sum)?;
             batches += 1;
         }
+        pending.flush(&mut sum)?;
         Ok(sum / batches as f64)
     }
 }

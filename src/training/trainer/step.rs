@@ -3,28 +3,82 @@
 //!
 //! Random draws per step, in order: the content encoder's dropout masks (kinds with content),
 //! then the hybrid's identity and album dropout. The content kind draws exactly what it always
-//! drew, so its runs are unchanged by the kinds beside it.
+//! drew, so its runs are unchanged by the kinds beside it. On a device the content masks come from
+//! the device's generator instead (`super::device`), and the host generator draws only the tables'.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::{Trainer, TrainingState, pair_loss};
 use crate::system::cores::on_all_cores;
 use crate::training::host::host_values;
 use crate::training::loss;
 use crate::training::model::tables::{TableDropout, TableMix};
-use crate::training::model::{DropoutMasks, HostDropout, ModelKind, l2_normalize};
+use crate::training::model::{DropoutMasks, EncoderConfig, HostDropout, ModelKind, l2_normalize};
+
+/// A step's loss: read already (the fused step), or a scalar still on the device, for the loop to
+/// sum there and read later (see [`super::device::PendingLoss`]).
+pub(super) enum StepLoss {
+    Read(f32),
+    OnDevice(Tensor),
+}
+
+/// One step's pairs: host indices (the fused step and the table rows read them), and the same
+/// indices as slices of the epoch's resident device tensors when the trainer keeps them there.
+pub(super) struct StepPairs<'p> {
+    pub ta: &'p [u32],
+    pub tb: &'p [u32],
+    pub on_device: Option<(Tensor, Tensor)>,
+}
+
+impl StepPairs<'_> {
+    /// The indices as tensors on `device`: the resident slices, or uploaded now.
+    fn tensors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+        match &self.on_device {
+            Some(pair) => Ok(pair.clone()),
+            None => Ok((loss::track_tensor(self.ta, device)?, loss::track_tensor(self.tb, device)?)),
+        }
+    }
+}
+
+/// A step's dropout masks: from the run's host generator (the CPU's way, and the fused step's
+/// input), or drawn on the device.
+enum Masks {
+    Host(HostDropout),
+    Device(DropoutMasks),
+}
+
+impl Masks {
+    fn host(&self) -> &HostDropout {
+        match self {
+            Masks::Host(host) => host,
+            Masks::Device(_) => unreachable!("the fused step runs on the CPU, which draws host masks"),
+        }
+    }
+
+    fn into_tensors(self, config: &EncoderConfig, rows: usize, device: &Device) -> candle_core::Result<DropoutMasks> {
+        match self {
+            Masks::Host(host) => host.to_tensors(config, rows, device, DType::F32),
+            Masks::Device(masks) => Ok(masks),
+        }
+    }
+}
 
 impl Trainer<'_> {
     /// Trains one batch of pairs; returns its loss.
-    pub(super) fn train_step(&self, state: &mut TrainingState, ta: &[u32], tb: &[u32]) -> anyhow::Result<f32> {
+    pub(super) fn train_step(&self, state: &mut TrainingState, pairs: StepPairs) -> anyhow::Result<StepLoss> {
         let kind = self.config.model_kind;
+        let (ta, tb) = (pairs.ta, pairs.tb);
         let rows = 2 * ta.len();
-        let masks = match kind.has_content() {
-            true => HostDropout::sample(&self.config.encoder, rows, &mut state.rng),
-            false => HostDropout::none(),
+        let device = self.data.features.device();
+        let masks = match (kind.has_content(), self.path.masks_on_device) {
+            (true, false) => Masks::Host(HostDropout::sample(&self.config.encoder, rows, &mut state.rng)),
+            (true, true) => {
+                Masks::Device(DropoutMasks::draw_on_device(&self.config.encoder, rows, device, DType::F32)?)
+            }
+            (false, _) => Masks::Host(HostDropout::none()),
         };
         if kind.is_content() {
-            return self.content_step(state, ta, tb, &masks);
+            return self.content_step(state, &pairs, masks);
         }
         let table_config = self.config.table_config();
         let dropout = TableDropout::sample(kind, &table_config, rows, &mut state.rng);
@@ -32,11 +86,11 @@ impl Trainer<'_> {
         let mixes = TableMix::build(&state.tables, &self.data.inputs, &tracks, &dropout);
         let learning_rate = table_config.learning_rate;
         if let Some(step) = &self.cpu_step {
-            let encoder = kind.has_content().then_some((&state.encoder, &mut state.optimizer, &masks));
-            return Ok(step.train_batch_with_tables(encoder, &mut state.tables, &mixes, learning_rate, ta, tb)?);
+            let encoder = kind.has_content().then_some((&state.encoder, &mut state.optimizer, masks.host()));
+            let loss = step.train_batch_with_tables(encoder, &mut state.tables, &mixes, learning_rate, ta, tb)?;
+            return Ok(StepLoss::Read(loss));
         }
         // Autograd: the touched rows become variables; the mixing matrices sum them per batch row.
-        let device = self.data.features.device();
         let mut table_vars = Vec::new();
         let mut extra: Option<Tensor> = None;
         for (i, (mix, table)) in mixes.iter().zip(&state.tables.tables).enumerate() {
@@ -51,11 +105,11 @@ impl Trainer<'_> {
             table_vars.push((i, var));
         }
         let extra = extra.expect("a kind with tables has at least one");
-        let (ta_t, tb_t) = (loss::track_tensor(ta, device)?, loss::track_tensor(tb, device)?);
+        let (ta_t, tb_t) = pairs.tensors(device)?;
         let (s, stats) = match kind.has_content() {
             true => {
                 let x = self.data.features.index_select(&Tensor::cat(&[&ta_t, &tb_t], 0)?, 0)?;
-                let masks = masks.to_tensors(&self.config.encoder, rows, device, DType::F32)?;
+                let masks = masks.into_tensors(&self.config.encoder, rows, device)?;
                 let (h, stats) = state.encoder.forward_train(&x, &masks)?;
                 ((h + &extra)?, Some(stats))
             }
@@ -76,23 +130,23 @@ impl Trainer<'_> {
             });
         }
         state.tables.step(&mixes, &gradients, learning_rate);
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(StepLoss::OnDevice(loss))
     }
 
     /// The content kind's step, exactly as before the kinds existed.
-    fn content_step(
-        &self,
-        state: &mut TrainingState,
-        ta: &[u32],
-        tb: &[u32],
-        masks: &HostDropout,
-    ) -> anyhow::Result<f32> {
+    fn content_step(&self, state: &mut TrainingState, pairs: &StepPairs, masks: Masks) -> anyhow::Result<StepLoss> {
         if let Some(step) = &self.cpu_step {
-            return Ok(step.train_batch(&state.encoder, &mut state.optimizer, ta, tb, masks)?);
+            return Ok(StepLoss::Read(step.train_batch(
+                &state.encoder,
+                &mut state.optimizer,
+                pairs.ta,
+                pairs.tb,
+                masks.host(),
+            )?));
         }
         let device = self.data.features.device();
-        let (ta, tb) = (loss::track_tensor(ta, device)?, loss::track_tensor(tb, device)?);
-        let masks: DropoutMasks = masks.to_tensors(&self.config.encoder, 2 * ta.dim(0)?, device, DType::F32)?;
+        let (ta, tb) = pairs.tensors(device)?;
+        let masks = masks.into_tensors(&self.config.encoder, 2 * ta.dim(0)?, device)?;
         let (loss, stats) = super::training_loss(
             &state.encoder,
             &self.data.features,
@@ -104,7 +158,7 @@ impl Trainer<'_> {
         )?;
         state.optimizer.step(&loss.backward()?)?;
         state.encoder.update_moving_stats(&stats)?;
-        Ok(loss.to_scalar::<f32>()?)
+        Ok(StepLoss::OnDevice(loss))
     }
 
     /// The pre-normalisation inference output of `tracks` (no dropout): the content encoder's output

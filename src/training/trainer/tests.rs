@@ -316,3 +316,70 @@ fn baselines_beside_training_give_up_at_a_stop_and_otherwise_match() {
         assert_eq!(trainer.baselines_unless(&stop).unwrap(), None, "stop after {asks_before_stop} asks");
     }
 }
+
+/// Trains `trainer` from a fresh state, stopping after `stop_after` batches and resuming from the
+/// checkpoint when that is inside the run; returns the final weights and epoch losses.
+fn train_resuming(trainer: &Trainer, config: &TrainConfig, stop_after: usize) -> (Vec<(String, Vec<f32>)>, Vec<f64>) {
+    let mut state = trainer.fresh_state(&Device::Cpu).unwrap();
+    let mut stopper = StopAt { batches: 0, stop_after, interrupted: None, config: config.clone() };
+    if !trainer.run(&mut state, &mut stopper).unwrap() {
+        let bytes = stopper.interrupted.expect("a partial checkpoint");
+        state = trainer.fresh_state(&Device::Cpu).unwrap();
+        crate::training::checkpoint::restore(&bytes, &mut state, config).unwrap();
+        let mut never = StopAt { batches: 0, stop_after: usize::MAX, interrupted: None, config: config.clone() };
+        assert!(trainer.run(&mut state, &mut never).unwrap());
+    }
+    (weights(&state), state.history.loss.clone())
+}
+
+fn assert_close_losses(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-6 * y.abs(), "{what}: epoch losses {a:?} vs {b:?}");
+    }
+}
+
+/// The device path (what a GPU runs) on the CPU: without dropout it draws nothing, so it must
+/// train exactly the autograd reference path's model whether the loss is read every step or every
+/// 7, through a stop that leaves losses pending, with pair indices uploaded once per epoch.
+#[test]
+fn the_device_path_trains_the_reference_model_however_often_it_reads_the_loss() {
+    for kind in KINDS {
+        let (dataset, mut config) = small_run_of(kind);
+        config.encoder.dropout = 0.0;
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let reference = Trainer::new(&config, &data).unwrap().use_autograd();
+        let steps_per_epoch = reference.pairs_per_epoch().div_ceil(config.batch_size);
+        let (weights_ref, loss_ref) = train_resuming(&reference, &config, usize::MAX);
+        let every = |n| DevicePath { loss_readback_steps: n, ..DevicePath::device() };
+        for (path, stop_after) in [(every(1), usize::MAX), (every(7), usize::MAX), (every(7), steps_per_epoch + 5)] {
+            let trainer = Trainer::new(&config, &data).unwrap().use_device_path(path);
+            let (w, loss) = train_resuming(&trainer, &config, stop_after);
+            let what = format!("{kind:?}, loss read every {} steps, stop after {stop_after}", path.loss_readback_steps);
+            assert_eq!(w, weights_ref, "{what}: weights");
+            assert_close_losses(&loss, &loss_ref, &what);
+        }
+    }
+}
+
+/// With dropout, the device path draws its masks on the device (on the CPU: candle's unseeded
+/// generator); every kind still trains: every trained tensor moves and the loss falls.
+#[test]
+fn every_kind_trains_on_the_device_path_with_masks_drawn_on_the_device() {
+    for kind in KINDS {
+        let (dataset, config) = small_run_of(kind);
+        assert!(config.encoder.dropout > 0.0);
+        let data = PreparedData::new(&dataset, &config, &Device::Cpu).unwrap();
+        let trainer = Trainer::new(&config, &data).unwrap().use_device_path(DevicePath::device());
+        let initial = weights(&trainer.fresh_state(&Device::Cpu).unwrap());
+        let (trained, loss) = train_resuming(&trainer, &config, usize::MAX);
+        for ((name, t), (_, i)) in trained.iter().zip(&initial) {
+            if kind == ModelKind::Collaborative && !name.ends_with("_embedding") {
+                continue; // the encoder is unused
+            }
+            let moved = t.iter().zip(i).fold(0.0f32, |m, (t, i)| m.max((t - i).abs()));
+            assert!(moved > 1e-3, "{kind:?} {name}: moved {moved}");
+        }
+        assert!(loss.iter().all(|l| l.is_finite()) && loss[1] < loss[0], "{kind:?}: epoch losses {loss:?}");
+    }
+}
