@@ -76,6 +76,11 @@ pub struct WorkerArgs {
     /// refuses requests signed more than 15 minutes off); 0: no check.
     #[arg(long, env = "WORKER_MAX_CLOCK_SKEW_SECONDS", default_value_t = 300)]
     pub max_clock_skew_seconds: u64,
+    /// Every this many seconds, ask for a refresh (`params.refresh`: embed the new tracks with the
+    /// latest version's weights, no training) of each content or hybrid model whose catalogue gained
+    /// tracks since its latest version; 0: no timer.
+    #[arg(long, env = "WORKER_REFRESH_EVERY_SECONDS", default_value_t = 0)]
+    pub refresh_every_seconds: u64,
     /// Address of the health and metrics server.
     #[arg(long, env = "WORKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: String,
@@ -106,6 +111,7 @@ impl WorkerArgs {
             outbox_max_attempts: self.outbox_max_attempts,
             retention_days: self.retention_days,
             max_clock_skew_seconds: self.max_clock_skew_seconds,
+            refresh_every_seconds: self.refresh_every_seconds,
             http_addr: self.http_addr.clone(),
             database_url: self.train.database_url.clone(),
             store_url: self.train.output.clone(),

@@ -57,6 +57,9 @@ pub fn model_ready(p: &Published) -> EventDraft {
         "data": {
             "newest_interaction_at": m.data.watermark.newest_interaction_at,
             "interactions": m.data.watermark.interactions,
+            // The catalogue's pin (the newest "Track"."createdAt" the run read, ms since the Unix
+            // epoch): the refresh timer compares it with the catalogue. Null for synthetic data.
+            "newest_track_created_ms": m.data.watermark.newest_track_created_ms,
             "tracks": m.data.num_tracks,
             "users": m.data.num_users,
             "synthetic": m.data.synthetic,

@@ -9,6 +9,8 @@
 //!   every pending request of its model), train it off the async runtime with lease heartbeats, and
 //!   end it in one transaction with its outbox event;
 //! - [`outbox`]: publishes outbox events with publisher confirms;
+//! - [`refresher`]: the optional refresh timer, which records a refresh request when a model's
+//!   catalogue gained tracks since its latest version;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Shutdown (SIGTERM/SIGINT): stop consuming, stop the run at the next batch boundary (checkpoint),
@@ -20,6 +22,7 @@ mod consumer;
 pub mod events;
 mod http;
 mod outbox;
+mod refresher;
 mod runner;
 
 use std::process::ExitCode;
@@ -65,6 +68,8 @@ pub struct WorkerSettings {
     pub retention_days: usize,
     /// 0: no clock check.
     pub max_clock_skew_seconds: u64,
+    /// The refresh timer's period ([`refresher`]); 0: off.
+    pub refresh_every_seconds: u64,
     pub http_addr: String,
     /// Required: the worker records requests and runs there.
     pub database_url: Option<String>,
@@ -175,6 +180,7 @@ pub async fn run(settings: WorkerSettings) -> anyhow::Result<ExitCode> {
     tokio::spawn(http::serve(listener, shared.clone(), metrics));
     let outbox = tokio::spawn(outbox::run(shared.clone()));
     tokio::spawn(prune_state(shared.clone()));
+    tokio::spawn(refresher::run(shared.clone()));
     let runner = tokio::spawn(runner::run(shared.clone()));
     let consumer = consumer::run(shared.clone());
 

@@ -74,3 +74,35 @@ async fn an_event_that_keeps_failing_is_parked_and_the_events_behind_it_go_on() 
             .unwrap();
     assert_eq!((attempts, error.as_str()), (3, "frame too large"));
 }
+
+/// The refresh timer's request: once per version (whichever worker ticks), never while the model
+/// has an unanswered request, and a pending request of another model does not hold it back.
+#[tokio::test]
+async fn the_refresh_timer_asks_once_per_version_and_never_beside_an_unanswered_request() {
+    let db = TestDb::new().await;
+    audotics_trainer::db::migrate(&db.pool).await.unwrap();
+    let refresh = |version: &'static str| coord::record_timer_refresh(&db.pool, "m", version, 60);
+    let answer_all = || db.exec("UPDATE audotics_trainer.retrain_requests SET answered_at = now()");
+
+    assert_eq!(refresh("v1").await.unwrap(), coord::TimerRefresh::Recorded);
+    assert_eq!(refresh("v1").await.unwrap(), coord::TimerRefresh::RequestPending, "a second worker's tick");
+    answer_all().await;
+    assert_eq!(refresh("v1").await.unwrap(), coord::TimerRefresh::AlreadyAsked, "answered: asked once for v1");
+
+    coord::record_request(&db.pool, &retrain_request("plain")).await.unwrap();
+    assert_eq!(refresh("v2").await.unwrap(), coord::TimerRefresh::RequestPending, "a retrain is pending");
+    answer_all().await;
+    let other = audotics_trainer::contract::request::RetrainRequest { model: "other".into(), ..retrain_request("o") };
+    coord::record_request(&db.pool, &other).await.unwrap();
+    assert_eq!(refresh("v2").await.unwrap(), coord::TimerRefresh::Recorded, "another model's request is not m's");
+
+    let timer: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "SELECT event_id, params FROM audotics_trainer.retrain_requests WHERE event_id LIKE 'refresh-timer:%' ORDER BY event_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected =
+        ["refresh-timer:m:v1", "refresh-timer:m:v2"].map(|id| (id.to_string(), serde_json::json!({"refresh": true})));
+    assert_eq!(timer, expected.to_vec());
+}

@@ -1,6 +1,7 @@
 //! Freshness through the real worker (`AUDOTICS_WARM_START=auto`): the first version is a full
 //! retrain, a refresh embeds tracks added since it without training, the next retrain warm-starts
-//! from the latest version, and `params.full` forces a full retrain; `model-ready` says which.
+//! from the latest version, and `params.full` forces a full retrain; `model-ready` says which. The
+//! refresh timer asks for a refresh when, and only when, tracks were added.
 
 use super::*;
 
@@ -29,20 +30,7 @@ async fn full_then_refresh_then_warm_then_requested_full() {
     assert_eq!(v1["lineage"]["mode"], "full", "{:#}", v1["lineage"]);
     assert!(v1["artifacts"]["neighbours"].is_string(), "{v1:#}");
 
-    // Five tracks join the catalogue (copies of existing ones under new ids, features included).
-    for sql in [
-        r#"INSERT INTO "Track" ("id","spotifyId","name","artists","album","popularity","createdAt","updatedAt")
-           SELECT 'fresh-' || "id", 'fresh-' || "spotifyId", "name", "artists", "album", 0, now(), now()
-           FROM "Track" ORDER BY "id" LIMIT 5"#,
-        r#"INSERT INTO "TrackFeatures" ("id","trackId","danceability","energy","key","loudness","mode","speechiness",
-               "acousticness","instrumentalness","liveness","valence","tempo","updatedAt")
-           SELECT 'fresh-' || f."id", 'fresh-' || f."trackId", f."danceability", f."energy", f."key", f."loudness",
-               f."mode", f."speechiness", f."acousticness", f."instrumentalness", f."liveness", f."valence",
-               f."tempo", now()
-           FROM "TrackFeatures" f WHERE f."trackId" IN (SELECT "id" FROM "Track" WHERE "id" NOT LIKE 'fresh-%' ORDER BY "id" LIMIT 5)"#,
-    ] {
-        sqlx::query(sql).execute(&setup.db.pool).await.unwrap();
-    }
+    add_tracks(&setup.db.pool, "fresh", 5).await;
     let (refresh, body) = request(serde_json::json!({"refresh": true}));
     publisher.raw("retrain.content-based", &body, &refresh).await;
     events.wait_satisfied(std::slice::from_ref(&refresh), 2 * MINUTE).await;
@@ -72,5 +60,76 @@ async fn full_then_refresh_then_warm_then_requested_full() {
     let v4 = ready(&full);
     assert_eq!(v4["lineage"]["mode"], "full");
     assert_eq!(v4["lineage"]["reason"], "requested (params.full, train --full)");
+    assert!(events.dead_letters().is_empty(), "{:#?}", events.dead_letters());
+}
+
+/// `n` tracks join the catalogue now: copies of existing ones (features included) under ids
+/// prefixed `prefix-`.
+async fn add_tracks(pool: &sqlx::PgPool, prefix: &str, n: i64) {
+    let tracks = r#"INSERT INTO "Track" ("id","spotifyId","name","artists","album","popularity","createdAt","updatedAt")
+        SELECT $1 || "id", $1 || "spotifyId", "name", "artists", "album", 0, now(), now()
+        FROM "Track" WHERE "id" NOT LIKE '%-%-%-%-%-%' ORDER BY "id" LIMIT $2"#;
+    let features = r#"INSERT INTO "TrackFeatures" ("id","trackId","danceability","energy","key","loudness","mode",
+            "speechiness","acousticness","instrumentalness","liveness","valence","tempo","updatedAt")
+        SELECT $1 || f."id", $1 || f."trackId", f."danceability", f."energy", f."key", f."loudness", f."mode",
+            f."speechiness", f."acousticness", f."instrumentalness", f."liveness", f."valence", f."tempo", now()
+        FROM "TrackFeatures" f WHERE f."trackId" IN
+            (SELECT "id" FROM "Track" WHERE "id" NOT LIKE '%-%-%-%-%-%' ORDER BY "id" LIMIT $2)"#;
+    for sql in [tracks, features] {
+        sqlx::query(sql).bind(format!("{prefix}-")).bind(n).execute(pool).await.unwrap();
+    }
+}
+
+/// Requests the refresh timer recorded, by their event ids.
+async fn timer_requests(pool: &sqlx::PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT event_id FROM audotics_trainer.retrain_requests WHERE event_id LIKE 'refresh-timer:%' ORDER BY event_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_refresh_timer_asks_once_tracks_were_added_and_not_before() {
+    let _serial = serial().await;
+    let (setup, events, worker, publisher) = one_worker(&[("WORKER_REFRESH_EVERY_SECONDS", "1")]).await;
+    let ticks =
+        |outcome: &str| worker.log_lines("refresh timer").iter().filter(|l| l["fields"]["outcome"] == outcome).count();
+    let at_least = |outcome: &'static str, n: usize| {
+        let ticks = &ticks;
+        async move {
+            eventually(MINUTE, &format!("{n} `{outcome}` ticks"), || async { (ticks(outcome) >= n).then_some(()) })
+                .await
+        }
+    };
+    let pool = &setup.db.pool;
+
+    // No version yet: nothing to refresh.
+    at_least("no_version", 1).await;
+    let first = publisher.request("timer-first").await;
+    events.wait_satisfied(std::slice::from_ref(&first), 2 * MINUTE).await;
+    let v1 = events.events("model-ready").into_iter().find(|e| e["satisfies"][0] == first.as_str()).unwrap();
+    assert!(v1["data"]["newest_track_created_ms"].is_i64(), "the event carries the catalogue's pin: {:#}", v1["data"]);
+
+    // Two ticks see the same catalogue: no request.
+    let before = ticks("up_to_date");
+    at_least("up_to_date", before + 2).await;
+    assert_eq!(timer_requests(pool).await, Vec::<String>::new());
+
+    // Tracks are added: one tick asks for a refresh of v1, which the worker publishes.
+    add_tracks(pool, "timer", 3).await;
+    let asked = format!("refresh-timer:content-based:{}", v1["version"].as_str().unwrap());
+    events.wait_satisfied(std::slice::from_ref(&asked), 2 * MINUTE).await;
+    let v2 = events.events("model-ready").into_iter().find(|e| e["satisfies"][0] == asked.as_str()).unwrap();
+    assert_eq!(v2["lineage"]["mode"], "refresh", "{:#}", v2["lineage"]);
+    assert_eq!(v2["lineage"]["parent_version"], v1["version"]);
+    assert_eq!(v2["data"]["tracks"].as_u64(), v1["data"]["tracks"].as_u64().map(|n| n + 3));
+    assert!(v2["data"]["newest_track_created_ms"].as_i64() > v1["data"]["newest_track_created_ms"].as_i64());
+
+    // The refreshed version knows every track: two more ticks, and still the one request.
+    let before = ticks("up_to_date");
+    at_least("up_to_date", before + 2).await;
+    assert_eq!(timer_requests(pool).await, vec![asked]);
     assert!(events.dead_letters().is_empty(), "{:#?}", events.dead_letters());
 }

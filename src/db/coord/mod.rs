@@ -13,4 +13,6 @@ pub mod requests;
 pub use finish::{Finish, NewestVersion, finish, newest_version};
 pub use lease::{Claim, claim, heartbeat, release, retry_later};
 pub use outbox::{OutboxEvent, mark_publish_failed, mark_published, next_outbox};
-pub use requests::{EventDraft, Recorded, SATISFIES_PER_EVENT, record_request};
+pub use requests::{
+    EventDraft, Recorded, SATISFIES_PER_EVENT, TimerRefresh, newest_version_pin, record_request, record_timer_refresh,
+};

@@ -134,3 +134,68 @@ async fn insert_outbox(
         .await
         .map(|_| ())
 }
+
+/// The newest version of `model` and the catalogue pin its run read (`"Track"."createdAt"` in ms,
+/// from its model-ready event; absent for versions announced before the event carried it).
+pub async fn newest_version_pin(pool: &PgPool, model: &str) -> sqlx::Result<Option<(String, Option<i64>)>> {
+    let row = sqlx::query(
+        "SELECT version, (event->'data'->>'newest_track_created_ms')::int8 AS pin
+         FROM audotics_trainer.model_versions WHERE model = $1 ORDER BY published_at DESC LIMIT 1",
+    )
+    .bind(model)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (r.get("version"), r.get("pin"))))
+}
+
+/// The event id of the refresh timer's request for `model` while `version` is its newest: one per
+/// version, so workers ticking at once record it once (`event_id` is unique).
+pub fn timer_refresh_id(model: &str, version: &str) -> String {
+    format!("refresh-timer:{model}:{version}")
+}
+
+/// What [`record_timer_refresh`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerRefresh {
+    Recorded,
+    /// The model has an unanswered request: its run publishes a version the next tick compares.
+    RequestPending,
+    /// This version's timer request exists already (answered or failed: the timer asks once).
+    AlreadyAsked,
+}
+
+/// Records the refresh timer's request (`params.refresh`) for `model`, whose newest version is
+/// `version`, unless the model has an unanswered request — in one statement, so that a request
+/// recorded meanwhile is seen. (A retrain recorded after it coalesces into the refresh run, as any
+/// request does with a pending one: the newest request that carries params decides.)
+pub async fn record_timer_refresh(
+    pool: &PgPool,
+    model: &str,
+    version: &str,
+    every_seconds: u64,
+) -> sqlx::Result<TimerRefresh> {
+    let params = serde_json::json!({"refresh": true});
+    let row = sqlx::query(
+        "WITH pending AS (
+             SELECT count(*) AS n FROM audotics_trainer.retrain_requests WHERE model = $2 AND answered_at IS NULL
+         ), inserted AS (
+             INSERT INTO audotics_trainer.retrain_requests (event_id, model, requested_at, reason, params)
+             SELECT $1, $2, now(), $3, $4 FROM pending WHERE pending.n = 0
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING 1
+         )
+         SELECT (SELECT n FROM pending) AS pending, (SELECT count(*) FROM inserted) AS inserted",
+    )
+    .bind(timer_refresh_id(model, version))
+    .bind(model)
+    .bind(format!("refresh timer (every {every_seconds} s): tracks were added after {version}'s catalogue"))
+    .bind(params)
+    .fetch_one(pool)
+    .await?;
+    let (pending, inserted): (i64, i64) = (row.get("pending"), row.get("inserted"));
+    Ok(match (inserted, pending) {
+        (1, _) => TimerRefresh::Recorded,
+        (_, 0) => TimerRefresh::AlreadyAsked,
+        _ => TimerRefresh::RequestPending,
+    })
+}

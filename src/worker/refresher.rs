@@ -1,0 +1,101 @@
+//! The refresh timer (`WORKER_REFRESH_EVERY_SECONDS`, off by default): new tracks get embeddings
+//! within one period without anyone asking. Every period, for each content or hybrid model this
+//! worker serves, it compares the catalogue with the pin of the model's newest version (the newest
+//! `"Track"."createdAt"` its run read, from its model-ready event) and, when a track was created
+//! after it, records a refresh request (`params.refresh`) as if one had arrived from the broker; the
+//! scheduler then runs it like any other.
+//!
+//! Safe with any number of workers: the request's `event_id` names the version it refreshes
+//! ([`timer_refresh_id`]), so workers ticking together record it once, and the timer asks once per
+//! version (a refresh that fails is retried by the run's own attempts, not by the timer, until a
+//! newer version exists). No request is recorded while the model has an unanswered one: that
+//! request's run publishes a version, which the next tick compares. A collaborative model cannot
+//! be refreshed (it has nothing to embed a track it never trained on with), so the timer skips it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::Shared;
+use crate::db::coord::requests::timer_refresh_id;
+use crate::db::coord::{TimerRefresh, newest_version_pin, record_timer_refresh};
+use crate::training::model::ModelKind;
+
+/// What one tick found for one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    NoVersion,
+    UpToDate,
+    Requested,
+    RequestPending,
+    AlreadyAsked,
+}
+
+impl Tick {
+    fn as_str(self) -> &'static str {
+        match self {
+            Tick::NoVersion => "no_version",
+            Tick::UpToDate => "up_to_date",
+            Tick::Requested => "requested",
+            Tick::RequestPending => "request_pending",
+            Tick::AlreadyAsked => "already_asked",
+        }
+    }
+}
+
+/// Ticks every `refresh_every_seconds` until shutdown; returns at once when the timer is off.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let every = shared.settings.refresh_every_seconds;
+    if every == 0 {
+        return;
+    }
+    let kind_of = |key: &str| shared.settings.model_kinds.get(key).copied().unwrap_or_default();
+    let (models, skipped): (Vec<String>, Vec<String>) =
+        shared.settings.models.iter().cloned().partition(|key| kind_of(key) != ModelKind::Collaborative);
+    if !skipped.is_empty() {
+        warn!(models = ?skipped, "the refresh timer skips collaborative models: a refresh needs audio to embed a new track");
+    }
+    info!(every_seconds = every, models = ?models, "refresh timer on");
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(every)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for model in &models {
+            match tick(&shared, model, every).await {
+                Ok(outcome) => {
+                    metrics::counter!("audotics_refresh_timer_ticks_total", "model" => model.clone(), "outcome" => outcome.as_str())
+                        .increment(1);
+                    info!(model = %model, outcome = outcome.as_str(), "refresh timer");
+                    if outcome == Tick::Requested {
+                        shared.scheduler_wake.notify_one();
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("audotics_database_errors_total", "operation" => "refresh_timer").increment(1);
+                    warn!(model = %model, error.message = %e, "refresh timer: cannot read the database; next tick in one period");
+                }
+            }
+        }
+    }
+}
+
+/// One model's tick: is there a newer track than the newest version's catalogue, and if so, ask.
+async fn tick(shared: &Shared, model: &str, every: u64) -> sqlx::Result<Tick> {
+    let Some((version, pin)) = newest_version_pin(&shared.pool, model).await? else {
+        return Ok(Tick::NoVersion);
+    };
+    if !crate::db::load::tracks_created_after(&shared.pool, pin).await? {
+        return Ok(Tick::UpToDate);
+    }
+    Ok(match record_timer_refresh(&shared.pool, model, &version, every).await? {
+        TimerRefresh::Recorded => {
+            info!(model, version = %version, event_id = %timer_refresh_id(model, &version), "refresh timer: new tracks; refresh requested");
+            Tick::Requested
+        }
+        TimerRefresh::RequestPending => Tick::RequestPending,
+        TimerRefresh::AlreadyAsked => Tick::AlreadyAsked,
+    })
+}
