@@ -6,9 +6,11 @@
 //! - each table row whose key still exists: an identity row by track id, an artist or album row by
 //!   name (the out-of-vocabulary row 0 to row 0).
 //!
-//! What does not: rows of tracks, artists and albums the parent did not know keep this run's own
+//! What does not: identity rows of tracks the parent did not know keep this run's own
 //! initialisation — zero in the hybrid, so a new track starts where the content, artist and album
-//! path puts it; seeded in the collaborative kind, as in a full run. The standardisation
+//! path puts it; seeded in the collaborative kind, as in a full run. An artist or album the parent
+//! did not know starts as the parent's out-of-vocabulary row, which is what the parent gave its
+//! tracks: a new track starts where the lineage already placed it. The standardisation
 //! statistics are the parent's (the caller passes them to data preparation), so a feature value
 //! means the same to the encoder along the whole lineage.
 //!
@@ -98,11 +100,20 @@ pub fn apply(
         let keys = row_keys(id, track_ids, inputs);
         anyhow::ensure!(keys.len() == table.rows, "{} keys for {} rows of {}", keys.len(), table.rows, table.name);
         let d = table.dim;
+        // A new artist or album starts as the parent's out-of-vocabulary row: what the parent (and
+        // a refresh of it) gave its tracks, so they start where the lineage already placed them.
+        let start_of_new = match id {
+            TableId::Identity => None,
+            TableId::Artist | TableId::Album => parent_row.get("").map(|&p| &from.values[p * d..(p + 1) * d]),
+        };
         let mut copied = 0;
         for (row, key) in keys.iter().enumerate() {
+            let target = &mut table.values[row * d..(row + 1) * d];
             if let Some(&p) = parent_row.get(key.as_str()) {
-                table.values[row * d..(row + 1) * d].copy_from_slice(&from.values[p * d..(p + 1) * d]);
+                target.copy_from_slice(&from.values[p * d..(p + 1) * d]);
                 copied += 1;
+            } else if let Some(oov) = start_of_new {
+                target.copy_from_slice(oov);
             }
         }
         carried.push(CarriedOver { table: from.name.clone(), copied_rows: copied, new_rows: table.rows - copied });
@@ -332,6 +343,14 @@ mod tests {
                 CarriedOver { table: "album_embedding".into(), copied_rows: 3, new_rows: 1 },
             ]
         );
+        // New artist z and album C start as the parent's OOV rows (row 0), the others carry over.
+        for (t, id, name) in [(1, TableId::Artist, "z"), (2, TableId::Album, "C")] {
+            let new_row = row_keys(id, &new_ids, &new_inputs).iter().position(|k| k == name).unwrap();
+            let (table, old) =
+                (state.tables.tables[t].as_ref().unwrap(), parent_state.tables.tables[t].as_ref().unwrap());
+            assert_eq!(table.row(new_row), old.row(0), "{}: the new row is the parent's OOV row", table.name);
+            assert_ne!(old.row(0), old.row(1), "{}: a test that can tell rows apart", table.name);
+        }
         // The encoder is the parent's, not the new seed's.
         let names = state.encoder.named_tensors();
         for (name, t) in names {
