@@ -106,3 +106,36 @@ async fn the_refresh_timer_asks_once_per_version_and_never_beside_an_unanswered_
         ["refresh-timer:m:v1", "refresh-timer:m:v2"].map(|id| (id.to_string(), serde_json::json!({"refresh": true})));
     assert_eq!(timer, expected.to_vec());
 }
+
+/// Coalescing: the newest request's params decide, but a refresh never answers a request for
+/// training — a pending retrain makes the coalesced run train, without the refresh flag.
+#[tokio::test]
+async fn a_retrain_coalesced_with_a_newer_refresh_trains() {
+    use audotics_trainer::contract::request::{Params, RetrainRequest};
+    let db = TestDb::new().await;
+    audotics_trainer::db::migrate(&db.pool).await.unwrap();
+    let with = |id: &str, params: Option<Params>| RetrainRequest { params, ..retrain_request(id) };
+    let refresh = || Some(Params { refresh: Some(true), ..Default::default() });
+    let claim_params = || async {
+        let claim = coord::claim(&db.pool, "w", &["m".to_string()], Duration::from_secs(60)).await.unwrap().unwrap();
+        db.exec("UPDATE audotics_trainer.run_jobs SET state = 'succeeded'").await;
+        db.exec("UPDATE audotics_trainer.retrain_requests SET answered_at = now()").await;
+        claim.params
+    };
+
+    // Refreshes alone: the run refreshes.
+    coord::record_request(&db.pool, &with("r1", refresh())).await.unwrap();
+    coord::record_request(&db.pool, &with("r2", refresh())).await.unwrap();
+    assert_eq!(claim_params().await, refresh());
+
+    // A plain retrain, then a newer refresh (the timer's, say): the run trains, keeping the rest.
+    let epochs = Params { epochs: Some(3), ..Default::default() };
+    coord::record_request(&db.pool, &with("t1", Some(epochs.clone()))).await.unwrap();
+    coord::record_request(&db.pool, &with("r3", refresh())).await.unwrap();
+    assert_eq!(claim_params().await, Some(Params::default()), "the refresh's params without the refresh");
+
+    // A retrain without params beside a refresh: the run trains too.
+    coord::record_request(&db.pool, &with("t2", None)).await.unwrap();
+    coord::record_request(&db.pool, &with("r4", refresh())).await.unwrap();
+    assert_eq!(claim_params().await.and_then(|p| p.refresh), None);
+}

@@ -91,11 +91,21 @@ pub async fn claim(pool: &PgPool, owner: &str, models: &[String], lease: Duratio
     let Some(model) = candidate else {
         return Ok(None);
     };
-    // The newest request that carries params decides them for the coalesced run.
+    // The newest request that carries params decides them for the coalesced run, except that a
+    // refresh does not answer a request for training: when any pending request does not ask for a
+    // refresh, the run trains (a trained version embeds the new tracks too, so it answers both).
     let params: Option<Value> = sqlx::query_scalar(
-        "SELECT params FROM audotics_trainer.retrain_requests
-         WHERE model = $1 AND run_id IS NULL AND answered_at IS NULL AND params IS NOT NULL
-         ORDER BY received_at DESC LIMIT 1",
+        "SELECT CASE
+                    WHEN (newest.params->>'refresh')::boolean IS TRUE AND EXISTS (
+                        SELECT 1 FROM audotics_trainer.retrain_requests r
+                        WHERE r.model = $1 AND r.run_id IS NULL AND r.answered_at IS NULL
+                          AND (r.params->>'refresh')::boolean IS NOT TRUE)
+                    THEN newest.params - 'refresh'
+                    ELSE newest.params
+                END
+         FROM (SELECT params FROM audotics_trainer.retrain_requests
+               WHERE model = $1 AND run_id IS NULL AND answered_at IS NULL AND params IS NOT NULL
+               ORDER BY received_at DESC LIMIT 1) AS newest",
     )
     .bind(&model)
     .fetch_optional(&mut *tx)

@@ -166,8 +166,8 @@ pub enum TimerRefresh {
 
 /// Records the refresh timer's request (`params.refresh`) for `model`, whose newest version is
 /// `version`, unless the model has an unanswered request — in one statement, so that a request
-/// recorded meanwhile is seen. (A retrain recorded after it coalesces into the refresh run, as any
-/// request does with a pending one: the newest request that carries params decides.)
+/// recorded meanwhile is seen. (A retrain recorded after it, before a run claims them, makes that
+/// run train: a refresh never answers a request for training; see `lease::claim`.)
 pub async fn record_timer_refresh(
     pool: &PgPool,
     model: &str,
