@@ -53,21 +53,8 @@ fn timestamp_of_ms(ms: i64) -> String {
     format!("(TIMESTAMP '1970-01-01 00:00:00' + {ms} * INTERVAL '1 millisecond')")
 }
 
-/// Whether the catalogue has a track created after `pin` (ms since the Unix epoch; `None`: any
-/// track at all), which a refresh of a version whose run read the catalogue up to `pin` would embed.
-pub async fn tracks_created_after(pool: &PgPool, pin: Option<i64>) -> sqlx::Result<bool> {
-    // The same exact millisecond arithmetic as `timestamp_of_ms`.
-    sqlx::query_scalar(
-        r#"SELECT EXISTS (SELECT 1 FROM "Track" WHERE $1::int8 IS NULL
-               OR "createdAt" > TIMESTAMP '1970-01-01 00:00:00' + $1::int8 * INTERVAL '1 millisecond')"#,
-    )
-    .bind(pin)
-    .fetch_one(pool)
-    .await
-}
-
 /// The newest `"Track"."createdAt"` in milliseconds since the Unix epoch; `None` without tracks.
-async fn newest_track_created_ms(pool: &PgPool) -> anyhow::Result<Option<i64>> {
+pub async fn newest_track_created_ms(pool: &PgPool) -> anyhow::Result<Option<i64>> {
     sqlx::query_scalar(r#"SELECT floor(extract(epoch FROM max("createdAt")) * 1000)::int8 FROM "Track""#)
         .fetch_one(pool)
         .await

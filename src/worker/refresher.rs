@@ -18,8 +18,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::Shared;
-use crate::db::coord::requests::timer_refresh_id;
-use crate::db::coord::{TimerRefresh, newest_version_pin, record_timer_refresh};
+use crate::db::coord::{TimerRefresh, newest_version, record_timer_refresh, timer_refresh_id};
 use crate::training::model::ModelKind;
 
 /// What one tick found for one model.
@@ -27,9 +26,8 @@ use crate::training::model::ModelKind;
 enum Tick {
     NoVersion,
     UpToDate,
-    Requested,
-    RequestPending,
-    AlreadyAsked,
+    /// New tracks: what asking for a refresh did.
+    Asked(TimerRefresh),
 }
 
 impl Tick {
@@ -37,9 +35,9 @@ impl Tick {
         match self {
             Tick::NoVersion => "no_version",
             Tick::UpToDate => "up_to_date",
-            Tick::Requested => "requested",
-            Tick::RequestPending => "request_pending",
-            Tick::AlreadyAsked => "already_asked",
+            Tick::Asked(TimerRefresh::Recorded) => "requested",
+            Tick::Asked(TimerRefresh::RequestPending) => "request_pending",
+            Tick::Asked(TimerRefresh::AlreadyAsked) => "already_asked",
         }
     }
 }
@@ -63,39 +61,52 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_secs(every)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        // The catalogue's newest track, read once per tick for every model.
+        let newest_track = match crate::db::load::newest_track_created_ms(&shared.pool).await {
+            Ok(newest) => newest,
+            Err(e) => {
+                database_error(&format!("{e:#}"));
+                continue;
+            }
+        };
         for model in &models {
-            match tick(&shared, model, every).await {
+            match tick(&shared, model, newest_track, every).await {
                 Ok(outcome) => {
                     metrics::counter!("audotics_refresh_timer_ticks_total", "model" => model.clone(), "outcome" => outcome.as_str())
                         .increment(1);
                     info!(model = %model, outcome = outcome.as_str(), "refresh timer");
-                    if outcome == Tick::Requested {
+                    if outcome == Tick::Asked(TimerRefresh::Recorded) {
                         shared.scheduler_wake.notify_one();
                     }
                 }
-                Err(e) => {
-                    metrics::counter!("audotics_database_errors_total", "operation" => "refresh_timer").increment(1);
-                    warn!(model = %model, error.message = %e, "refresh timer: cannot read the database; next tick in one period");
-                }
+                Err(e) => database_error(&e.to_string()),
             }
         }
     }
 }
 
-/// One model's tick: is there a newer track than the newest version's catalogue, and if so, ask.
-async fn tick(shared: &Shared, model: &str, every: u64) -> sqlx::Result<Tick> {
-    let Some((version, pin)) = newest_version_pin(&shared.pool, model).await? else {
+fn database_error(message: &str) {
+    metrics::counter!("audotics_database_errors_total", "operation" => "refresh_timer").increment(1);
+    warn!(error.message = %message, "refresh timer: cannot read the database; next tick in one period");
+}
+
+/// One model's tick: did the catalogue gain a track after the newest version's pin (`None`: a
+/// version announced without one — ask once), and if so, ask for a refresh.
+async fn tick(shared: &Shared, model: &str, newest_track: Option<i64>, every: u64) -> sqlx::Result<Tick> {
+    let Some(latest) = newest_version(&shared.pool, model).await? else {
         return Ok(Tick::NoVersion);
     };
-    if !crate::db::load::tracks_created_after(&shared.pool, pin).await? {
+    let gained = match (newest_track, latest.newest_track_created_ms) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(newest), Some(pin)) => newest > pin,
+    };
+    if !gained {
         return Ok(Tick::UpToDate);
     }
-    Ok(match record_timer_refresh(&shared.pool, model, &version, every).await? {
-        TimerRefresh::Recorded => {
-            info!(model, version = %version, event_id = %timer_refresh_id(model, &version), "refresh timer: new tracks; refresh requested");
-            Tick::Requested
-        }
-        TimerRefresh::RequestPending => Tick::RequestPending,
-        TimerRefresh::AlreadyAsked => Tick::AlreadyAsked,
-    })
+    let asked = record_timer_refresh(&shared.pool, model, &latest.version, every).await?;
+    if asked == TimerRefresh::Recorded {
+        info!(model, event_id = %timer_refresh_id(model, &latest.version), "refresh timer: new tracks; refresh requested");
+    }
+    Ok(Tick::Asked(asked))
 }

@@ -116,14 +116,29 @@ pub async fn finish(pool: &PgPool, claim: &Claim, finish: Finish) -> sqlx::Resul
     Ok(true)
 }
 
-/// The newest version the worker published for `model`: (version, Recall@10).
-pub async fn newest_version(pool: &PgPool, model: &str) -> sqlx::Result<Option<(String, Option<f64>)>> {
+/// A model's newest published version, as its row in `model_versions` records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishedVersion {
+    pub version: String,
+    pub recall_at_10: Option<f64>,
+    /// The catalogue's pin its run read (the newest `"Track"."createdAt"`, ms since the Unix epoch),
+    /// from its model-ready event; absent for synthetic data and for versions announced before the
+    /// event carried it.
+    pub newest_track_created_ms: Option<i64>,
+}
+
+/// The newest version the worker published for `model`.
+pub async fn newest_version(pool: &PgPool, model: &str) -> sqlx::Result<Option<PublishedVersion>> {
     let row = sqlx::query(
-        "SELECT version, recall_at_10 FROM audotics_trainer.model_versions
-         WHERE model = $1 ORDER BY published_at DESC LIMIT 1",
+        "SELECT version, recall_at_10, (event->'data'->>'newest_track_created_ms')::int8 AS pin
+         FROM audotics_trainer.model_versions WHERE model = $1 ORDER BY published_at DESC LIMIT 1",
     )
     .bind(model)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| (r.get("version"), r.get("recall_at_10"))))
+    Ok(row.map(|r| PublishedVersion {
+        version: r.get("version"),
+        recall_at_10: r.get("recall_at_10"),
+        newest_track_created_ms: r.get("pin"),
+    }))
 }

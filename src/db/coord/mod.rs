@@ -10,9 +10,9 @@ pub mod lease;
 pub mod outbox;
 pub mod requests;
 
-pub use finish::{Finish, NewestVersion, finish, newest_version};
+pub use finish::{Finish, NewestVersion, PublishedVersion, finish, newest_version};
 pub use lease::{Claim, claim, heartbeat, release, retry_later};
 pub use outbox::{OutboxEvent, mark_publish_failed, mark_published, next_outbox};
 pub use requests::{
-    EventDraft, Recorded, SATISFIES_PER_EVENT, TimerRefresh, newest_version_pin, record_request, record_timer_refresh,
+    EventDraft, Recorded, SATISFIES_PER_EVENT, TimerRefresh, record_request, record_timer_refresh, timer_refresh_id,
 };

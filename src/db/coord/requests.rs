@@ -135,19 +135,6 @@ async fn insert_outbox(
         .map(|_| ())
 }
 
-/// The newest version of `model` and the catalogue pin its run read (`"Track"."createdAt"` in ms,
-/// from its model-ready event; absent for versions announced before the event carried it).
-pub async fn newest_version_pin(pool: &PgPool, model: &str) -> sqlx::Result<Option<(String, Option<i64>)>> {
-    let row = sqlx::query(
-        "SELECT version, (event->'data'->>'newest_track_created_ms')::int8 AS pin
-         FROM audotics_trainer.model_versions WHERE model = $1 ORDER BY published_at DESC LIMIT 1",
-    )
-    .bind(model)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|r| (r.get("version"), r.get("pin"))))
-}
-
 /// The event id of the refresh timer's request for `model` while `version` is its newest: one per
 /// version, so workers ticking at once record it once (`event_id` is unique).
 pub fn timer_refresh_id(model: &str, version: &str) -> String {

@@ -112,19 +112,15 @@ impl DropoutMasks {
     /// crosses the bus: host masks at batch 8192 are 12.6 MB a step. The same law as
     /// [`HostDropout::sample`] (drop with probability p, keep as `1/(1−p)`), not the same draws; a
     /// GPU run is seeded through the device (see `trainer::device`).
-    pub fn draw_on_device(
-        config: &EncoderConfig,
-        rows: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> candle_core::Result<Self> {
+    /// f32, as the host masks the step uploads.
+    pub fn draw_on_device(config: &EncoderConfig, rows: usize, device: &Device) -> candle_core::Result<Self> {
         if config.dropout <= 0.0 {
             return Ok(Self::none());
         }
         let p = config.dropout as f64;
         let draw = |cols: usize| -> candle_core::Result<Tensor> {
             let kept = Tensor::rand(0f32, 1f32, (rows, cols), device)?.ge(p)?;
-            kept.to_dtype(DType::F32)?.affine(1.0 / (1.0 - p), 0.0)?.to_dtype(dtype)
+            kept.to_dtype(DType::F32)?.affine(1.0 / (1.0 - p), 0.0)
         };
         let e = config.embedding_size;
         Ok(Self { hidden1: Some(draw(2 * e)?), hidden2: Some(draw(e)?) })

@@ -18,7 +18,7 @@
 //! and it is not bit-identical to a CPU run of the same seed (other masks, other rounding). None of
 //! it has been run on a GPU yet: no device was lent to the session that wrote it (BENCHMARKS.md).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::training::model::{DropoutMasks, EncoderConfig};
 
@@ -69,13 +69,12 @@ pub fn seed_epoch(device: &Device, seed: u64, epoch: usize) -> candle_core::Resu
 pub fn skip_masks(
     config: &EncoderConfig,
     device: &Device,
-    dtype: DType,
     steps: usize,
     rows_of: impl Fn(usize) -> Option<usize>,
 ) -> candle_core::Result<()> {
     for step in 0..steps {
         if let Some(rows) = rows_of(step) {
-            DropoutMasks::draw_on_device(config, rows, device, dtype)?;
+            DropoutMasks::draw_on_device(config, rows, device)?;
         }
     }
     Ok(())
@@ -111,7 +110,7 @@ impl PendingLoss {
     /// Reads whatever is pending into `host_sum` (one wait for the device).
     pub fn flush(&mut self, host_sum: &mut f64) -> candle_core::Result<()> {
         if let Some(sum) = self.sum.take() {
-            *host_sum += sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            *host_sum += sum.to_scalar::<f32>()? as f64;
         }
         self.steps = 0;
         Ok(())
@@ -126,7 +125,7 @@ mod tests {
     fn masks_drawn_on_the_device_drop_at_the_rate_and_scale_what_they_keep() {
         let config = EncoderConfig { embedding_size: 16, dropout: 0.3 };
         let rows = 4096;
-        let masks = DropoutMasks::draw_on_device(&config, rows, &Device::Cpu, DType::F32).unwrap();
+        let masks = DropoutMasks::draw_on_device(&config, rows, &Device::Cpu).unwrap();
         let (hidden1, hidden2) = masks.to_vecs();
         let (hidden1, hidden2) = (hidden1.unwrap(), hidden2.unwrap());
         assert_eq!((hidden1.len(), hidden2.len()), (rows * 32, rows * 16));
@@ -137,8 +136,7 @@ mod tests {
             // 65,536+ Bernoulli(0.7) draws: one standard error is under 0.0018.
             assert!((kept - 0.7).abs() < 0.01, "kept share {kept}");
         }
-        let none =
-            DropoutMasks::draw_on_device(&EncoderConfig { dropout: 0.0, ..config }, rows, &Device::Cpu, DType::F32);
+        let none = DropoutMasks::draw_on_device(&EncoderConfig { dropout: 0.0, ..config }, rows, &Device::Cpu);
         assert_eq!(none.unwrap().to_vecs(), (None, None), "no dropout, no masks");
     }
 

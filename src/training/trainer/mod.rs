@@ -292,7 +292,7 @@ impl<'a> Trainer<'a> {
         if self.path.masks_on_device && self.config.model_kind.has_content() {
             device::seed_epoch(device, self.config.seed, state.epoch)?;
             let rows_of = |step| batch(step).map(|(_, len)| 2 * len);
-            device::skip_masks(&self.config.encoder, device, DType::F32, cursor.next_step, rows_of)?;
+            device::skip_masks(&self.config.encoder, device, cursor.next_step, rows_of)?;
         }
         let resident = match self.path.resident_pairs {
             true => Some((loss::track_tensor(&anchors, device)?, loss::track_tensor(&partners, device)?)),

@@ -72,9 +72,7 @@ impl Trainer<'_> {
         let device = self.data.features.device();
         let masks = match (kind.has_content(), self.path.masks_on_device) {
             (true, false) => Masks::Host(HostDropout::sample(&self.config.encoder, rows, &mut state.rng)),
-            (true, true) => {
-                Masks::Device(DropoutMasks::draw_on_device(&self.config.encoder, rows, device, DType::F32)?)
-            }
+            (true, true) => Masks::Device(DropoutMasks::draw_on_device(&self.config.encoder, rows, device)?),
             (false, _) => Masks::Host(HostDropout::none()),
         };
         if kind.is_content() {

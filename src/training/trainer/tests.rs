@@ -363,7 +363,8 @@ fn the_device_path_trains_the_reference_model_however_often_it_reads_the_loss() 
 }
 
 /// With dropout, the device path draws its masks on the device (on the CPU: candle's unseeded
-/// generator); every kind still trains: every trained tensor moves and the loss falls.
+/// generator, so two runs of a kind with content differ, where the seeded host masks would make
+/// them equal); every kind still trains: every trained tensor moves and the loss falls.
 #[test]
 fn every_kind_trains_on_the_device_path_with_masks_drawn_on_the_device() {
     for kind in KINDS {
@@ -373,6 +374,8 @@ fn every_kind_trains_on_the_device_path_with_masks_drawn_on_the_device() {
         let trainer = Trainer::new(&config, &data).unwrap().use_device_path(DevicePath::device());
         let initial = weights(&trainer.fresh_state(&Device::Cpu).unwrap());
         let (trained, loss) = train_resuming(&trainer, &config, usize::MAX);
+        let (again, _) = train_resuming(&trainer, &config, usize::MAX);
+        assert_eq!(again != trained, kind.has_content(), "{kind:?}: masks come from the device's generator");
         for ((name, t), (_, i)) in trained.iter().zip(&initial) {
             if kind == ModelKind::Collaborative && !name.ends_with("_embedding") {
                 continue; // the encoder is unused
