@@ -41,6 +41,10 @@ pub struct NeighbourBenchArgs {
     /// Tracks whose exact lists the approximate table is checked against.
     #[arg(long, default_value_t = 2_000)]
     pub recall_sample: usize,
+    /// Where the exact table is built: `cpu` (every core), or `cuda` / `auto` for a GPU, where the
+    /// products and the per-tile selection run on the device (as a GPU run's table does).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::system::device::DeviceChoice,
 }
 
 pub async fn run(args: NeighbourBenchArgs) -> anyhow::Result<ExitCode> {
@@ -53,8 +57,10 @@ fn bench(args: &NeighbourBenchArgs) -> anyhow::Result<()> {
         Some(path) => read_embeddings(path)?,
         None => (uniform_directions(args.tracks, args.embedding_size, args.seed)?, args.tracks, args.embedding_size),
     };
+    let device = crate::system::device::select(args.device)?;
+    let embeddings = candle_core::Tensor::from_slice(&z, (n, dim), &device)?;
     let started = Instant::now();
-    let (table, method) = neighbours::build_on_all_cores(&z, dim, args.k, None, args.index);
+    let (table, method, on_device) = neighbours::build(&embeddings, args.k, None, args.index)?;
     let seconds = started.elapsed().as_secs_f64();
     let mut result = serde_json::json!({
         "tracks": n,
@@ -62,6 +68,7 @@ fn bench(args: &NeighbourBenchArgs) -> anyhow::Result<()> {
         "embeddings": args.embeddings.as_ref().map_or("uniform directions".to_string(), |p| p.display().to_string()),
         "k": args.k,
         "method": method,
+        "on_device": on_device,
         "cores": crate::system::cores::cores(),
         "seconds": seconds,
         "cosines_per_second": (n as f64) * (n as f64) / seconds,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use tracing::{info, info_span, warn};
 
 use super::BlockingRun;
@@ -40,11 +40,8 @@ impl BlockingRun {
         }
         let _span = info_span!("neighbour_table", k).entered();
         let started = Instant::now();
-        let (_, dim) = embeddings.dims2()?;
-        let host: Vec<f32> = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let cores = crate::system::cores::cores();
-        let (table, method) =
-            neighbours::build_on_all_cores(&host, dim, k, learned, self.record.config.neighbour_index);
+        let (table, method, on_device) = neighbours::build(embeddings, k, learned, self.record.config.neighbour_index)?;
         let seconds = started.elapsed().as_secs_f64();
         let tracks_listed = (0..table.num_tracks()).filter(|&t| table.is_listed(t)).count();
         let mut summary = NeighbourSummary {
@@ -82,6 +79,7 @@ impl BlockingRun {
         info!(
             seconds,
             cores,
+            on_device,
             tracks_listed,
             method = ?method,
             parent_version = summary.parent_version.as_deref().unwrap_or(""),

@@ -20,6 +20,7 @@
 //! there may be listed in either order by two implementations.
 
 pub mod approximate;
+pub mod device;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::system::cores::on_all_cores;
 
 pub use approximate::HnswSettings;
+pub use device::exact_on_device;
 
 use crate::training::cpu_step::kernels::{Mat, matmul_single_thread};
 
@@ -177,11 +179,44 @@ pub fn build_on_all_cores(
     (table, method)
 }
 
+/// The table by `choice` for embeddings on any device: an exact table of embeddings on a GPU is
+/// built there ([`exact_on_device`]); otherwise on the host's cores ([`build_on_all_cores`]). The
+/// method, and whether the device built it.
+pub fn build(
+    embeddings: &candle_core::Tensor,
+    k: usize,
+    eligible: Option<&[bool]>,
+    choice: IndexChoice,
+) -> candle_core::Result<(Neighbours, Method, bool)> {
+    let (n, dim) = embeddings.dims2()?;
+    let listed = eligible.map_or(n, |e| e.iter().filter(|&&x| x).count());
+    if !embeddings.device().is_cpu() && choice.method(listed) == Method::Exact {
+        return Ok((exact_on_device(embeddings, k, eligible)?, Method::Exact, true));
+    }
+    let host: Vec<f32> =
+        embeddings.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let (table, method) = build_on_all_cores(&host, dim, k, eligible, choice);
+    Ok((table, method, false))
+}
+
 /// Row block and column tile sizes (small ones in tests exercise every edge on small inputs).
 #[derive(Clone, Copy)]
 struct Tiles {
     rows: usize,
     columns: usize,
+}
+
+/// [`exact_tiled`] with tiles of the test's choosing (for comparisons with other builders).
+#[cfg(test)]
+pub(crate) fn exact_tiled_for_tests(
+    embeddings: &[f32],
+    dim: usize,
+    k: usize,
+    eligible: Option<&[bool]>,
+    rows: usize,
+    columns: usize,
+) -> Neighbours {
+    exact_tiled(embeddings, dim, k, eligible, Tiles { rows, columns })
 }
 
 fn exact_tiled(embeddings: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>, tiles: Tiles) -> Neighbours {
@@ -324,7 +359,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// The definition: every other eligible track, sorted by (cosine desc, index asc), cosines in f64.
-    fn brute_force(z: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>) -> Vec<Vec<(u32, f64)>> {
+    pub(super) fn brute_force(z: &[f32], dim: usize, k: usize, eligible: Option<&[bool]>) -> Vec<Vec<(u32, f64)>> {
         let n = z.len() / dim;
         let ok = |t: usize| eligible.is_none_or(|e| e[t]);
         (0..n)
@@ -346,7 +381,7 @@ mod tests {
             .collect()
     }
 
-    fn normalised(n: usize, dim: usize, rng: &mut ChaCha8Rng, grid: bool) -> Vec<f32> {
+    pub(super) fn normalised(n: usize, dim: usize, rng: &mut ChaCha8Rng, grid: bool) -> Vec<f32> {
         let mut z = Vec::with_capacity(n * dim);
         for _ in 0..n {
             // On a grid of quarters with four non-zeros of ±1/2 the cosines are exact in f32 in any
@@ -367,7 +402,7 @@ mod tests {
         z
     }
 
-    fn assert_matches(got: &Neighbours, want: &[Vec<(u32, f64)>], exact_ties: bool) {
+    pub(super) fn assert_matches(got: &Neighbours, want: &[Vec<(u32, f64)>], exact_ties: bool) {
         for (t, want) in want.iter().enumerate() {
             let (idx, cos) = got.of(t);
             for (slot, (&i, &c)) in idx.iter().zip(cos).enumerate() {
