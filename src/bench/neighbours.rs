@@ -58,9 +58,16 @@ fn bench(args: &NeighbourBenchArgs) -> anyhow::Result<()> {
         None => (uniform_directions(args.tracks, args.embedding_size, args.seed)?, args.tracks, args.embedding_size),
     };
     let device = crate::system::device::select(args.device)?;
-    let embeddings = candle_core::Tensor::from_slice(&z, (n, dim), &device)?;
+    // On the CPU the host rows go straight to the cores (no tensor to copy them back out of).
+    let embeddings = (!device.is_cpu()).then(|| candle_core::Tensor::from_slice(&z, (n, dim), &device)).transpose()?;
     let started = Instant::now();
-    let (table, method, on_device) = neighbours::build(&embeddings, args.k, None, args.index)?;
+    let (table, method, on_device) = match &embeddings {
+        Some(on_device) => neighbours::build(on_device, args.k, None, args.index)?,
+        None => {
+            let (table, method) = neighbours::build_on_all_cores(&z, dim, args.k, None, args.index);
+            (table, method, false)
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let mut result = serde_json::json!({
         "tracks": n,

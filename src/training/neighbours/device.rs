@@ -2,7 +2,7 @@
 //! block of [`ROW_BLOCK`] rows times each tile of [`COLUMN_TILE`] columns is one matrix product,
 //! sorted there row by row (candle's `arg_sort_last_dim`, one thread block per row on CUDA, which
 //! holds a tile of this width in shared memory); only each row's best `k + 1` of the tile come
-//! back to the host, `k + 1 / COLUMN_TILE` of the scores, where they are merged in index order by
+//! back to the host, `(k + 1) / COLUMN_TILE` of the scores, where they are merged in index order by
 //! the same [`TopK`] the CPU table uses.
 //!
 //! What holds against [`super::exact`]: the same cosines at every slot to float precision (the
@@ -78,10 +78,11 @@ fn exact_tiled_on_device(
                         .iter()
                         .map(|&j| tile_start as u32 + j)
                         .zip(top[range].iter().copied())
-                        .filter(|&(j, cosine)| j != own && !cosine.is_nan()),
+                        .filter(|&(j, _)| j != own),
                 );
                 // TopK keeps ties in arrival order: arrivals by increasing index give the tie rule.
                 kept.sort_unstable_by_key(|&(j, _)| j);
+                // NaN never passes the threshold (it is greater than nothing), as in `TopK::scan`.
                 for &(j, cosine) in &kept {
                     if cosine > best.threshold() {
                         best.insert(cosine, j);

@@ -170,8 +170,7 @@ pub fn build_on_all_cores(
     choice: IndexChoice,
 ) -> (Neighbours, Method) {
     let n = embeddings.len().checked_div(dim).unwrap_or(0);
-    let listed = eligible.map_or(n, |e| e.iter().filter(|&&x| x).count());
-    let method = choice.method(listed);
+    let method = method_for(n, eligible, choice);
     let table = on_all_cores(|| match method {
         Method::Exact => exact(embeddings, dim, k, eligible),
         Method::Hnsw => approximate::approximate(embeddings, dim, k, eligible, HnswSettings::DEFAULT),
@@ -189,14 +188,18 @@ pub fn build(
     choice: IndexChoice,
 ) -> candle_core::Result<(Neighbours, Method, bool)> {
     let (n, dim) = embeddings.dims2()?;
-    let listed = eligible.map_or(n, |e| e.iter().filter(|&&x| x).count());
-    if !embeddings.device().is_cpu() && choice.method(listed) == Method::Exact {
+    if !embeddings.device().is_cpu() && method_for(n, eligible, choice) == Method::Exact {
         return Ok((exact_on_device(embeddings, k, eligible)?, Method::Exact, true));
     }
     let host: Vec<f32> =
         embeddings.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
     let (table, method) = build_on_all_cores(&host, dim, k, eligible, choice);
     Ok((table, method, false))
+}
+
+/// The method `choice` gives a table of `n` tracks, of which the `eligible` ones are listed.
+fn method_for(n: usize, eligible: Option<&[bool]>, choice: IndexChoice) -> Method {
+    choice.method(eligible.map_or(n, |e| e.iter().filter(|&&x| x).count()))
 }
 
 /// Row block and column tile sizes (small ones in tests exercise every edge on small inputs).
