@@ -49,8 +49,9 @@ pub enum Command {
     /// same-subgenre and same-artist, on exactly the held-out split `train` uses with the same flags.
     SpotifyBaselines(Box<SpotifyBaselinesArgs>),
     /// The ceiling of the synthetic history: the generator's own probabilities rank each user's
-    /// held-out listens (the Bayes-optimal ranker), beside the baselines, on exactly the split
-    /// `train` makes with the same flags.
+    /// held-out listens (the Bayes-optimal ranker); a Bayes posterior that knows the generator's
+    /// parameters but only each user's training tracks (the best a ranker can do from a history);
+    /// and the baselines, on exactly the split `train` makes with the same flags.
     SyntheticCeiling(Box<TrainArgs>),
 }
 

@@ -29,6 +29,8 @@ use super::tags::TrackTags;
 use super::{Catalogue, Dataset, Interactions};
 use crate::data::features::{FeatureRow, NUM_FEATURES, idx};
 
+pub mod posterior;
+
 /// Fixed end of the synthetic history, so that the watermark (and everything else) does not depend
 /// on the wall clock: 2026-01-01T00:00:00Z.
 const HISTORY_END_MS: i64 = 1_767_225_600_000;
@@ -102,11 +104,14 @@ pub fn generate_with_truth(spec: &SyntheticSpec) -> (Dataset, GenerativeTruth) {
         })
         .collect();
     let (mut interactions, tastes) = generate_history(spec, &genres, &genre_weights, &catalogue.features, &mut rng);
+    let total_weight: f64 = genre_weights.iter().sum();
     let truth = GenerativeTruth {
         user_ids: interactions.user_ids.clone(),
         tastes,
+        centres: genres.iter().map(|g| g.centre).collect(),
         genres: genres.into_iter().map(|g| (g.tracks, probabilities(&g.cumulative))).collect(),
         features: catalogue.features.clone(),
+        genre_weights: genre_weights.iter().map(|w| w / total_weight).collect(),
     };
     interactions.canonicalize_users();
     let watermark = super::Watermark::of(&interactions);
@@ -126,6 +131,9 @@ pub struct GenerativeTruth {
     /// proposes each.
     genres: Vec<(Vec<u32>, Vec<f64>)>,
     features: Vec<FeatureRow>,
+    /// Per genre: its centre (the prior mean of a taste point) and its share of primary genres.
+    centres: Vec<FeatureRow>,
+    genre_weights: Vec<f64>,
 }
 
 impl GenerativeTruth {
@@ -158,7 +166,6 @@ impl GenerativeTruth {
                 prob[t as usize] += weight * p;
             }
         }
-        let tests = (MAX_TASTE_ATTEMPTS - 1) as i32;
         for (i, (g, point)) in taste.iter().enumerate() {
             let share = match (taste.len(), i) {
                 (1, _) => 1.0,
@@ -166,19 +173,28 @@ impl GenerativeTruth {
                 (n, _) => 0.4 / (n - 1) as f64,
             };
             let weight = (1.0 - STRAY_PROBABILITY) * share * in_taste;
-            let (tracks, proposal) = &self.genres[*g];
-            let accept: Vec<f64> =
-                tracks.iter().map(|&t| taste_affinity(&self.features[t as usize], point) as f64).collect();
-            let a_total: f64 = accept.iter().zip(proposal).map(|(a, p)| a * p).sum();
-            let none_accepted = (1.0 - a_total).powi(tests);
-            let per_accept = if a_total > 0.0 { (1.0 - none_accepted) / a_total } else { 0.0 };
-            for ((&t, a), p) in tracks.iter().zip(&accept).zip(proposal) {
-                prob[t as usize] += weight * p * (a * per_accept + none_accepted);
+            let tracks = &self.genres[*g].0;
+            for (&t, given) in tracks.iter().zip(self.given_taste(*g, point)) {
+                prob[t as usize] += weight * given;
             }
         }
         for (o, p) in out.iter_mut().zip(prob) {
             *o = p as f32;
         }
+    }
+
+    /// For each track of genre `g` (in the genre's order), the probability that a listen the
+    /// generator draws in `g` for taste point `point` lands on it: popularity proposes, taste
+    /// accepts, up to 63 tests and the 64th proposal taken as is. With proposal `p`, acceptance `a`
+    /// and `A = Σ p·a`: `p·(a·(1 − (1 − A)^63) / A + (1 − A)^63)`.
+    fn given_taste(&self, g: usize, point: &FeatureRow) -> Vec<f64> {
+        let (tracks, proposal) = &self.genres[g];
+        let accept: Vec<f64> =
+            tracks.iter().map(|&t| taste_affinity(&self.features[t as usize], point) as f64).collect();
+        let a_total: f64 = accept.iter().zip(proposal).map(|(a, p)| a * p).sum();
+        let none_accepted = (1.0 - a_total).powi((MAX_TASTE_ATTEMPTS - 1) as i32);
+        let per_accept = if a_total > 0.0 { (1.0 - none_accepted) / a_total } else { 0.0 };
+        accept.iter().zip(proposal).map(|(a, p)| p * (a * per_accept + none_accepted)).collect()
     }
 }
 
