@@ -36,14 +36,13 @@ pub fn ceiling(spec: &SyntheticSpec, config: &TrainConfig) -> anyhow::Result<Vec
     let b = trainer.baselines()?;
     let truth_user = truth_user_of_rows(&truth, &dataset.interactions.user_ids, &data.user_index)?;
     let n = data.num_tracks();
+    // Positive as the evaluation counts it: the run's positive kinds.
+    let positive = |kind: &str| config.positive_kinds.iter().any(|k| k == kind);
     let oracle = |eval: &EvalSet| {
-        // Positive as the evaluation counts it: the run's positive kinds.
-        let positive = |kind: &str| config.positive_kinds.iter().any(|k| k == kind);
         eval.evaluate_each_user(n, |row, _, scores| {
             truth.positive_listen_probabilities(truth_user[row], positive, scores)
         })
     };
-    let positive = |kind: &str| config.positive_kinds.iter().any(|k| k == kind);
     let genres_only = truth.history_posterior(None, positive);
     let with_taste = truth.history_posterior(Some(TASTE_SAMPLES), positive);
     let from_history = |posterior: &HistoryPosterior, eval: &EvalSet| {

@@ -50,6 +50,12 @@ const IN_TASTE_KINDS: [(&str, f64); 7] = [
 const OUT_OF_TASTE_KINDS: [(&str, f64); 3] = [("play", 0.3), ("skip", 0.5), ("dislike", 0.2)];
 /// Probability that an interaction strays outside the user's taste.
 const STRAY_PROBABILITY: f64 = 0.15;
+/// Probability that a user also likes a ring neighbour of their primary genre (either side alike).
+const NEIGHBOUR_PROBABILITY: f64 = 0.6;
+/// Probability that a user likes one more genre, drawn uniformly.
+const EXTRA_GENRE_PROBABILITY: f64 = 0.25;
+/// Share of a user's in-taste listens that go to the primary genre when they like others too.
+const PRIMARY_SHARE: f64 = 0.6;
 
 /// The features that carry genre and taste, with their within-genre spread (one standard
 /// deviation of the noise around a genre centre).
@@ -147,17 +153,15 @@ impl GenerativeTruth {
     /// interaction of generated user `user` is a positive listen (a kind `is_positive` accepts) of each
     /// track, following [`generate_history`] step by step:
     /// - with [`STRAY_PROBABILITY`] a uniform genre and a track by popularity alone;
-    /// - otherwise the primary genre (always, or with 0.6 when there are others) or one of the others
-    ///   uniformly, then "popularity proposes, taste accepts": with proposal `p` and acceptance `a`,
+    /// - otherwise the primary genre (always, or with [`PRIMARY_SHARE`] when there are others) or
+    ///   one of the others uniformly, then "popularity proposes, taste accepts": with proposal `p` and acceptance `a`,
     ///   `A = Σ p·a`, up to 63 tests and the 64th proposal taken as is, so
     ///   `P(t) = p(t)·(a(t)·(1 − (1 − A)^63) / A + (1 − A)^63)`;
     /// - then the kind: positive with the in-taste or out-of-taste probabilities of the genre.
     pub fn positive_listen_probabilities(&self, user: usize, is_positive: impl Fn(&str) -> bool, out: &mut [f32]) {
         let taste = &self.tastes[user];
         let k = self.genres.len();
-        let positive =
-            |kinds: &[(&str, f64)]| -> f64 { kinds.iter().filter(|(name, _)| is_positive(name)).map(|(_, p)| p).sum() };
-        let (in_taste, out_of_taste) = (positive(&IN_TASTE_KINDS), positive(&OUT_OF_TASTE_KINDS));
+        let (in_taste, out_of_taste) = positive_rates(is_positive);
         let mut prob = vec![0f64; out.len()];
         for (g, (tracks, proposal)) in self.genres.iter().enumerate() {
             let liked = taste.iter().any(|(l, _)| *l == g);
@@ -167,12 +171,7 @@ impl GenerativeTruth {
             }
         }
         for (i, (g, point)) in taste.iter().enumerate() {
-            let share = match (taste.len(), i) {
-                (1, _) => 1.0,
-                (_, 0) => 0.6,
-                (n, _) => 0.4 / (n - 1) as f64,
-            };
-            let weight = (1.0 - STRAY_PROBABILITY) * share * in_taste;
+            let weight = (1.0 - STRAY_PROBABILITY) * taste_share(taste.len(), i) * in_taste;
             let tracks = &self.genres[*g].0;
             for (&t, given) in tracks.iter().zip(self.given_taste(*g, point)) {
                 prob[t as usize] += weight * given;
@@ -195,6 +194,24 @@ impl GenerativeTruth {
         let none_accepted = (1.0 - a_total).powi((MAX_TASTE_ATTEMPTS - 1) as i32);
         let per_accept = if a_total > 0.0 { (1.0 - none_accepted) / a_total } else { 0.0 };
         accept.iter().zip(proposal).map(|(a, p)| p * (a * per_accept + none_accepted)).collect()
+    }
+}
+
+/// The probabilities that one interaction is a positive listen (a kind `is_positive` accepts) in
+/// a genre the user likes and in one they do not.
+fn positive_rates(is_positive: impl Fn(&str) -> bool) -> (f64, f64) {
+    let rate =
+        |kinds: &[(&str, f64)]| -> f64 { kinds.iter().filter(|(name, _)| is_positive(name)).map(|(_, p)| p).sum() };
+    (rate(&IN_TASTE_KINDS), rate(&OUT_OF_TASTE_KINDS))
+}
+
+/// Share of a user's in-taste listens that go to the `i`-th of their `liked` genres: the primary
+/// genre takes [`PRIMARY_SHARE`] when there are others, which split the rest evenly.
+fn taste_share(liked: usize, i: usize) -> f64 {
+    match (liked, i) {
+        (1, _) => 1.0,
+        (_, 0) => PRIMARY_SHARE,
+        (n, _) => (1.0 - PRIMARY_SHARE) / (n - 1) as f64,
     }
 }
 
@@ -396,11 +413,11 @@ fn generate_history(
         .map(|_| {
             let primary = sample_cumulative(&genre_cum, rng);
             let mut liked = vec![primary];
-            if k > 1 && rng.random_bool(0.6) {
+            if k > 1 && rng.random_bool(NEIGHBOUR_PROBABILITY) {
                 let neighbour = if rng.random_bool(0.5) { (primary + 1) % k } else { (primary + k - 1) % k };
                 liked.push(neighbour);
             }
-            if k > 2 && rng.random_bool(0.25) {
+            if k > 2 && rng.random_bool(EXTRA_GENRE_PROBABILITY) {
                 liked.push(rng.random_range(0..k));
             }
             liked.dedup();
@@ -419,7 +436,7 @@ fn generate_history(
         let stray = rng.random_bool(STRAY_PROBABILITY);
         let (g, taste_point) = if stray {
             (rng.random_range(0..k), None)
-        } else if taste.len() == 1 || rng.random_bool(0.6) {
+        } else if taste.len() == 1 || rng.random_bool(PRIMARY_SHARE) {
             (taste[0].0, Some(&taste[0].1))
         } else {
             let (g, point) = &taste[rng.random_range(1..taste.len())];

@@ -26,13 +26,14 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::{
-    GenerativeTruth, IN_TASTE_KINDS, INFORMATIVE, OUT_OF_TASTE_KINDS, STRAY_PROBABILITY, TASTE_KERNEL_WIDTH, jitter,
+    EXTRA_GENRE_PROBABILITY, GenerativeTruth, INFORMATIVE, NEIGHBOUR_PROBABILITY, STRAY_PROBABILITY,
+    TASTE_KERNEL_WIDTH, jitter, positive_rates, taste_share,
 };
 use crate::data::features::FEATURE_RANGES;
 
-/// The shares a liked genre can have in a user's in-taste listens (see `generate_history`): alone
-/// 1; first of two or three 0.6; second of two 0.4; second or third of three 0.2; a primary
-/// genre liked twice 0.8.
+/// The shares a liked genre can have in a user's in-taste listens ([`taste_share`]): alone 1;
+/// first of two or three 0.6; second of two 0.4; second or third of three 0.2; a primary genre
+/// liked twice 0.8 (see [`liked_genre_lists`]).
 const SHARES: [f64; 5] = [1.0, 0.6, 0.4, 0.2, 0.8];
 
 /// Bayes' rule over a user's genres and taste points, from the tracks they played.
@@ -45,7 +46,7 @@ pub struct HistoryPosterior<'a> {
     slot: Vec<u32>,
     /// Per genre: the predictive of a listen in it for a user with no tracks in it.
     prior_predictive: Vec<Vec<f64>>,
-    /// Every liked-genre list the generator can draw (see [`Self::hypotheses`]).
+    /// Every liked-genre list the generator can draw (see [`liked_genre_lists`]).
     hypotheses: Vec<(f64, Vec<(usize, usize)>)>,
     /// Probability that an interaction is a positive listen, in and out of the user's taste.
     in_positive: f64,
@@ -67,8 +68,7 @@ impl GenerativeTruth {
         samples: Option<usize>,
         is_positive: impl Fn(&str) -> bool,
     ) -> HistoryPosterior<'_> {
-        let positive =
-            |kinds: &[(&str, f64)]| -> f64 { kinds.iter().filter(|(name, _)| is_positive(name)).map(|(_, p)| p).sum() };
+        let (in_positive, out_positive) = positive_rates(is_positive);
         let mut genre_of = vec![0u32; self.features.len()];
         let mut slot = vec![0u32; self.features.len()];
         let mut rng = ChaCha8Rng::seed_from_u64(0x7A57_E000_0000_0001);
@@ -92,18 +92,16 @@ impl GenerativeTruth {
                 mean
             })
             .collect();
-        let mut posterior = HistoryPosterior {
+        HistoryPosterior {
             truth: self,
             samples: samples.map(|s| s.max(1)),
             genre_of,
             slot,
             prior_predictive,
-            hypotheses: Vec::new(),
-            in_positive: positive(&IN_TASTE_KINDS),
-            out_positive: positive(&OUT_OF_TASTE_KINDS),
-        };
-        posterior.hypotheses = posterior.hypotheses();
-        posterior
+            hypotheses: liked_genre_lists(&self.genre_weights),
+            in_positive,
+            out_positive,
+        }
     }
 }
 
@@ -277,44 +275,57 @@ impl HistoryPosterior<'_> {
         }
         (rows, correction)
     }
+}
 
-    /// Every liked-genre list the generator can draw, with its prior probability, as (genre, index
-    /// into [`SHARES`]) pairs: a primary genre by weight; with 0.6 a ring neighbour, either side
-    /// alike; with 0.25 one more genre, uniform; consecutive repeats dropped, as the generator does.
-    fn hypotheses(&self) -> Vec<(f64, Vec<(usize, usize)>)> {
-        let k = self.truth.genres.len();
-        let mut out = Vec::new();
-        let neighbours: Vec<(f64, Option<isize>)> =
-            if k > 1 { vec![(0.4, None), (0.3, Some(1)), (0.3, Some(-1))] } else { vec![(1.0, None)] };
-        let extras: Vec<(f64, Option<usize>)> = if k > 2 {
-            std::iter::once((0.75, None)).chain((0..k).map(|e| (0.25 / k as f64, Some(e)))).collect()
-        } else {
-            vec![(1.0, None)]
-        };
-        for (primary, weight) in self.truth.genre_weights.iter().enumerate() {
-            for &(pn, side) in &neighbours {
-                for &(pe, extra) in &extras {
-                    let mut liked = vec![primary];
-                    if let Some(side) = side {
-                        liked.push((primary as isize + side).rem_euclid(k as isize) as usize);
-                    }
-                    if let Some(e) = extra {
-                        liked.push(e);
-                    }
-                    liked.dedup();
-                    let shares: Vec<(usize, usize)> = match liked.as_slice() {
-                        [one] => vec![(*one, 0)],
-                        [first, second] => vec![(*first, 1), (*second, 2)],
-                        [first, second, third] if first == third => vec![(*first, 4), (*second, 3)],
-                        [first, second, third] => vec![(*first, 1), (*second, 3), (*third, 3)],
-                        _ => unreachable!("at most three liked genres"),
-                    };
-                    out.push((weight * pn * pe, shares));
+/// Every liked-genre list the generator can draw (`generate_history`), with its prior probability,
+/// as (genre, index into [`SHARES`]) pairs: a primary genre by `genre_weights`; with
+/// [`NEIGHBOUR_PROBABILITY`] a ring neighbour, either side alike; with [`EXTRA_GENRE_PROBABILITY`]
+/// one more genre, uniform; consecutive repeats dropped, as the generator does. A genre listed
+/// twice (`[p, n, p]`) gets both of its shares.
+fn liked_genre_lists(genre_weights: &[f64]) -> Vec<(f64, Vec<(usize, usize)>)> {
+    let k = genre_weights.len();
+    let neighbours: Vec<(f64, Option<isize>)> = if k > 1 {
+        let side = NEIGHBOUR_PROBABILITY / 2.0;
+        vec![(1.0 - NEIGHBOUR_PROBABILITY, None), (side, Some(1)), (side, Some(-1))]
+    } else {
+        vec![(1.0, None)]
+    };
+    let extras: Vec<(f64, Option<usize>)> = if k > 2 {
+        std::iter::once((1.0 - EXTRA_GENRE_PROBABILITY, None))
+            .chain((0..k).map(|e| (EXTRA_GENRE_PROBABILITY / k as f64, Some(e))))
+            .collect()
+    } else {
+        vec![(1.0, None)]
+    };
+    let mut out = Vec::new();
+    for (primary, weight) in genre_weights.iter().enumerate() {
+        for &(pn, side) in &neighbours {
+            for &(pe, extra) in &extras {
+                let mut liked = vec![primary];
+                if let Some(side) = side {
+                    liked.push((primary as isize + side).rem_euclid(k as isize) as usize);
                 }
+                liked.extend(extra);
+                liked.dedup();
+                let mut shares: Vec<(usize, f64)> = Vec::with_capacity(liked.len());
+                for (i, &g) in liked.iter().enumerate() {
+                    match shares.iter_mut().find(|(h, _)| *h == g) {
+                        Some((_, share)) => *share += taste_share(liked.len(), i),
+                        None => shares.push((g, taste_share(liked.len(), i))),
+                    }
+                }
+                let shares = shares
+                    .into_iter()
+                    .map(|(g, share)| {
+                        let s = SHARES.iter().position(|&x| (x - share).abs() < 1e-9);
+                        (g, s.expect("every share the generator gives is listed in SHARES"))
+                    })
+                    .collect();
+                out.push((weight * pn * pe, shares));
             }
         }
-        out
     }
+    out
 }
 
 fn log_mean_exp(values: &[f64]) -> f64 {
