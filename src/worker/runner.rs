@@ -81,9 +81,6 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
             } else {
                 give_up_crashed(shared, &claim).await
             };
-            if status == "failed" {
-                delete_checkpoints(shared, &claim).await;
-            }
             metrics::counter!("audotics_runs_total", "model" => claim.model.clone(), "status" => status).increment(1);
             return;
         }
@@ -109,9 +106,6 @@ async fn execute(shared: &Arc<Shared>, claim: Claim) {
             past_deadline: past_deadline.load(Ordering::SeqCst),
         };
         let status = conclude(shared, &claim, result, ended).await;
-        if matches!(status, "failed" | "rejected" | "insufficient_data" | "resource_limit") {
-            delete_checkpoints(shared, &claim).await;
-        }
         let labels = [("model", claim.model.clone()), ("status", status.to_string())];
         metrics::counter!("audotics_runs_total", &labels).increment(1);
         metrics::histogram!("audotics_run_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
@@ -333,7 +327,16 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
 
 /// Ends the run in one transaction with its answers and outbox event; `status`, or `lease_lost`
 /// when another worker took the run over first.
+///
+/// A run that ends for good without a published version (failed, rejected, insufficient data,
+/// over budget) deletes its checkpoints first, so that its answer means they are gone. Deleting
+/// after the answer let a requester see a failed run's files, and a crash in between kept them for
+/// good; a crash between deleting and recording leaves the run to be claimed again, and it ends the
+/// same way (past its deadline or attempts, or trained again from the start).
 async fn record_finish(shared: &Shared, claim: &Claim, finish: Finish, status: &'static str) -> &'static str {
+    if finish.published.is_none() {
+        delete_checkpoints(shared, claim).await;
+    }
     let recorded = with_retry(shared, || Box::pin(coord::finish(&shared.pool, claim, finish.clone()))).await;
     if recorded {
         shared.outbox_wake.notify_one();
