@@ -751,7 +751,12 @@ async fn a_worker_paused_past_its_lease_loses_the_run_and_the_version_is_publish
         setup.db.count("SELECT count(*) FROM audotics_trainer.retrain_requests WHERE answered_at IS NULL").await,
         0
     );
-    let lost = first.log_lines("run ended");
+    // The paused worker winds its run down (a checkpoint at the batch boundary, the fenced ledger
+    // write) on its own time: wait for its end rather than assume it came before the new owner's.
+    let lost = eventually(MINUTE, "the paused worker's end of the run", || async {
+        Some(first.log_lines("run ended")).filter(|lines| !lines.is_empty())
+    })
+    .await;
     assert_eq!(lost.len(), 1, "{}", first.log_text());
     assert_eq!(lost[0]["fields"]["status"], "lease_lost");
     // The paused worker's own end of the run (stopped) was fenced off the ledger: the row is the
