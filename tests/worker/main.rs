@@ -676,6 +676,12 @@ async fn runbook_rollback_and_dead_letter_replay_work_against_the_local_services
     let dead = events.dead_letters().pop().unwrap();
     assert_eq!(dead.headers["x-audotics-dead-letter-reason"], "unknown_model");
     drop(events);
+    // Dropping the listener closes its connection in the background: until the broker has let its
+    // consumer go, a letter put back would be delivered to it (and held, unacked) instead of waiting.
+    eventually(MINUTE, "the old listener to leave the dead-letter queue", || async {
+        (queue_state(&setup.vhost, audotics_trainer::broker::DEAD_LETTER_QUEUE).await.1 == 0).then_some(())
+    })
+    .await;
     let events = Events::listen_events_only(&setup.vhost).await;
     republish_dead_letter(&setup.vhost, &dead).await;
     // …the dry run lists it and leaves it…
