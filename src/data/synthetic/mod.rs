@@ -207,7 +207,7 @@ fn positive_rates(is_positive: impl Fn(&str) -> bool) -> (f64, f64) {
 
 /// Share of a user's in-taste listens that go to the `i`-th of their `liked` genres: the primary
 /// genre takes [`PRIMARY_SHARE`] when there are others, which split the rest evenly.
-fn taste_share(liked: usize, i: usize) -> f64 {
+const fn taste_share(liked: usize, i: usize) -> f64 {
     match (liked, i) {
         (1, _) => 1.0,
         (_, 0) => PRIMARY_SHARE,

@@ -31,10 +31,11 @@ use super::{
 };
 use crate::data::features::FEATURE_RANGES;
 
-/// The shares a liked genre can have in a user's in-taste listens ([`taste_share`]): alone 1;
-/// first of two or three 0.6; second of two 0.4; second or third of three 0.2; a primary genre
-/// liked twice 0.8 (see [`liked_genre_lists`]).
-const SHARES: [f64; 5] = [1.0, 0.6, 0.4, 0.2, 0.8];
+/// The shares a liked genre can have in a user's in-taste listens, from the generator's own
+/// [`taste_share`]: alone; first of two or three; second of two; second or third of three; a
+/// primary genre liked twice (`[p, n, p]`, see [`liked_genre_lists`]).
+const SHARES: [f64; 5] =
+    [taste_share(1, 0), taste_share(2, 0), taste_share(2, 1), taste_share(3, 1), taste_share(3, 0) + taste_share(3, 2)];
 
 /// Bayes' rule over a user's genres and taste points, from the tracks they played.
 pub struct HistoryPosterior<'a> {
