@@ -337,14 +337,16 @@ async fn conclude(shared: &Shared, claim: &Claim, result: anyhow::Result<RunOutc
 /// owner resumes from, and the renewal keeps the run this worker's for a lease length.
 async fn record_finish(shared: &Shared, claim: &Claim, finish: Finish, status: &'static str) -> &'static str {
     let without_version = finish.published.is_none();
-    let deleted_first = without_version && lease_still_ours(shared, claim).await;
+    let lease = shared.lease();
+    let deleted_first =
+        without_version && with_retry(shared, || Box::pin(coord::heartbeat(&shared.pool, claim, lease))).await;
     if deleted_first {
         delete_checkpoints(shared, claim).await;
     }
     let recorded = with_retry(shared, || Box::pin(coord::finish(&shared.pool, claim, finish.clone()))).await;
     if recorded {
         if without_version && !deleted_first {
-            // The database did not confirm the lease then, but the end is recorded now: the
+            // The database did not confirm the lease in time, but the end is recorded now: the
             // checkpoints are this run's, and nothing will resume from them.
             delete_checkpoints(shared, claim).await;
         }
@@ -353,17 +355,6 @@ async fn record_finish(shared: &Shared, claim: &Claim, finish: Finish, status: &
     } else {
         warn!("the run's lease was taken over before its end could be recorded; its new owner finishes it");
         "lease_lost"
-    }
-}
-
-/// Renews the run's lease: `true` when it is still this worker's (for another lease length).
-async fn lease_still_ours(shared: &Shared, claim: &Claim) -> bool {
-    match bounded(shared.lease() / 3, coord::heartbeat(&shared.pool, claim, shared.lease())).await {
-        Ok(ours) => ours,
-        Err(e) => {
-            warn!(error.message = %e, "cannot confirm the lease before deleting the run's checkpoints; deleting after its end is recorded");
-            false
-        }
     }
 }
 
